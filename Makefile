@@ -1,0 +1,25 @@
+# make setup : create .venv and install the exact versions of requirements-lock.txt
+# make test  : set up if needed, then run the test suite on CPU
+# make demo  : set up if needed, then a short CPU training run of TwistNet-18 on synthtex
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-lock
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --no-input -r requirements-lock.txt
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q test_models.py tests
+
+demo: setup
+	$(PY) train.py --dataset synthtex --model twistnet18 --epochs 3 --img_size 64 --run_dir runs/demo
+
+clean:
+	rm -rf runs/demo .pytest_cache

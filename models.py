@@ -1,0 +1,668 @@
+"""TwistNet-2D models, the timm baselines, weight loading and introspection.
+
+Usage:
+    from models import build_model, list_models
+    list_models()                                    # prints the registry table
+    model = build_model("twistnet18", num_classes=47, pretrained=True)
+    model = build_model("twistnet18", 47, pretrained="runs/x/best.pt")
+    model = build_model("twistnet18", 47, r=4, heads=2, stages=(4,))   # STCI sweeps
+
+    python models.py            # same table as list_models()
+
+TwistNet-18 is ResNet-18 whose stage-3 and stage-4 blocks are TwistBlocks: a BasicBlock plus a
+gated multi-head spiral-twisted channel interaction (MH-STCI) branch. Module names follow timm's
+ResNet (conv1, bn1, layer1..layer4, fc) so that ResNet-18 state_dicts map onto it key for key.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Direction of each head, in degrees; head d shifts towards (round cos, round sin) of its angle.
+HEAD_ANGLES = (0, 45, 90, 135)
+WEIGHTS_DIR_NAME = "weights"
+TRANSFER_POLICIES = ("all", "stem+layer1+layer2")
+_STEM_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
+
+
+# --------------------------------------------------------------------------------------------
+# STCI
+# --------------------------------------------------------------------------------------------
+def head_offset(angle_deg: float) -> tuple[int, int]:
+    """(dx, dy) neighbour offset of a head: (round cos θ, round sin θ); dy points down the rows."""
+    theta = math.radians(angle_deg)
+    return int(round(math.cos(theta))), int(round(math.sin(theta)))
+
+
+def largest_group_count(channels: int, limit: int = 32) -> int:
+    """Largest number of GroupNorm groups <= limit that divides `channels`."""
+    return max(g for g in range(1, min(limit, channels) + 1) if channels % g == 0)
+
+
+class MultiHeadSTCI(nn.Module):
+    """Multi-head spiral-twisted channel interaction, all heads computed in one batch.
+
+    Per head: z = relu(bn(conv1x1(x))) with r channels; t = dwconv3x3(z) * scale, the kernel
+    starting as 0.5 * (centre + neighbour in the head's direction); both L2-normalised over
+    channels; output [z, z_i * t_j for i <= j]. Heads are concatenated, re-weighted by AIS,
+    group-normalised and projected back to the input width.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        r: int = 8,
+        heads: int = 4,
+        use_ais: bool = True,
+        spiral: bool = True,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if not 1 <= heads <= len(HEAD_ANGLES):
+            raise ValueError(f"heads must be in 1..{len(HEAD_ANGLES)}, got {heads}")
+        if r < 1:
+            raise ValueError(f"r must be >= 1, got {r}")
+        self.r, self.heads, self.eps, self.spiral = r, heads, eps, spiral
+        self.angles = HEAD_ANGLES[:heads]
+        self.pairs = r * (r + 1) // 2
+        self.head_channels = r + self.pairs
+        self.out_channels = heads * self.head_channels
+        width = heads * r
+
+        self.reduce = nn.Conv2d(channels, width, 1, bias=False)
+        self.reduce_bn = nn.BatchNorm2d(width)
+        if spiral:
+            self.twist = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
+            self.twist_scale = nn.Parameter(torch.ones(width))
+        else:
+            self.twist = None
+            self.register_parameter("twist_scale", None)
+        if use_ais:
+            hidden = max(self.out_channels // 4, 16)
+            self.ais = nn.Sequential(
+                nn.Linear(self.out_channels, hidden), nn.ReLU(inplace=True),
+                nn.Linear(hidden, self.out_channels), nn.Sigmoid(),
+            )
+        else:
+            self.ais = None
+        self.norm = nn.GroupNorm(largest_group_count(self.out_channels), self.out_channels)
+        self.proj = nn.Conv2d(self.out_channels, channels, 1, bias=False)
+        self.proj_bn = nn.BatchNorm2d(channels)
+
+        rows, cols = torch.triu_indices(r, r)
+        self.register_buffer("pair_i", rows, persistent=False)
+        self.register_buffer("pair_j", cols, persistent=False)
+        self.reset_stci_parameters()
+
+    @torch.no_grad()
+    def reset_stci_parameters(self) -> None:
+        """Directional twist kernels and the small projection DESIGN.md prescribes."""
+        if self.twist is not None:
+            kernel = torch.zeros_like(self.twist.weight)  # [heads*r, 1, 3, 3]
+            for d, angle in enumerate(self.angles):
+                dx, dy = head_offset(angle)
+                rows = slice(d * self.r, (d + 1) * self.r)
+                kernel[rows, 0, 1, 1] += 0.5
+                kernel[rows, 0, 1 + dy, 1 + dx] += 0.5
+            self.twist.weight.copy_(kernel)
+            self.twist_scale.fill_(1.0)
+        nn.init.normal_(self.proj.weight, mean=0.0, std=0.01)
+
+    def _normalise(self, v: torch.Tensor) -> torch.Tensor:
+        # v: [B, heads, r, H, W]; unit L2 norm over each head's r channels.
+        return v / v.norm(dim=2, keepdim=True).clamp_min(self.eps)
+
+    def reduced(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, t) as [B, heads, r, H, W], both L2-normalised over channels."""
+        z = F.relu(self.reduce_bn(self.reduce(x)))
+        if self.twist is not None:
+            t = self.twist(z) * self.twist_scale.view(1, -1, 1, 1)
+        else:
+            t = z
+        b, _, h, w = z.shape
+        z = self._normalise(z.view(b, self.heads, self.r, h, w))
+        t = self._normalise(t.view(b, self.heads, self.r, h, w))
+        return z, t
+
+    def interactions(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenated head outputs before AIS: [B, heads * (r + r(r+1)/2), H, W]."""
+        z, t = self.reduced(x)
+        products = z.index_select(2, self.pair_i) * t.index_select(2, self.pair_j)
+        feats = torch.cat([z, products], dim=2)
+        return feats.flatten(1, 2)
+
+    def ais_weights(self, feats: torch.Tensor) -> torch.Tensor | None:
+        """AIS channel weights [B, out_channels] for interaction features, or None without AIS."""
+        if self.ais is None:
+            return None
+        return self.ais(feats.mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.interactions(x)
+        weights = self.ais_weights(feats)
+        if weights is not None:
+            feats = feats * weights[:, :, None, None]
+        return self.proj_bn(self.proj(self.norm(feats)))
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------------
+def _downsample(inplanes: int, planes: int, stride: int) -> nn.Module | None:
+    if stride == 1 and inplanes == planes:
+        return None
+    return nn.Sequential(
+        nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+    )
+
+
+class TwistBlock(nn.Module):
+    """ResNet BasicBlock with an optional gated STCI branch fed by the first conv's output."""
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        stci: Mapping[str, Any] | None = None,
+        gate_init: float = -2.0,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = _downsample(inplanes, planes, stride)
+        if stci is not None:
+            self.stci = MultiHeadSTCI(planes, **stci)
+            self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        else:
+            self.stci = None
+            self.register_parameter("gate", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        h = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(h))
+        if self.stci is not None:
+            out = out + self.stci(h) * torch.sigmoid(self.gate)
+        return F.relu(out + shortcut)
+
+
+class TwistNet(nn.Module):
+    """ResNet-18 layout with TwistBlocks in `stages` (1-based stage numbers)."""
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        layers: tuple[int, ...] = (2, 2, 2, 2),
+        stages: Iterable[int] = (3, 4),
+        r: int = 8,
+        heads: int = 4,
+        use_ais: bool = True,
+        spiral: bool = True,
+        gate_init: float = -2.0,
+    ) -> None:
+        super().__init__()
+        stages = tuple(sorted(set(stages)))
+        if any(s not in (1, 2, 3, 4) for s in stages):
+            raise ValueError(f"stages must be drawn from 1..4, got {stages}")
+        self.twisted_stages = stages
+        self.num_classes = num_classes
+        stci_cfg = dict(r=r, heads=heads, use_ais=use_ais, spiral=spiral)
+
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        inplanes = 64
+        for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+            cfg = stci_cfg if index in stages else None
+            stride = 1 if index == 1 else 2
+            stage = []
+            for b in range(blocks):
+                stage.append(TwistBlock(inplanes, planes, stride if b == 0 else 1, cfg, gate_init))
+                inplanes = planes
+            self.add_module(f"layer{index}", nn.Sequential(*stage))
+        self.num_features = inplanes
+        self.fc = nn.Linear(inplanes, num_classes)
+        self._init_backbone()
+
+    def _init_backbone(self) -> None:
+        # STCI modules keep their own initialisation (directional kernels, small projection).
+        stci_parts = {id(m) for s in self.modules() if isinstance(s, MultiHeadSTCI) for m in s.modules()}
+        for m in self.modules():
+            if id(m) in stci_parts:
+                continue
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x).mean(dim=(2, 3)))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def twist_blocks(self) -> dict[str, TwistBlock]:
+        """Blocks that carry an STCI branch, by module name (e.g. 'layer3.0')."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, TwistBlock) and m.stci is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    group: str
+    venue: str
+    builder: Callable[..., nn.Module]
+    description: str
+    timm_name: str | None = None
+    defaults: dict = field(default_factory=dict)
+
+
+def _twistnet_builder(**fixed: Any) -> Callable[..., nn.Module]:
+    def build(num_classes: int, **overrides: Any) -> nn.Module:
+        return TwistNet(num_classes=num_classes, **{**fixed, **overrides})
+    return build
+
+
+def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        import timm
+        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    return build
+
+
+def _spec_table() -> dict[str, ModelSpec]:
+    specs = [
+        ModelSpec("twistnet18", "ours", "-", _twistnet_builder(), "TwistNet-18: STCI in stages 3-4"),
+        ModelSpec("twistnet18_no_spiral", "ablation", "-", _twistnet_builder(spiral=False),
+                  "same-position products (no directional twist)"),
+        ModelSpec("twistnet18_no_ais", "ablation", "-", _twistnet_builder(use_ais=False),
+                  "no adaptive interaction selection"),
+        ModelSpec("twistnet18_first_order", "ablation", "-", _twistnet_builder(stages=()),
+                  "no STCI: plain ResNet-18 backbone"),
+    ]
+    baselines = [
+        ("resnet18", "resnet18", "CVPR 2016", "fair"),
+        ("seresnet18", "seresnet18", "CVPR 2018", "fair"),
+        ("convnextv2_nano", "convnextv2_nano", "CVPR 2023", "fair"),
+        ("fastvit_sa12", "fastvit_sa12", "ICCV 2023", "fair"),
+        ("efficientformerv2_s2", "efficientformerv2_s2", "ICCV 2023", "fair"),
+        ("repvit_m1_5", "repvit_m1_5", "CVPR 2024", "fair"),
+        ("convnext_tiny", "convnext_tiny", "CVPR 2022", "large"),
+        ("swin_tiny", "swin_tiny_patch4_window7_224", "ICCV 2021", "large"),
+    ]
+    for name, timm_name, venue, group in baselines:
+        specs.append(ModelSpec(name, group, venue, _timm_builder(timm_name),
+                               f"timm {timm_name}", timm_name=timm_name))
+    return {s.name: s for s in specs}
+
+
+MODEL_SPECS: Mapping[str, ModelSpec] = _spec_table()
+
+
+def model_names() -> list[str]:
+    return list(MODEL_SPECS)
+
+
+def is_twistnet(name: str) -> bool:
+    return MODEL_SPECS[name].timm_name is None if name in MODEL_SPECS else False
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for `name`, or a ValueError that lists the names and the closest one."""
+    if name in MODEL_SPECS:
+        return MODEL_SPECS[name]
+    close = difflib.get_close_matches(name, MODEL_SPECS, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ValueError(f"Unknown model '{name}'.{hint} Known models: {', '.join(MODEL_SPECS)}")
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def build_model(
+    name: str,
+    num_classes: int = 1000,
+    pretrained: bool | str | os.PathLike = False,
+    transfer_policy: str = "all",
+    resnet18_weights: str | os.PathLike | None = None,
+    verbose: bool = True,
+    **model_kwargs: Any,
+) -> nn.Module:
+    """Build a registry model.
+
+    pretrained: False (random init), a checkpoint path (TwistNet models), or True (TwistNet:
+    auto-detect weights/<name>_imagenet.pt, else ResNet-18 transfer; baselines: timm weights).
+    transfer_policy: 'all' or 'stem+layer1+layer2', for the ResNet-18 fallback.
+    resnet18_weights: a local timm/torchvision ResNet-18 state_dict used instead of timm's hub.
+    model_kwargs: TwistNet hyper-parameters (r, heads, stages, use_ais, spiral, gate_init).
+    """
+    spec = get_spec(name)
+    log = print if verbose else (lambda *a, **k: None)
+    if spec.timm_name is not None:
+        return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
+
+    model = spec.builder(num_classes, **model_kwargs)
+    if pretrained is False or pretrained is None:
+        return model
+    if pretrained is True:
+        found = find_twistnet_weights(name)
+        if found is not None:
+            log(f"[Auto-detected] Found TwistNet weights: {found}")
+            load_twistnet_checkpoint(model, found, log=log)
+            return model
+        _warn_fallback(name, log)
+        source = load_resnet18_state_dict(resnet18_weights, log=log)
+        report = transfer_weights(model, source, policy=transfer_policy)
+        log(report.summary(f"ResNet-18 -> {name} (policy '{transfer_policy}')"))
+        return model
+    load_twistnet_checkpoint(model, pretrained, log=log)
+    return model
+
+
+def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any,
+                    resnet18_weights: Any, log: Callable, **kwargs: Any) -> nn.Module:
+    if pretrained not in (True, False, None):
+        model = spec.builder(num_classes, pretrained=False, **kwargs)
+        state = extract_state_dict(_load_file(pretrained))
+        report = transfer_weights(model, state, policy="all")
+        log(report.summary(f"{pretrained} -> {spec.name}"))
+        return model
+    if not pretrained:
+        return spec.builder(num_classes, pretrained=False, **kwargs)
+    if spec.name == "seresnet18":
+        # timm ships no seresnet18 weights: borrow every ResNet-18 tensor whose shape matches.
+        model = spec.builder(num_classes, pretrained=False, **kwargs)
+        source = load_resnet18_state_dict(resnet18_weights, log=log)
+        report = transfer_weights(model, source, policy="all")
+        log(report.summary("ResNet-18 -> seresnet18"))
+        return model
+    if spec.name == "resnet18" and resnet18_weights is not None:
+        model = spec.builder(num_classes, pretrained=False, **kwargs)
+        report = transfer_weights(model, load_resnet18_state_dict(resnet18_weights, log=log))
+        log(report.summary("ResNet-18 file -> resnet18"))
+        return model
+    try:
+        return spec.builder(num_classes, pretrained=True, **kwargs)
+    except Exception as exc:  # offline hub, missing cache, ...
+        raise RuntimeError(
+            f"Could not fetch timm's pretrained weights for '{spec.name}' ({spec.timm_name}): "
+            f"{type(exc).__name__}: {exc}. Connect to the Hugging Face hub once so timm caches "
+            f"them, or train without --pretrained."
+        ) from exc
+
+
+def _warn_fallback(name: str, log: Callable) -> None:
+    msg = (f"No TwistNet ImageNet weights found for '{name}' (looked for "
+           f"{', '.join(str(p) for p in twistnet_weight_candidates(name))}). Falling back to "
+           f"ResNet-18 ImageNet weights: the STCI branches start untrained. "
+           f"Run pretrain_imagenet.py (see PRETRAIN_GUIDE.md) for TwistNet weights.")
+    warnings.warn(msg, stacklevel=3)
+    log("!" * 100 + f"\n[WARNING] {msg}\n" + "!" * 100)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight loading
+# --------------------------------------------------------------------------------------------
+def twistnet_weight_candidates(name: str = "twistnet18") -> list[Path]:
+    """Where pretrained TwistNet weights are looked for, in order: ./weights, then beside models.py."""
+    filename = f"{name}_imagenet.pt"
+    here = Path(__file__).resolve().parent
+    candidates = [Path.cwd() / WEIGHTS_DIR_NAME / filename, here / WEIGHTS_DIR_NAME / filename]
+    unique: list[Path] = []
+    for c in candidates:
+        if c.resolve() not in [u.resolve() for u in unique]:
+            unique.append(c)
+    return unique
+
+
+def find_twistnet_weights(name: str = "twistnet18") -> Path | None:
+    return next((p for p in twistnet_weight_candidates(name) if p.is_file()), None)
+
+
+def _load_file(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(
+            f"Could not read checkpoint {path}: {type(exc).__name__}: {exc}. Expected a file "
+            f"written by torch.save holding a state_dict or a dict with 'model'/'state_dict'."
+        ) from exc
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The model state_dict inside a plain state_dict or a training checkpoint, `module.` stripped."""
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "model_state_dict", "model_ema", "ema"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("The file holds no state_dict (expected tensors by name, or a dict with 'model').")
+    return {_strip_prefix(k): v for k, v in obj.items()}
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
+                             log: Callable = print) -> int:
+    """Load a TwistNet checkpoint into `model`; the classifier is skipped when its shape differs.
+
+    Any other missing, unexpected or mis-shaped tensor makes the checkpoint incompatible: a
+    ValueError says which, because a half-loaded model would silently train from a wrong start.
+    """
+    state = extract_state_dict(_load_file(path))
+    own = model.state_dict()
+    classifier = ("fc.weight", "fc.bias")
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape and k not in classifier]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or missing or unexpected:
+        def show(keys: list[str]) -> str:
+            return f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+        raise ValueError(
+            f"Checkpoint {path} is incompatible with {type(model).__name__} "
+            f"{getattr(model, 'twisted_stages', '')}: missing {show(missing)}, unexpected "
+            f"{show(unexpected)}, shape mismatch {show(mismatched)}. Was it saved from a "
+            f"different model or different STCI settings (r, heads, stages, AIS, spiral)?"
+        )
+    skip = [k for k in classifier if k in state and state[k].shape != own[k].shape]
+    to_load = {k: v for k, v in state.items() if k not in skip}
+    model.load_state_dict(to_load, strict=not skip)
+    note = f" (classifier skipped: {tuple(state['fc.weight'].shape)} vs {tuple(own['fc.weight'].shape)})" if skip else ""
+    log(f"[TwistNet Pretrained] Loaded {len(to_load)} tensors from {path}{note}")
+    return len(to_load)
+
+
+@dataclass
+class TransferReport:
+    """What a weight transfer did, by target tensor name."""
+    mapped: list[str]
+    skipped: list[tuple[str, tuple, tuple]]      # (name, source shape, target shape)
+    left_at_init: list[str]                      # target tensors the source does not provide
+    excluded_by_policy: list[str]                # in the source, but outside the policy
+
+    def summary(self, title: str) -> str:
+        total = len(self.mapped) + len(self.skipped) + len(self.left_at_init) + len(self.excluded_by_policy)
+        lines = [f"[Weight transfer] {title}",
+                 f"  mapped:        {len(self.mapped):4d} tensors",
+                 f"  skipped:       {len(self.skipped):4d} tensors (shape mismatch)"]
+        lines += [f"      {n}: source {s} vs model {t}" for n, s, t in self.skipped[:6]]
+        lines.append(f"  left at init:  {len(self.left_at_init) + len(self.excluded_by_policy):4d} tensors "
+                     f"({len(self.left_at_init)} not in source, {len(self.excluded_by_policy)} outside the policy)")
+        lines.append(f"  of {total} tensors in the model")
+        return "\n".join(lines)
+
+
+def transfer_weights(model: nn.Module, source: Mapping[str, torch.Tensor],
+                            policy: str = "all") -> TransferReport:
+    """Copy tensors of a (ResNet-18) state_dict into `model` by name where shapes match.
+
+    policy 'all' takes every matching tensor; 'stem+layer1+layer2' only those of the stem and the
+    first two stages (what the paper's code loaded).
+    """
+    if policy not in TRANSFER_POLICIES:
+        raise ValueError(f"Unknown transfer policy '{policy}'; choose from {TRANSFER_POLICIES}")
+    source = {_strip_prefix(k): v for k, v in source.items()}
+    own = model.state_dict()
+    report = TransferReport([], [], [], [])
+    update = {}
+    for key, target in own.items():
+        if key not in source:
+            report.left_at_init.append(key)
+        elif policy != "all" and not key.startswith(_STEM_PREFIXES):
+            report.excluded_by_policy.append(key)
+        elif source[key].shape != target.shape:
+            report.skipped.append((key, tuple(source[key].shape), tuple(target.shape)))
+        else:
+            update[key] = source[key]
+            report.mapped.append(key)
+    model.load_state_dict(update, strict=False)
+    return report
+
+
+def load_resnet18_state_dict(path: str | os.PathLike | None = None,
+                             log: Callable = print) -> dict[str, torch.Tensor]:
+    """ResNet-18 ImageNet weights: a local timm/torchvision file if given, else timm's (hub)."""
+    if path is not None:
+        log(f"[ResNet-18] Loading local weights: {path}")
+        return extract_state_dict(_load_file(path))
+    try:
+        import timm
+        return timm.create_model("resnet18", pretrained=True).state_dict()
+    except Exception as exc:
+        raise RuntimeError(
+            f"Could not fetch timm's ResNet-18 weights ({type(exc).__name__}: {exc}). Pass a local "
+            f"file (resnet18_weights=... / --resnet18_weights) holding a timm or torchvision "
+            f"ResNet-18 state_dict, or use pretrained=False."
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Introspection
+# --------------------------------------------------------------------------------------------
+def gate_values(model: nn.Module) -> dict[str, float]:
+    """sigmoid(gate) of every TwistBlock, by block name."""
+    return {name: float(torch.sigmoid(m.gate.detach())) for name, m in _twist_blocks(model).items()}
+
+
+def _twist_blocks(model: nn.Module) -> dict[str, TwistBlock]:
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return {n: m for n, m in model.named_modules() if isinstance(m, TwistBlock) and m.stci is not None}
+
+
+@torch.no_grad()
+def stci_internals(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """Per TwistBlock, for input batch x (the model is run in eval mode):
+
+    - 'interaction': [heads, r, r] mean over batch and space of z_norm[i] * t_norm[j]
+    - 'ais': [heads, r + r(r+1)/2] mean AIS weight per channel (absent without AIS)
+    - 'gate': sigmoid(gate)
+    """
+    blocks = _twist_blocks(model)
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [blk.stci.register_forward_pre_hook(_capture_into(captured, name)) for name, blk in blocks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    result = {}
+    for name, blk in blocks.items():
+        stci = blk.stci
+        z, t = stci.reduced(captured[name])
+        inter = torch.einsum("bdihw,bdjhw->bdij", z, t) / (z.shape[-1] * z.shape[-2])
+        entry = {"interaction": inter.mean(0).cpu(), "gate": torch.sigmoid(blk.gate).cpu()}
+        weights = stci.ais_weights(stci.interactions(captured[name]))
+        if weights is not None:
+            entry["ais"] = weights.mean(0).view(stci.heads, stci.head_channels).cpu()
+        result[name] = entry
+    return result
+
+
+def _capture_into(store: dict, name: str) -> Callable:
+    def hook(module: nn.Module, args: tuple) -> None:
+        store[name] = args[0].detach()
+    return hook
+
+
+@torch.no_grad()
+def feature_maps(model: nn.Module, x: torch.Tensor,
+                 layers: Iterable[str] = ("layer1", "layer2", "layer3", "layer4")) -> dict[str, torch.Tensor]:
+    """Output of each named sub-module for input x (eval mode)."""
+    model = getattr(model, "module", model)
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    hooks = []
+    for name in layers:
+        if name not in modules:
+            raise ValueError(f"No sub-module '{name}' in {type(model).__name__}")
+        hooks.append(modules[name].register_forward_hook(
+            lambda m, a, out, name=name: captured.__setitem__(name, out.detach())))
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return captured
+
+
+# --------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------
+def list_models(num_classes: int = 1000, with_flops: bool = True, file: Any = None) -> list[dict]:
+    """Print and return name, params, FLOPs (G multiply-adds at 224), venue and group per model."""
+    rows = []
+    for name, spec in MODEL_SPECS.items():
+        model = build_model(name, num_classes, pretrained=False, verbose=False).eval()
+        gflops = None
+        if with_flops:
+            from compute_flops import count_flops
+            gflops = count_flops(model).total / 1e9
+        rows.append(dict(name=name, params=count_params(model), gflops=gflops,
+                         venue=spec.venue, group=spec.group))
+    print(f"{'model':24s} {'params':>10s} {'GFLOPs':>8s}  {'venue':10s} group", file=file)
+    for r in rows:
+        fl = f"{r['gflops']:.2f}" if r["gflops"] is not None else "-"
+        print(f"{r['name']:24s} {r['params'] / 1e6:9.2f}M {fl:>8s}  {r['venue']:10s} {r['group']}", file=file)
+    return rows
+
+
+if __name__ == "__main__":
+    list_models()
