@@ -467,9 +467,10 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 
 
 def _strip_prefix(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
+    # DDP and torch.compile wrappers nest in either order ("_orig_mod.module." or the reverse).
+    prefixes = ("module.", "_orig_mod.")
+    while key.startswith(prefixes):
+        key = key.split(".", 1)[1]
     return key
 
 
@@ -596,21 +597,23 @@ def stci_internals(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, tor
     model.eval()
     try:
         model(x)
+        return {name: _internals_of(blk, captured[name]) for name, blk in blocks.items()}
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    result = {}
-    for name, blk in blocks.items():
-        stci = blk.stci
-        z, t = stci.reduced(captured[name])
-        inter = torch.einsum("bdihw,bdjhw->bdij", z, t) / (z.shape[-1] * z.shape[-2])
-        entry = {"interaction": inter.mean(0).cpu(), "gate": torch.sigmoid(blk.gate).cpu()}
-        weights = stci.ais_weights(stci.interactions(captured[name]))
-        if weights is not None:
-            entry["ais"] = weights.mean(0).view(stci.heads, stci.head_channels).cpu()
-        result[name] = entry
-    return result
+
+
+def _internals_of(blk: nn.Module, block_input: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Interaction matrix, AIS weights and gate of one TwistBlock's STCI (model in eval mode)."""
+    stci = blk.stci
+    z, t = stci.reduced(block_input)
+    inter = torch.einsum("bdihw,bdjhw->bdij", z, t) / (z.shape[-1] * z.shape[-2])
+    entry = {"interaction": inter.mean(0).cpu(), "gate": torch.sigmoid(blk.gate).cpu()}
+    weights = stci.ais_weights(stci.interactions(block_input))
+    if weights is not None:
+        entry["ais"] = weights.mean(0).view(stci.heads, stci.head_channels).cpu()
+    return entry
 
 
 def _capture_into(store: dict, name: str) -> Callable:
