@@ -1,0 +1,871 @@
+"""Dataset protocols of TwistNet-2D: deterministic splits, image loading, and a layout checker.
+
+Usage:
+    python datasets.py --dataset dtd --data_dir data/dtd --fold 1      # describe and check a fold
+    python datasets.py --dataset synthtex                                # the built-in textures
+    python datasets.py --dataset cub200 --data_dir data/CUB_200_2011 --fold 3 --no_open_check
+
+    from datasets import build_datasets, collate_skip_unreadable
+    sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, cache=True, cache_size=256)
+    loader = DataLoader(sets["train"], batch_size=32, collate_fn=collate_skip_unreadable)
+    for images, labels, n_skipped in loader: ...
+
+The describe entry point prints the class count, the split sizes, the per-class balance of each
+split, and opens every image (exit 1 if any is unreadable, 2 if the layout itself is wrong).
+
+Protocols (`--data_dir` points at the data as its authors distribute it):
+    dtd          images/<class>/*.jpg, labels/{train,val,test}{k}.txt    the 10 official splits
+    fmd          image/<class>/*.jpg                                     10 seeded 50/50 splits, val carved from train
+    kth_tips2    <material>/sample_{a,b,c,d}/*.png (KTH-TIPS2-b)         fold k tests on sample k
+    cub200       CUB_200_2011/{images,image_class_labels,train_test_split,classes}.txt, images/
+                                                                         official test; fold seeds the val carve
+    flowers102   jpg/, imagelabels.mat, setid.mat                        fold 1 official; k > 1 reshuffled
+    imagefolder  train/<class>/*, val/<class>/*, optional test/<class>/*  one split
+    synthtex     nothing: procedural textures generated in memory        any fold
+
+Every split is a function of (dataset, fold) alone: seeds come from a hash of the two, never from
+the global random state, so the training seed cannot change which images are tested.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import sys
+import types
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+DATASET_NAMES = ("dtd", "fmd", "kth_tips2", "cub200", "flowers102", "imagefolder", "synthtex")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+SPLIT_NAMES = ("train", "val", "test")
+
+LAYOUTS: Mapping[str, str] = types.MappingProxyType({
+    "dtd": "images/<class>/*.jpg and labels/train{k}.txt, val{k}.txt, test{k}.txt (k = 1..10)",
+    "fmd": "image/<class>/*.jpg (10 classes x 100 images)",
+    "kth_tips2": "<material>/sample_a, sample_b, sample_c, sample_d/*.png (KTH-TIPS2-b)",
+    "cub200": "CUB_200_2011/ (or its contents): images.txt, image_class_labels.txt, "
+              "train_test_split.txt, classes.txt, images/",
+    "flowers102": "jpg/image_00001.jpg ..., imagelabels.mat, setid.mat",
+    "imagefolder": "train/<class>/*, val/<class>/* and optionally test/<class>/*",
+    "synthtex": "nothing (generated in memory)",
+})
+
+FMD_VAL_PER_TRAIN = 0.2        # 10 of the 50 training images per class
+CARVED_VAL_FRACTION = 0.1      # kth_tips2 and cub200: 10% of each class's training images
+KTH_SAMPLES = ("a", "b", "c", "d")
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Splits:
+    """Class names and the (sample key, label) pairs of each split.
+
+    A key is an image path (str) for the datasets on disk and an int sample id for synthtex.
+    """
+    classes: list[str]
+    train: list[tuple[Any, int]]
+    val: list[tuple[Any, int]]
+    test: list[tuple[Any, int]]
+
+    def split(self, name: str) -> list[tuple[Any, int]]:
+        return getattr(self, name)
+
+    def check_disjoint(self, dataset: str) -> None:
+        """Raise ValueError if a sample sits in two splits (or twice in one)."""
+        seen: dict[Any, str] = {}
+        for name in SPLIT_NAMES:
+            for key, _ in self.split(name):
+                if key in seen:
+                    raise ValueError(f"{dataset}: sample {key} is in both the {seen[key]} and the {name} "
+                                     "split; splits must be disjoint and free of duplicates.")
+                seen[key] = name
+
+
+def num_folds(dataset: str) -> int | None:
+    """How many folds a protocol has; None when any fold k >= 1 is valid (a seeded re-draw)."""
+    folds = {"dtd": 10, "fmd": 10, "kth_tips2": 4, "cub200": None, "flowers102": None,
+             "imagefolder": 1, "synthtex": None}
+    check_dataset_name(dataset)
+    return folds[dataset]
+
+
+def check_dataset_name(dataset: str) -> None:
+    if dataset not in DATASET_NAMES:
+        raise ValueError(f"Unknown dataset {dataset!r}; known: {', '.join(DATASET_NAMES)}.")
+
+
+def check_fold(dataset: str, fold: int) -> None:
+    limit = num_folds(dataset)
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or fold < 1 \
+            or (limit is not None and fold > limit):
+        allowed = f"folds 1-{limit}" if limit and limit > 1 else ("only fold 1" if limit == 1 else "folds >= 1")
+        raise ValueError(f"{dataset} has {allowed}; got fold {fold!r}.")
+
+
+def fold_rng(dataset: str, fold: int) -> np.random.Generator:
+    """A generator seeded by (dataset, fold) only.
+
+    sha256 rather than hash(): Python salts str hashes per process, which would make splits
+    differ from run to run.
+    """
+    digest = hashlib.sha256(f"{dataset}/fold{fold}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def load_splits(dataset: str, data_dir: str | Path | None, fold: int) -> Splits:
+    """The train/val/test samples of one fold of one protocol, checked for layout errors.
+
+    Cheap: lists folders, reads index files and checks that listed files exist, but opens no
+    image (`describe` does that). Raises FileNotFoundError for a missing folder or file and
+    ValueError for a bad fold, an empty class or an inconsistent index, naming the path and
+    what was expected.
+    """
+    check_dataset_name(dataset)
+    check_fold(dataset, fold)
+    if dataset == "synthtex":
+        splits = synthtex_splits(fold)
+    else:
+        root = require_data_dir(dataset, data_dir)
+        readers: dict[str, Callable[[Path, int], Splits]] = {
+            "dtd": dtd_splits, "fmd": fmd_splits, "kth_tips2": kth_tips2_splits, "cub200": cub200_splits,
+            "flowers102": flowers102_splits, "imagefolder": imagefolder_splits}
+        splits = readers[dataset](root, fold)
+    check_every_class_trains(dataset, splits)
+    splits.check_disjoint(dataset)
+    return splits
+
+
+def check_every_class_trains(dataset: str, splits: Splits) -> None:
+    counts = Counter(label for _, label in splits.train)
+    missing = [name for i, name in enumerate(splits.classes) if counts[i] == 0]
+    if missing:
+        raise ValueError(f"{dataset}: class(es) {', '.join(missing[:5])} have no training images; "
+                         "every class needs at least one.")
+
+
+# --------------------------------------------------------------------------------------------
+# Listing helpers
+# --------------------------------------------------------------------------------------------
+def layout_hint(dataset: str, root: Path) -> str:
+    return f"Expected {LAYOUTS[dataset]} under {root}."
+
+
+def require_data_dir(dataset: str, data_dir: str | Path | None) -> Path:
+    if data_dir is None:
+        raise ValueError(f"{dataset} needs --data_dir pointing at the dataset as distributed: {LAYOUTS[dataset]}.")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{dataset} data folder not found: {root}. {layout_hint(dataset, root)}")
+    return root
+
+
+def require_dir(path: Path, what: str, dataset: str, root: Path) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path}. {layout_hint(dataset, root)}")
+    return path
+
+
+def require_file(path: Path, what: str, dataset: str, root: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}. {layout_hint(dataset, root)}")
+    return path
+
+
+def is_image_file(path: Path) -> bool:
+    # Hidden files include macOS "._name.jpg" resource forks, which are not images.
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
+
+
+def list_subdirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def class_folders(parent: Path, dataset: str, root: Path) -> list[str]:
+    classes = list_subdirs(parent)
+    if not classes:
+        raise ValueError(f"{dataset}: no class folders in {parent}. {layout_hint(dataset, root)}")
+    return classes
+
+
+def images_of_class(folder: Path, dataset: str, root: Path) -> list[Path]:
+    images = list_images(folder)
+    if not images:
+        raise ValueError(f"{dataset}: class folder has no images: {folder} (expected files with one of the "
+                         f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))}). {layout_hint(dataset, root)}")
+    return images
+
+
+def require_listed_files_exist(paths: Iterable[str], source: str, dataset: str) -> None:
+    # os.path on str, not pathlib: this runs over every listed file (11788 for CUB) on each start.
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{dataset}: {source} lists {len(missing)} image(s) that do not exist, "
+                                f"e.g. {missing[0]}.")
+
+
+def carve_per_class(samples: Sequence[tuple[Any, int]], count: Callable[[int], int],
+                    rng: np.random.Generator) -> tuple[list[tuple[Any, int]], list[tuple[Any, int]]]:
+    """Split samples into (kept, carved), taking count(n) random samples of each class of size n.
+
+    Classes are visited in label order and samples sorted first, so the result depends on the
+    generator's seed only, not on the order the files were listed in.
+    """
+    by_class: dict[int, list[Any]] = {}
+    for key, label in sorted(samples, key=lambda s: (s[1], str(s[0]))):
+        by_class.setdefault(label, []).append(key)
+    kept, carved = [], []
+    for label in sorted(by_class):
+        keys = by_class[label]
+        order = rng.permutation(len(keys))
+        n_carve = count(len(keys))
+        carved += [(keys[i], label) for i in order[:n_carve]]
+        kept += [(keys[i], label) for i in order[n_carve:]]
+    return sorted(kept, key=sort_key), sorted(carved, key=sort_key)
+
+
+def sort_key(sample: tuple[Any, int]) -> tuple[int, str]:
+    return sample[1], str(sample[0])
+
+
+def val_count(n_train: int) -> int:
+    """Validation images carved from a class with n_train training images (>= 1 left to train)."""
+    if n_train < 2:
+        return 0
+    return min(n_train - 1, max(1, round(CARVED_VAL_FRACTION * n_train)))
+
+
+# --------------------------------------------------------------------------------------------
+# Protocols
+# --------------------------------------------------------------------------------------------
+def dtd_splits(root: Path, fold: int) -> Splits:
+    images = require_dir(root / "images", "DTD image folder", "dtd", root)
+    labels_dir = require_dir(root / "labels", "DTD label folder", "dtd", root)
+    classes = class_folders(images, "dtd", root)
+    for name in classes:
+        images_of_class(images / name, "dtd", root)
+    index = {name: i for i, name in enumerate(classes)}
+    parts = {}
+    for split in SPLIT_NAMES:
+        path = labels_dir / f"{split}{fold}.txt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"DTD split file not found: {path}. DTD has folds 1-10; expected labels/train{{k}}.txt, "
+                f"val{{k}}.txt, test{{k}}.txt under {root}.")
+        parts[split] = read_dtd_split_file(path, images, index)
+    return Splits(classes, parts["train"], parts["val"], parts["test"])
+
+
+def read_dtd_split_file(path: Path, images: Path, index: Mapping[str, int]) -> list[tuple[str, int]]:
+    samples = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        rel = line.strip()
+        if not rel:
+            continue
+        class_name = rel.split("/", 1)[0]
+        if "/" not in rel or class_name not in index:
+            raise ValueError(f"DTD split file {path}, line {line_no}: {rel!r} is not '<class>/<file>' with "
+                             f"<class> a folder under {images}.")
+        samples.append((os.path.join(images, rel), index[class_name]))
+    if not samples:
+        raise ValueError(f"DTD split file is empty: {path} (expected lines like 'banded/banded_0002.jpg').")
+    require_listed_files_exist((p for p, _ in samples), f"split file {path}", "dtd")
+    return samples
+
+
+def fmd_splits(root: Path, fold: int) -> Splits:
+    image_dir = require_dir(root / "image", "FMD image folder", "fmd", root)
+    classes = class_folders(image_dir, "fmd", root)
+    samples = [(str(p), label) for label, name in enumerate(classes)
+               for p in images_of_class(image_dir / name, "fmd", root)]
+    rng = fold_rng("fmd", fold)
+    train_pool, test = carve_per_class(samples, lambda n: n // 2, rng)
+    train, val = carve_per_class(train_pool, fmd_val_count, rng)
+    return Splits(classes, train, val, test)
+
+
+def fmd_val_count(n_train: int) -> int:
+    """Validation images carved from a class's n_train training images: 10 of 50 on the real data."""
+    return min(n_train - 1, round(FMD_VAL_PER_TRAIN * n_train)) if n_train > 1 else 0
+
+
+def kth_tips2_root(root: Path) -> Path:
+    # The archive unpacks to KTH-TIPS2-b/; accept the folder above it too.
+    nested = root / "KTH-TIPS2-b"
+    return nested if nested.is_dir() else root
+
+
+def kth_tips2_splits(root: Path, fold: int) -> Splits:
+    root = kth_tips2_root(root)
+    classes = class_folders(root, "kth_tips2", root)
+    test_sample = KTH_SAMPLES[fold - 1]
+    pool, test = [], []
+    for label, material in enumerate(classes):
+        for sample in KTH_SAMPLES:
+            folder = require_dir(root / material / f"sample_{sample}",
+                                 f"KTH-TIPS2-b sample folder of material {material!r}", "kth_tips2", root)
+            files = [(str(p), label) for p in images_of_class(folder, "kth_tips2", root)]
+            (test if sample == test_sample else pool).extend(files)
+    train, val = carve_per_class(pool, val_count, fold_rng("kth_tips2", fold))
+    return Splits(classes, train, val, sorted(test, key=sort_key))
+
+
+def cub200_root(root: Path) -> Path:
+    for candidate in (root / "CUB_200_2011", root):
+        if (candidate / "images.txt").is_file():
+            return candidate
+    raise FileNotFoundError(f"CUB-200-2011 index not found: neither {root / 'CUB_200_2011' / 'images.txt'} nor "
+                            f"{root / 'images.txt'} exists. {layout_hint('cub200', root)}")
+
+
+def read_id_table(path: Path, dataset: str, root: Path) -> dict[int, str]:
+    """Read a CUB '<id> <value>' file into {id: value}."""
+    require_file(path, "CUB index file", dataset, root)
+    table = {}
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise ValueError(f"CUB index file {path}, line {line_no}: expected '<id> <value>', got {line!r}.")
+        table[int(parts[0])] = parts[1].strip()
+    return table
+
+
+def cub200_splits(root: Path, fold: int) -> Splits:
+    root = cub200_root(root)
+    paths = read_id_table(root / "images.txt", "cub200", root)
+    labels = read_id_table(root / "image_class_labels.txt", "cub200", root)
+    is_train = read_id_table(root / "train_test_split.txt", "cub200", root)
+    class_table = read_id_table(root / "classes.txt", "cub200", root)
+    image_dir = require_dir(root / "images", "CUB image folder", "cub200", root)
+    if not (paths.keys() == labels.keys() == is_train.keys()):
+        raise ValueError(f"CUB index files under {root} disagree on the image ids: images.txt, "
+                         "image_class_labels.txt and train_test_split.txt must list the same ids.")
+    class_ids = sorted(class_table)
+    if class_ids != list(range(1, len(class_ids) + 1)):
+        raise ValueError(f"CUB {root / 'classes.txt'}: class ids must be 1..N without gaps.")
+    official: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    for image_id in sorted(paths):
+        label = int(labels[image_id]) - 1
+        if not 0 <= label < len(class_ids):
+            raise ValueError(f"CUB {root / 'image_class_labels.txt'}: image {image_id} has class "
+                             f"{labels[image_id]}, outside 1..{len(class_ids)}.")
+        split = "train" if is_train[image_id].strip() == "1" else "test"
+        official[split].append((os.path.join(image_dir, paths[image_id]), label))
+    require_listed_files_exist((p for p, _ in official["train"] + official["test"]),
+                               f"{root / 'images.txt'}", "cub200")
+    train, val = carve_per_class(official["train"], val_count, fold_rng("cub200", fold))
+    classes = [class_table[i] for i in class_ids]
+    return Splits(classes, train, val, sorted(official["test"], key=sort_key))
+
+
+def load_mat_vector(path: Path, key: str, dataset: str, root: Path) -> np.ndarray:
+    import scipy.io  # only flowers102 needs scipy; keep the import off the common path
+
+    require_file(path, "Flowers-102 index file", dataset, root)
+    content = scipy.io.loadmat(str(path))
+    if key not in content:
+        raise ValueError(f"Flowers-102 {path} has no key {key!r} (found: "
+                         f"{', '.join(k for k in content if not k.startswith('__'))}).")
+    return np.asarray(content[key]).astype(np.int64).ravel()
+
+
+def flowers102_splits(root: Path, fold: int) -> Splits:
+    labels = load_mat_vector(root / "imagelabels.mat", "labels", "flowers102", root)
+    setid = {split: load_mat_vector(root / "setid.mat", key, "flowers102", root)
+             for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))}
+    image_dir = require_dir(root / "jpg", "Flowers-102 image folder", "flowers102", root)
+    n_images, n_classes = len(labels), int(labels.max())
+    present = set(labels.tolist())
+    empty = [c for c in range(1, n_classes + 1) if c not in present]
+    if labels.min() < 1 or empty:
+        raise ValueError(f"Flowers-102 {root / 'imagelabels.mat'}: labels must be 1..{n_classes} with every class "
+                         f"present; classes without images: {empty[:5]}.")
+    for split, ids in setid.items():
+        if ids.size == 0 or ids.min() < 1 or ids.max() > n_images:
+            raise ValueError(f"Flowers-102 {root / 'setid.mat'}: {split} ids must be within 1..{n_images}.")
+    path_of = [os.path.join(image_dir, f"image_{i:05d}.jpg") for i in range(1, n_images + 1)]
+    listed = np.concatenate(list(setid.values()))
+    require_listed_files_exist((path_of[i - 1] for i in listed), f"{root / 'setid.mat'}", "flowers102")
+    official = {split: sorted(((path_of[i - 1], int(labels[i - 1]) - 1) for i in ids), key=sort_key)
+                for split, ids in setid.items()}
+    classes = [f"flower_{c:03d}" for c in range(1, n_classes + 1)]
+    if fold == 1:
+        return Splits(classes, official["train"], official["val"], official["test"])
+    return Splits(classes, *reshuffle_keeping_class_counts(official, fold))
+
+
+def reshuffle_keeping_class_counts(official: Mapping[str, list[tuple[str, int]]], fold: int
+                                   ) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]:
+    """Redraw train/val/test from all images with the official number of each class in each split.
+
+    On the real data that is 10 train, 10 val and the rest test for every class, hence exactly the
+    official 1020/1020/6149.
+    """
+    train_counts = Counter(label for _, label in official["train"])
+    val_counts = Counter(label for _, label in official["val"])
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for sample in sorted((s for split in SPLIT_NAMES for s in official[split]), key=sort_key):
+        by_class.setdefault(sample[1], []).append(sample)
+    rng = fold_rng("flowers102", fold)
+    train, val, test = [], [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        order = rng.permutation(len(members))
+        n_train, n_val = train_counts[label], val_counts[label]
+        train += [members[i] for i in order[:n_train]]
+        val += [members[i] for i in order[n_train:n_train + n_val]]
+        test += [members[i] for i in order[n_train + n_val:]]
+    return sorted(train, key=sort_key), sorted(val, key=sort_key), sorted(test, key=sort_key)
+
+
+def imagefolder_splits(root: Path, fold: int) -> Splits:
+    train_dir = require_dir(root / "train", "imagefolder train folder", "imagefolder", root)
+    val_dir = require_dir(root / "val", "imagefolder val folder", "imagefolder", root)
+    classes = class_folders(train_dir, "imagefolder", root)
+    parts = {"train": folder_samples(train_dir, classes, root), "val": folder_samples(val_dir, classes, root)}
+    test_dir = root / "test"
+    parts["test"] = folder_samples(test_dir, classes, root) if test_dir.is_dir() else []
+    return Splits(classes, parts["train"], parts["val"], parts["test"])
+
+
+def folder_samples(split_dir: Path, classes: list[str], root: Path) -> list[tuple[str, int]]:
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in list_subdirs(split_dir) if name not in index]
+    if unknown:
+        raise ValueError(f"imagefolder: {split_dir} has class folder(s) {', '.join(unknown[:5])} that "
+                         f"{root / 'train'} lacks; the classes are the folders of train/.")
+    return [(str(p), index[name]) for name in list_subdirs(split_dir)
+            for p in images_of_class(split_dir / name, "imagefolder", root)]
+
+
+# --------------------------------------------------------------------------------------------
+# synthtex: procedural textures whose classes differ in where features co-occur
+# --------------------------------------------------------------------------------------------
+# Two families share their ingredients (two coloured motif layers over a noise or checker
+# background, with colours, phases, scales and orientations drawn at random); within a family the
+# classes differ only in how the second layer is placed relative to the first. Every class is
+# symmetric under a horizontal flip, so flip augmentation never turns one class into another.
+SYNTHTEX_CLASSES = (
+    "dots_horizontal_pairs",   # each B dot beside an A dot, left or right
+    "dots_vertical_pairs",     # ... above or below
+    "dots_diagonal_pairs",     # ... along either diagonal
+    "dots_unpaired",           # B dots placed independently of A dots
+    "stripes_parallel",        # B stripes parallel to A, in the gaps between them
+    "stripes_cored",           # B stripes parallel to A, inside them (a thinner core)
+    "stripes_oblique",         # B stripes at +-45 degrees to A
+    "stripes_crossed",         # B stripes at 90 degrees to A
+)
+SYNTHTEX_PER_CLASS: Mapping[str, int] = types.MappingProxyType({"train": 48, "val": 16, "test": 16})
+SYNTHTEX_SEED_TAG = 0x5EED7E  # separates synthtex's streams from any other use of the same ids
+MIN_RENDER_SIZE = 64           # smaller images are drawn larger and box-filtered down (anti-aliasing)
+
+
+def synthtex_samples_per_fold() -> int:
+    return sum(SYNTHTEX_PER_CLASS.values()) * len(SYNTHTEX_CLASSES)
+
+
+def synthtex_splits(fold: int) -> Splits:
+    """Fold k owns sample ids [(k-1) * N, k * N): folds are disjoint draws from one infinite family."""
+    n_classes = len(SYNTHTEX_CLASSES)
+    start = (fold - 1) * synthtex_samples_per_fold()
+    parts = {}
+    for split in SPLIT_NAMES:
+        count = SYNTHTEX_PER_CLASS[split] * n_classes
+        parts[split] = [(key, synthtex_label(key)) for key in range(start, start + count)]
+        start += count
+    return Splits(list(SYNTHTEX_CLASSES), parts["train"], parts["val"], parts["test"])
+
+
+def synthtex_label(key: int) -> int:
+    return key % len(SYNTHTEX_CLASSES)
+
+
+def render_synthtex(key: int, size: int = 128) -> Image.Image:
+    """The RGB texture of sample id `key` at size x size; the same key always gives the same image."""
+    rng = np.random.default_rng([SYNTHTEX_SEED_TAG, int(key)])
+    label = synthtex_label(key)
+    factor = max(1, math.ceil(MIN_RENDER_SIZE / size))
+    n = size * factor
+    background, colour_a, colour_b = distinct_colours(rng)
+    image = background_texture(rng, n, background)
+    layer_a, layer_b = (dot_layers if label < 4 else stripe_layers)(label, rng, n)
+    image += layer_a[..., None] * (colour_a - image)
+    image += layer_b[..., None] * (colour_b - image)
+    image += (rng.random(image.shape, dtype=np.float32) - np.float32(0.5)) * np.float32(0.06)
+    pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+    result = Image.fromarray(pixels)
+    return result.reduce(factor) if factor > 1 else result
+
+
+def distinct_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Background and two layer colours, random but far enough apart to be told apart."""
+    background = rng.uniform(0.15, 0.85, 3).astype(np.float32)
+    while True:
+        a, b = rng.uniform(0.0, 1.0, (2, 3)).astype(np.float32)
+        if (np.linalg.norm(a - background) > 0.45 and np.linalg.norm(b - background) > 0.45
+                and np.linalg.norm(a - b) > 0.35):
+            return background, a, b
+
+
+def background_texture(rng: np.random.Generator, n: int, colour: np.ndarray) -> np.ndarray:
+    """A faint nuisance texture: 1/f^alpha noise of a random spectrum, or a rotated checkerboard."""
+    pattern = spectral_noise(rng, n) if rng.random() < 0.7 else checkerboard(rng, n)
+    tint = rng.uniform(0.5, 1.0, 3).astype(np.float32) * np.float32(rng.uniform(0.03, 0.1))
+    return colour + pattern[..., None] * tint
+
+
+def spectral_noise(rng: np.random.Generator, n: int) -> np.ndarray:
+    alpha = rng.uniform(0.0, 2.5)  # 0 white, 1 pink, 2 brown, and in between
+    freq = np.fft.fftfreq(n)
+    radius = np.hypot(freq[:, None], freq[None, :])
+    radius[0, 0] = 1.0
+    spectrum = np.fft.rfft2(rng.standard_normal((n, n))) * radius[:, : n // 2 + 1] ** (-alpha / 2)
+    spectrum[0, 0] = 0.0
+    noise = np.fft.irfft2(spectrum, s=(n, n))
+    return (noise / (noise.std() + 1e-8)).astype(np.float32)
+
+
+def checkerboard(rng: np.random.Generator, n: int) -> np.ndarray:
+    period = n / rng.uniform(3.0, 9.0)
+    theta = rng.uniform(0.0, np.pi)
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32)
+    u = (x * np.cos(theta) + y * np.sin(theta)) / period
+    v = (y * np.cos(theta) - x * np.sin(theta)) / period
+    phase_u, phase_v = rng.uniform(0.0, 2 * np.pi, 2)
+    return np.sign(np.sin(np.pi * u + phase_u) * np.sin(np.pi * v + phase_v)).astype(np.float32)
+
+
+def jittered_lattice(rng: np.random.Generator, n: int, cells: int, jitter: float) -> np.ndarray:
+    """cells x cells points on a randomly offset square lattice, each moved by up to jitter cells."""
+    step = n / cells
+    centres = (np.arange(cells) + 0.5) * step
+    gx, gy = np.meshgrid(centres, centres)
+    points = np.stack([gx.ravel(), gy.ravel()], axis=1) + rng.uniform(0.0, step, 2)
+    points += rng.uniform(-jitter, jitter, points.shape) * step
+    return points % n
+
+
+def paint_motifs(n: int, centres: np.ndarray, radius: float, square: bool) -> np.ndarray:
+    """Soft-edged discs (or squares) at `centres` on an n x n torus, so the texture is stationary."""
+    reach = int(math.ceil(radius)) + 1
+    offsets = np.arange(-reach, reach + 1)
+    xs = np.round(centres[:, 0]).astype(np.int64)[:, None] + offsets      # (motifs, window)
+    ys = np.round(centres[:, 1]).astype(np.int64)[:, None] + offsets
+    dx = (xs - centres[:, :1])[:, None, :]
+    dy = (ys - centres[:, 1:])[:, :, None]
+    dist = np.maximum(np.abs(dx), np.abs(dy)) if square else np.hypot(dx, dy)
+    values = np.clip(radius + 0.5 - dist, 0.0, 1.0).astype(np.float32)
+    mask = np.zeros((n, n), np.float32)
+    # maximum.at, not assignment: overlapping windows must keep the larger value, not the last.
+    np.maximum.at(mask, ((ys % n)[:, :, None], (xs % n)[:, None, :]), values)
+    return mask
+
+
+def dot_layers(label: int, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # Coarse on purpose: a 32 px ResNet input is 8 x 8 after the stem, so motifs must span pixels.
+    cells = int(rng.integers(3, 5))
+    step = n / cells
+    a = jittered_lattice(rng, n, cells, 0.2)
+    radius = step * rng.uniform(0.13, 0.18)
+    gap = step * rng.uniform(0.40, 0.48)  # > 2 * radius: a pair never merges into one blob
+    signs = rng.choice([-1.0, 1.0], a.shape)
+    if label == 0:
+        b = a + signs * [gap, 0.0]
+    elif label == 1:
+        b = a + signs * [0.0, gap]
+    elif label == 2:
+        b = a + signs * gap / math.sqrt(2)
+    else:
+        b = jittered_lattice(rng, n, cells, 0.5)
+    square = bool(rng.random() < 0.5)
+    return paint_motifs(n, a, radius, square), paint_motifs(n, b % n, radius, square)
+
+
+def stripe_mask(n: int, theta: float, period: float, phase: float, width: float) -> np.ndarray:
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32)
+    u = x * np.cos(theta) + y * np.sin(theta)
+    dist = np.abs(((u / period - phase) % 1.0) - 0.5) * period
+    return np.clip(width / 2 - dist + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def stripe_layers(label: int, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    period = n / rng.uniform(2.5, 4.5)
+    theta = rng.uniform(0.0, np.pi)
+    width = period * rng.uniform(0.22, 0.32)
+    phase = rng.uniform()
+    a = stripe_mask(n, theta, period, phase, width)
+    if label == 4:
+        b = stripe_mask(n, theta, period, phase + 0.5, width * rng.uniform(0.7, 1.0))
+    elif label == 5:
+        b = stripe_mask(n, theta, period, phase, width * rng.uniform(0.35, 0.55))
+    elif label == 6:
+        turn = rng.choice([-1.0, 1.0]) * np.pi / 4
+        b = stripe_mask(n, theta + turn, period, rng.uniform(), width * rng.uniform(0.7, 1.0))
+    else:
+        b = stripe_mask(n, theta + np.pi / 2, period, rng.uniform(), width * rng.uniform(0.7, 1.0))
+    return a, b
+
+
+# --------------------------------------------------------------------------------------------
+# Image loading
+# --------------------------------------------------------------------------------------------
+class UnreadableImageWarning(UserWarning):
+    """An image listed in a split could not be decoded; the sample is skipped."""
+
+
+def resized_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size`, computing the long side exactly as torchvision's Resize.
+
+    Matching torchvision's rounding makes the eval Resize a no-op on a cached image, so cached
+    and uncached pipelines give identical tensors.
+    """
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if short == size:
+        return image
+    new_long = int(size * long / short)
+    new_size = (size, new_long) if width <= height else (new_long, size)
+    return image.resize(new_size, Image.Resampling.BILINEAR)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    # 16-bit and float greyscale would be clipped by convert("RGB"); scale them to 8 bits first.
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / peak * 255 + 0.5, 0, 255).astype(np.uint8))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_image(path: str, target_short: int | None) -> Image.Image:
+    """Decode to RGB, resized so the shorter side is target_short (None: native size).
+
+    JPEGs much larger than needed are decoded at a reduced DCT scale (PIL's draft), which is
+    several times faster and, since the result is downsampled anyway, loses nothing visible.
+    """
+    with Image.open(path) as image:
+        if target_short and image.format == "JPEG" and min(image.size) > 2 * target_short:
+            image.draft("RGB", (target_short, target_short))
+        image.load()
+        image = to_rgb(image)
+    return resized_shorter_side(image, target_short) if target_short else image
+
+
+class ImageListDataset(Dataset):
+    """(path, label) samples decoded with PIL; an unreadable image yields None (and one warning).
+
+    Every image is resized on decode so its shorter side is `image_size` (None: native size), and
+    with `cache=True` that decoded image is kept in memory, so after the first epoch no file is
+    read again; since the cached image is exactly what would be decoded, caching changes speed,
+    never results. The cache is filled lazily, so with DataLoader workers each worker fills its
+    own copy: memory grows to (workers x dataset) at worst, an image may be decoded once per
+    worker, and only persistent_workers=True keeps the caches across epochs (without it every
+    epoch starts cold). With workers=0 the one cache is full after the first epoch.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None,
+                 cache: bool = False, image_size: int | None = None) -> None:
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+        self.image_size = image_size
+        self.cache: dict[int, Image.Image] | None = {} if cache else None
+        self.warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image | None:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        path = self.samples[index][0]
+        try:
+            image = decode_image(path, self.image_size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            self.warn_unreadable(path, error)
+            return None
+        if self.cache is not None:
+            self.cache[index] = image
+        return image
+
+    def warn_unreadable(self, path: str, error: Exception) -> None:
+        if path not in self.warned:
+            self.warned.add(path)
+            warnings.warn(f"Skipping unreadable image {path}: {error}", UnreadableImageWarning, stacklevel=3)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        image = self.load(index)
+        if image is None:
+            return None
+        label = self.samples[index][1]
+        return (self.transform(image) if self.transform else image), label
+
+
+class SynthTexDataset(Dataset):
+    """synthtex samples rendered from their ids when first asked for (a few ms each).
+
+    With `cache` the rendered images are kept (per DataLoader worker, as in ImageListDataset).
+    """
+
+    def __init__(self, samples: Sequence[tuple[int, int]], transform: Callable | None,
+                 size: int = 128, cache: bool = False) -> None:
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+        self.size = size
+        self.cache: dict[int, Image.Image] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Image.Image:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        image = render_synthtex(self.samples[index][0], self.size)
+        if self.cache is not None:
+            self.cache[index] = image
+        return image
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.load(index)
+        label = self.samples[index][1]
+        return (self.transform(image) if self.transform else image), label
+
+
+def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_transform: Callable | None,
+                   eval_transform: Callable | None, cache: bool = False, cache_size: int | None = None,
+                   synthtex_size: int = 128) -> tuple[dict[str, Dataset], list[str]]:
+    """({"train", "val", "test"} datasets, class names) of one fold; items are (image, label) or None.
+
+    cache_size is the shorter side every image is resized to when decoded (the eval resize size,
+    round(img_size * 256 / 224)); cache=True keeps those decoded images in memory, per
+    DataLoader worker (see ImageListDataset). synthtex renders at synthtex_size instead and is
+    always cached. The test dataset is empty for an imagefolder without test/.
+    """
+    splits = load_splits(dataset, data_dir, fold)
+    sets: dict[str, Dataset] = {}
+    for split in SPLIT_NAMES:
+        transform = train_transform if split == "train" else eval_transform
+        if dataset == "synthtex":
+            # Always cached: rendering costs more than decoding, and a fold is small (640 images,
+            # 125 MB at 256 px).
+            sets[split] = SynthTexDataset(splits.split(split), transform, synthtex_size, cache=True)
+        else:
+            sets[split] = ImageListDataset(splits.split(split), transform, cache, cache_size)
+    return sets, splits.classes
+
+
+def collate_skip_unreadable(batch: Sequence[tuple[Any, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Collate (images, labels, n_skipped), dropping the None items of unreadable images.
+
+    A wholly unreadable batch gives empty tensors, so the caller can skip the step and log it.
+    """
+    items = [item for item in batch if item is not None]
+    skipped = len(batch) - len(items)
+    if not items:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, labels = default_collate(items)
+    return images, labels, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# describe: the command line
+# --------------------------------------------------------------------------------------------
+def class_balance(samples: Sequence[tuple[Any, int]], n_classes: int) -> tuple[int, int]:
+    counts = Counter(label for _, label in samples)
+    per_class = [counts[c] for c in range(n_classes)]
+    return min(per_class), max(per_class)
+
+
+def describe_splits(dataset: str, data_dir: str | Path | None, fold: int, splits: Splits) -> str:
+    where = f" ({data_dir})" if dataset != "synthtex" else ""
+    lines = [f"{dataset} fold {fold}{where}: {len(splits.classes)} classes",
+             f"{'split':<6} {'images':>7}  per class min/max"]
+    for split in SPLIT_NAMES:
+        samples = splits.split(split)
+        balance = "%d/%d" % class_balance(samples, len(splits.classes)) if samples else "-"
+        lines.append(f"{split:<6} {len(samples):>7}  {balance}")
+    lines.append(f"{'total':<6} {sum(len(splits.split(s)) for s in SPLIT_NAMES):>7}")
+    return "\n".join(lines)
+
+
+def open_check(key: Any) -> str | None:
+    """None if the sample decodes, else the reason it does not."""
+    if isinstance(key, int):
+        render_synthtex(key, 32)
+        return None
+    try:
+        with Image.open(key) as image:
+            # A reduced-scale decode still parses the whole compressed stream, so it catches
+            # truncated and corrupt files at a fraction of the cost.
+            image.draft("RGB", (64, 64))
+            image.load()
+        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def find_unreadable(keys: Sequence[Any], workers: int, progress: bool) -> list[tuple[Any, str]]:
+    from tqdm import tqdm
+
+    # PIL releases the GIL while decoding, so threads give a real speed-up here.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(open_check, keys), total=len(keys), desc="opening images",
+                            unit="img", disable=not progress))
+    return [(key, reason) for key, reason in zip(keys, results) if reason is not None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Describe one fold of a dataset and check that every image in it opens.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    parser.add_argument("--data_dir", default=None, help="dataset root as distributed (unused for synthtex)")
+    parser.add_argument("--fold", type=int, default=1)
+    parser.add_argument("--no_open_check", action="store_true", help="only check the layout, open no image")
+    parser.add_argument("--workers", type=int, default=8, help="threads that open images")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        splits = load_splits(args.dataset, args.data_dir, args.fold)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(describe_splits(args.dataset, args.data_dir, args.fold, splits))
+    if args.no_open_check:
+        return 0
+    keys = [key for split in SPLIT_NAMES for key, _ in splits.split(split)]
+    bad = find_unreadable(keys, max(1, args.workers), not args.no_progress)
+    if bad:
+        print(f"{len(bad)} of {len(keys)} images are unreadable:")
+        for key, reason in bad:
+            print(f"  {key}: {reason}")
+        return 1
+    print(f"all {len(keys)} images open")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Shared pytest setup: the repo root on sys.path, and tiny datasets in each official layout.
+
+Usage (in any test module under tests/):
+    def test_something(dtd_root): ...            # read-only, built once per session
+    def test_other(tmp_path):                     # a private copy to damage:
+        from fixtures import make_dtd; root = make_dtd(tmp_path / "dtd")
+
+The session-scoped datasets are shared by every test: treat them as read-only.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+for _path in (str(ROOT), str(TESTS)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import fixtures  # noqa: E402  (needs the path above)
+
+
+@pytest.fixture(scope="session")
+def dtd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fixtures.make_dtd(tmp_path_factory.mktemp("dtd"))
+
+
+@pytest.fixture(scope="session")
+def fmd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fixtures.make_fmd(tmp_path_factory.mktemp("fmd"))
+
+
+@pytest.fixture(scope="session")
+def kth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fixtures.make_kth_tips2(tmp_path_factory.mktemp("kth"))
+
+
+@pytest.fixture(scope="session")
+def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CUB_200_2011 folder itself (its parent is accepted too)."""
+    return fixtures.make_cub(tmp_path_factory.mktemp("cub"))
+
+
+@pytest.fixture(scope="session")
+def flowers_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fixtures.make_flowers(tmp_path_factory.mktemp("flowers"))
+
+
+@pytest.fixture(scope="session")
+def imagefolder_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fixtures.make_imagefolder(tmp_path_factory.mktemp("imagefolder"))
+
+
+@pytest.fixture(scope="session")
+def imagenet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fixtures.make_imagenet_folder(tmp_path_factory.mktemp("imagenet"))
