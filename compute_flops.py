@@ -1,0 +1,648 @@
+"""Parameters, FLOPs and training/inference throughput of the registry models.
+
+FLOPs are multiply-adds counted by fvcore (one fused multiply-add = one flop) on a single
+3 x img_size x img_size image in eval mode. fvcore skips elementwise ops by default; STCI is
+made of them (the z_i * t_j products, the L2 normalisation, the AIS re-weighting, the gate), so
+this script also counts elementwise products and divisions, L2 norms and means at one op per
+element, and attention matmuls. Ops still left uncounted are listed for every model.
+
+Usage:
+    python compute_flops.py                                  # table of every registry model
+    python compute_flops.py --model twistnet18               # one model + per-part breakdown
+    python compute_flops.py --models resnet18,twistnet18,swin_tiny --num_classes 102
+    python compute_flops.py --latex > table.tex              # booktabs table
+    python compute_flops.py --json --model twistnet18        # machine-readable
+    python compute_flops.py --speed                          # img/s, resnet18 vs twistnet18
+    python compute_flops.py --speed --device cuda --amp --channels_last --compile --batch_size 128
+    python compute_flops.py --speed --models resnet18,twistnet18 --device cpu --batch_size 16
+
+From Python:
+    from compute_flops import count_flops
+    count_flops(model).total / 1e9     # GFLOPs (multiply-adds)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models
+
+REFERENCE = "resnet18"
+FLOP_UNIT = "GFLOPs (multiply-adds, fvcore convention)"
+DEFAULT_SPEED_MODELS = ("resnet18", "twistnet18")
+PART_STEM = "stem+layer1+layer2"
+PART_BACKBONE = "layer3+layer4 backbone"
+PART_STCI = "STCI modules"
+PART_FC = "classifier (fc)"
+PART_TOP = "top-level ops (global pool)"
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP counting
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FlopReport:
+    """Result of count_flops; `total` is in multiply-adds (fvcore convention)."""
+
+    total: int
+    by_module: dict[str, int]
+    by_module_operator: dict[str, dict[str, int]]
+    uncounted: dict[str, int]  # op -> how many calls had no handle
+    img_size: int = 224
+
+    @property
+    def gflops(self) -> float:
+        return self.total / 1e9
+
+    def uncounted_text(self) -> str:
+        if not self.uncounted:
+            return "none"
+        ops = sorted(self.uncounted.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ", ".join(f"{op} (x{n})" for op, n in ops)
+
+
+def _numel(shape: Sequence[int] | None) -> int:
+    # fvcore hands over None for values whose shape the tracer did not record (scalars).
+    return math.prod(shape) if shape else 0
+
+
+def _per_output_element(inputs: list, outputs: list) -> int:
+    from fvcore.nn.jit_handles import get_shape
+    return _numel(get_shape(outputs[0]))
+
+
+def _per_input_element(inputs: list, outputs: list) -> int:
+    from fvcore.nn.jit_handles import get_shape
+    return _numel(get_shape(inputs[0]))
+
+
+def _attention_flops(inputs: list, outputs: list) -> int:
+    # Fused attention hides two matmuls (q @ k^T and attn @ v) that fvcore counts when they are
+    # written out; count them here so fused and unfused models compare fairly.
+    from fvcore.nn.jit_handles import get_shape
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    if not (q and k and v):
+        return 0
+    return _numel(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+# Products and divisions: one op per output element (z_i * t_j, AIS, gate, L2 division).
+# Reductions: one multiply-add per input element, as fvcore already does for adaptive_avg_pool2d.
+EXTRA_HANDLES: dict[str, Callable[[list, list], int]] = {
+    "aten::mul": _per_output_element,
+    "aten::mul_": _per_output_element,
+    "aten::div": _per_output_element,
+    "aten::div_": _per_output_element,
+    "aten::linalg_vector_norm": _per_input_element,
+    "aten::mean": _per_input_element,
+    "aten::scaled_dot_product_attention": _attention_flops,
+}
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters(), None)
+    if param is None:
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype
+
+
+def _fvcore_analysis_class() -> type:
+    # fvcore's import torch.jit.scripts a loss function, which recent torch flags as deprecated.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+    return FlopCountAnalysis
+
+
+def count_flops(model: nn.Module, img_size: int = 224, extra_handles: bool = True) -> FlopReport:
+    """FLOPs (multiply-adds) of `model` on one 3 x img_size x img_size image, in eval mode.
+
+    extra_handles=False gives fvcore's plain count (elementwise ops skipped); the default also
+    counts the ops listed in EXTRA_HANDLES. The model's train/eval mode is restored afterwards.
+    """
+    FlopCountAnalysis = _fvcore_analysis_class()
+    device, dtype = _model_device_dtype(model)
+    image = torch.randn(1, 3, img_size, img_size, device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        # Tracing emits TracerWarnings and deprecation notices that say nothing about FLOPs.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = (FlopCountAnalysis(model, image)
+                        .unsupported_ops_warnings(False)
+                        .uncalled_modules_warnings(False)
+                        .tracer_warnings("none"))
+            if extra_handles:
+                for op, handle in EXTRA_HANDLES.items():
+                    analysis.set_op_handle(op, handle)
+            total = int(analysis.total())
+            by_module = {k: int(v) for k, v in analysis.by_module().items()}
+            by_op = {k: {op: int(n) for op, n in c.items()}
+                     for k, c in analysis.by_module_and_operator().items()}
+            uncounted = dict(analysis.unsupported_ops())
+    finally:
+        model.train(was_training)
+    return FlopReport(total, by_module, by_op, uncounted, img_size)
+
+
+# --------------------------------------------------------------------------------------------
+# TwistNet per-part breakdown
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Part:
+    name: str
+    params: int
+    flops: int
+
+
+def param_part(name: str) -> str:
+    """Which breakdown part a TwistNet parameter belongs to."""
+    # STCI first: a sweep may put STCI into layer1/layer2, and it must still count as STCI.
+    if ".stci." in name or name.endswith(".gate"):
+        return PART_STCI
+    if name.startswith(("conv1.", "bn1.", "layer1.", "layer2.")):
+        return PART_STEM
+    if name.startswith(("layer3.", "layer4.")):
+        return PART_BACKBONE
+    if name.startswith("fc."):
+        return PART_FC
+    raise ValueError(f"parameter '{name}' belongs to no TwistNet part")
+
+
+def _own_ops(report: FlopReport, module: nn.Module, name: str) -> Counter:
+    """Ops a module runs in its own forward, not inside one of its children."""
+    own = Counter(report.by_module_operator.get(name, {}))
+    for child, _ in module.named_children():
+        own.subtract(report.by_module_operator.get(f"{name}.{child}", {}))
+    return own
+
+
+def stci_flops_by_block(model: models.TwistNet, report: FlopReport) -> dict[str, int]:
+    """FLOPs of each block's STCI branch: the STCI module plus the gate product in the block."""
+    result = {}
+    for name, block in model.twist_blocks().items():
+        # The gate product is the only multiplication a TwistBlock's own forward performs.
+        gate = max(_own_ops(report, block, name).get("mul", 0), 0)
+        result[name] = report.by_module.get(f"{name}.stci", 0) + gate
+    return result
+
+
+def twistnet_breakdown(model: models.TwistNet, report: FlopReport) -> list[Part]:
+    """Params and FLOPs of stem+layer1+layer2, layer3+layer4, STCI, classifier, top-level ops."""
+    params = Counter()
+    for name, p in model.named_parameters():
+        params[param_part(name)] += p.numel()
+    stci = stci_flops_by_block(model, report)
+
+    def stage_flops(stage: str) -> int:
+        inside = sum(f for block, f in stci.items() if block.startswith(stage + "."))
+        return report.by_module.get(stage, 0) - inside
+
+    flops = {
+        PART_STEM: sum(report.by_module.get(m, 0) for m in ("conv1", "bn1", "maxpool"))
+        + stage_flops("layer1") + stage_flops("layer2"),
+        PART_BACKBONE: stage_flops("layer3") + stage_flops("layer4"),
+        PART_STCI: sum(stci.values()),
+        PART_FC: report.by_module.get("fc", 0),
+    }
+    # Whatever the model's own forward does (global pooling) keeps the FLOP parts summing up.
+    flops[PART_TOP] = report.total - sum(flops.values())
+    order = (PART_STEM, PART_BACKBONE, PART_STCI, PART_FC, PART_TOP)
+    return [Part(p, params.get(p, 0), flops[p]) for p in order]
+
+
+def format_breakdown(name: str, parts: list[Part], report: FlopReport, n_blocks: int) -> str:
+    total_params = sum(p.params for p in parts)
+    lines = [f"{name}: parameters and FLOPs by part (MFLOPs = 1e6 multiply-adds, "
+             f"{report.img_size}x{report.img_size})",
+             f"  {'part':30s} {'params':>12s} {'share':>8s} {'MFLOPs':>10s} {'share':>8s}"]
+    for p in parts + [Part("total", total_params, report.total)]:
+        label = f"{p.name} ({n_blocks} blocks)" if p.name == PART_STCI else p.name
+        lines.append(f"  {label:30s} {p.params:12,d} {_pct(p.params, total_params):>8s} "
+                     f"{p.flops / 1e6:10.2f} {_pct(p.flops, report.total):>8s}")
+    stci = next(p for p in parts if p.name == PART_STCI)
+    lines.append(f"  STCI modules: {stci.params:,d} params ({100 * stci.params / total_params:.2f}% "
+                 f"of total), {stci.flops / 1e6:.2f} MFLOPs "
+                 f"({100 * stci.flops / report.total:.2f}% of total)")
+    return "\n".join(lines)
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.2f}%" if whole else "-"
+
+
+# --------------------------------------------------------------------------------------------
+# Model table
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelRow:
+    name: str
+    params: int
+    venue: str
+    group: str
+    report: FlopReport | None = field(default=None, repr=False)
+    breakdown: list[Part] | None = None
+    error: str | None = None
+    stci_blocks: int = 0
+
+    @property
+    def flops(self) -> int | None:
+        return self.report.total if self.report is not None else None
+
+    @property
+    def uncounted(self) -> dict[str, int]:
+        return self.report.uncounted if self.report is not None else {}
+
+
+def measure_model(name: str, num_classes: int, img_size: int) -> ModelRow:
+    spec = models.get_spec(name)
+    model = models.build_model(name, num_classes, pretrained=False, verbose=False)
+    row = ModelRow(name, models.count_params(model), spec.venue, spec.group)
+    try:
+        report = count_flops(model, img_size)
+    except Exception as exc:  # a timm model fvcore cannot trace must not sink the whole table
+        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return row
+    row.report = report
+    if isinstance(model, models.TwistNet):
+        row.breakdown = twistnet_breakdown(model, report)
+        row.stci_blocks = len(model.twist_blocks())
+    return row
+
+
+def _overhead(value: float | None, reference: float | None) -> str:
+    if value is None or not reference:
+        return "-"
+    return f"{100 * (value - reference) / reference:+.2f}%"
+
+
+def format_table(rows: list[ModelRow], reference: ModelRow, num_classes: int, img_size: int) -> str:
+    lines = [f"Model complexity: {num_classes} classes, one {img_size}x{img_size} image, "
+             f"{FLOP_UNIT}.",
+             "Products, divisions, L2 norms and means are counted at one op per element; "
+             "overheads are relative to resnet18.",
+             "",
+             f"{'model':24s} {'params (M)':>10s} {'GFLOPs':>8s}  {'venue':10s} {'group':9s} "
+             f"{'params vs R18':>13s} {'FLOPs vs R18':>13s}"]
+    for r in rows:
+        gf = f"{r.flops / 1e9:.3f}" if r.flops is not None else "failed"
+        lines.append(f"{r.name:24s} {r.params / 1e6:10.2f} {gf:>8s}  {r.venue:10s} {r.group:9s} "
+                     f"{_overhead(r.params, reference.params):>13s} "
+                     f"{_overhead(r.flops, reference.flops):>13s}")
+    lines += ["", "Not counted (ops with no FLOP handle; fvcore also ignores relu, cat, reshape...):"]
+    for r in rows:
+        note = f"FLOP count failed: {r.error}" if r.error else r.report.uncounted_text()
+        lines.append(f"  {r.name}: {note}")
+    return "\n".join(lines)
+
+
+def _tex(text: str) -> str:
+    return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+
+
+def format_latex(rows: list[ModelRow], num_classes: int, img_size: int) -> str:
+    lines = [r"\begin{table}[t]", r"\centering",
+             rf"\caption{{Model complexity ({num_classes} classes, {img_size}$\times${img_size} input; "
+             r"GFLOPs are multiply-adds).}",
+             r"\begin{tabular}{llrrl}", r"\toprule",
+             r"Model & Venue & Params (M) & GFLOPs & Group \\", r"\midrule"]
+    for r in rows:
+        gf = f"{r.flops / 1e9:.2f}" if r.flops is not None else "--"
+        lines.append(f"{_tex(r.name)} & {_tex(r.venue)} & {r.params / 1e6:.2f} & {gf} & {_tex(r.group)} \\\\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[ModelRow], num_classes: int, img_size: int) -> list[dict]:
+    out = []
+    for r in rows:
+        entry = dict(name=r.name, params=r.params, flops=r.flops, venue=r.venue, group=r.group,
+                     num_classes=num_classes, img_size=img_size, uncounted_ops=r.uncounted)
+        if r.error:
+            entry["error"] = r.error
+        if r.breakdown is not None:
+            total = sum(p.params for p in r.breakdown)
+            entry["breakdown"] = [dict(part=p.name, params=p.params, flops=p.flops,
+                                       params_share=p.params / total, flops_share=p.flops / r.flops)
+                                  for p in r.breakdown]
+        out.append(entry)
+    return out
+
+
+def run_table(names: list[str], args: argparse.Namespace) -> int:
+    rows = [measure_model(n, args.num_classes, args.img_size) for n in names]
+    if args.json:
+        print(json.dumps(rows_to_json(rows, args.num_classes, args.img_size), indent=2))
+    elif args.latex:
+        print(format_latex(rows, args.num_classes, args.img_size))
+    else:
+        # The overhead columns need resnet18 even when it is not among the models shown.
+        reference = next((r for r in rows if r.name == REFERENCE), None)
+        reference = reference or measure_model(REFERENCE, args.num_classes, args.img_size)
+        print(format_table(rows, reference, args.num_classes, args.img_size))
+        for r in rows:
+            if r.breakdown is not None:
+                print()
+                print(format_breakdown(r.name, r.breakdown, r.report, r.stci_blocks))
+    failed = [r.name for r in rows if r.error]
+    if failed:
+        print(f"FLOP counting failed for: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Throughput
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SpeedResult:
+    name: str
+    train: list[float]  # images/s of each timed repeat
+    infer: list[float]
+
+    @property
+    def train_median(self) -> float:
+        return statistics.median(self.train)
+
+    @property
+    def infer_median(self) -> float:
+        return statistics.median(self.infer)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    if not amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA: {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"CPU: {cpu}, {threads} torch thread{'s' if threads != 1 else ''}"
+
+
+def _synchronize(device: torch.device) -> None:
+    # CUDA kernels run asynchronously; without this the clock would only time the launches.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    dtype: torch.dtype | None, device: torch.device) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    def step() -> None:
+        with _autocast(device, dtype):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+    return step
+
+
+def make_infer_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None,
+                    device: torch.device) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode(), _autocast(device, dtype):
+            model(x)
+    return step
+
+
+def _timed(step: Callable[[], None], n: int, device: torch.device, tick: Callable[[], None]) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+        tick()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _run_phase(phase: str, steps: dict[str, Callable[[], None]], args: argparse.Namespace,
+               device: torch.device) -> dict[str, list[float]]:
+    from tqdm import tqdm
+
+    total = len(steps) * (args.warmup + args.repeats * args.steps)
+    rates: dict[str, list[float]] = {n: [] for n in steps}
+    with tqdm(total=total, desc=phase, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        tick = lambda: bar.update(1)  # noqa: E731
+        for name, step in steps.items():
+            bar.set_postfix_str(f"{name} warm-up")
+            _timed(step, args.warmup, device, tick)
+        # Repeats alternate between models so that slow drifts (turbo, other load) hit all alike.
+        for r in range(args.repeats):
+            for name, step in steps.items():
+                bar.set_postfix_str(f"{name} repeat {r + 1}/{args.repeats}")
+                seconds = _timed(step, args.steps, device, tick)
+                rates[name].append(args.batch_size * args.steps / seconds)
+    return rates
+
+
+def prepare_model(name: str, args: argparse.Namespace, device: torch.device) -> nn.Module:
+    model = models.build_model(name, args.num_classes, pretrained=False, verbose=False).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if args.compile else model
+
+
+def benchmark(names: list[str], args: argparse.Namespace) -> list[SpeedResult]:
+    device = resolve_device(args.device)
+    dtype = amp_dtype(device, args.amp)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    # One batch for every step and model, so data generation is never part of the timing.
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x = x.contiguous(memory_format=fmt)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    nets = {n: prepare_model(n, args, device) for n in names}
+
+    for net in nets.values():
+        net.train()
+    train = _run_phase("train", {n: make_train_step(m, x, y, dtype, device) for n, m in nets.items()},
+                       args, device)
+    for net in nets.values():
+        net.eval()
+    infer = _run_phase("infer", {n: make_infer_step(m, x, dtype, device) for n, m in nets.items()},
+                       args, device)
+    return [SpeedResult(n, train[n], infer[n]) for n in names]
+
+
+def speed_settings(args: argparse.Namespace, device: torch.device) -> str:
+    dtype = amp_dtype(device, args.amp)
+    amp = f"on ({str(dtype).replace('torch.', '')})" if dtype is not None else "off"
+    return (f"device: {device_description(device)}\n"
+            f"torch {torch.__version__} | batch {args.batch_size} | img {args.img_size} | "
+            f"classes {args.num_classes} | amp {amp} | channels_last {'on' if args.channels_last else 'off'} "
+            f"| compile {'on' if args.compile else 'off'}\n"
+            f"median images/s over {args.repeats} repeats of {args.steps} steps, "
+            f"after {args.warmup} warm-up steps; train = forward + backward + SGD step")
+
+
+def format_speed(results: list[SpeedResult], args: argparse.Namespace) -> str:
+    ref = next(r for r in results if r.name == REFERENCE)
+    lines = [speed_settings(args, torch.device(args.device)), "",
+             f"{'model':24s} {'train img/s':>12s} {'(min-max)':>15s} {'vs R18':>7s}   "
+             f"{'infer img/s':>12s} {'(min-max)':>15s} {'vs R18':>7s}"]
+    for r in results:
+        lines.append(
+            f"{r.name:24s} {r.train_median:12.2f} {_span(r.train):>15s} "
+            f"{r.train_median / ref.train_median:7.3f}   {r.infer_median:12.2f} "
+            f"{_span(r.infer):>15s} {r.infer_median / ref.infer_median:7.3f}")
+    return "\n".join(lines)
+
+
+def _span(values: list[float]) -> str:
+    return f"({min(values):.1f}-{max(values):.1f})"
+
+
+def speed_to_json(results: list[SpeedResult], args: argparse.Namespace) -> list[dict]:
+    ref = next(r for r in results if r.name == REFERENCE)
+    device = torch.device(args.device)
+    settings = dict(device=device_description(device), torch=torch.__version__,
+                    batch_size=args.batch_size, img_size=args.img_size, amp=args.amp,
+                    channels_last=args.channels_last, compile=args.compile,
+                    warmup=args.warmup, repeats=args.repeats, steps=args.steps)
+    return [dict(name=r.name, train_img_s=r.train_median, infer_img_s=r.infer_median,
+                 train_ratio=r.train_median / ref.train_median,
+                 infer_ratio=r.infer_median / ref.infer_median,
+                 train_repeats=r.train, infer_repeats=r.infer, **settings) for r in results]
+
+
+def run_speed(names: list[str], args: argparse.Namespace) -> int:
+    # The ratio to ResNet-18 is only meaningful when both are timed in the same run.
+    names = [REFERENCE] + [n for n in names if n != REFERENCE]
+    results = benchmark(names, args)
+    if args.json:
+        print(json.dumps(speed_to_json(results, args), indent=2))
+    else:
+        print(format_speed(results, args))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default=argparse.SUPPRESS,
+                       help="one registry model (default: every model; with --speed: "
+                            f"{','.join(DEFAULT_SPEED_MODELS)})")
+    which.add_argument("--models", default=argparse.SUPPRESS,
+                       help="comma-separated registry models (same default as --model)")
+    parser.add_argument("--num_classes", type=positive_int, default=47, help="classifier width (47 = DTD)")
+    parser.add_argument("--img_size", type=positive_int, default=224, help="input height and width")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--latex", action="store_true", help="print a booktabs LaTeX table")
+    out.add_argument("--json", action="store_true", help="print JSON to stdout")
+
+    speed = parser.add_argument_group("throughput (--speed)")
+    speed.add_argument("--speed", action="store_true",
+                       help="measure train and inference images/s instead of counting FLOPs")
+    speed.add_argument("--device", choices=("cpu", "cuda"),
+                       default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="where to measure (default: cuda when available)")
+    speed.add_argument("--batch_size", type=positive_int, default=32, help="images per step")
+    speed.add_argument("--amp", action="store_true",
+                       help="autocast: bf16 (CPU, CUDA with bf16), else fp16 with GradScaler")
+    speed.add_argument("--channels_last", action="store_true", help="NHWC model and input")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the models")
+    speed.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps per model")
+    speed.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (median reported)")
+    speed.add_argument("--steps", type=positive_int, default=5, help="steps per timed repeat")
+    speed.add_argument("--seed", type=int, default=0, help="seed for weights and the random batch")
+    speed.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+                       help="CPU threads for torch (default: torch's own choice on this machine)")
+    return parser
+
+
+def selected_names(args: argparse.Namespace) -> list[str]:
+    """Registry names asked for; models.get_spec raises ValueError for an unknown one."""
+    if hasattr(args, "model"):
+        names = [args.model]
+    elif hasattr(args, "models"):
+        names = [n.strip() for n in args.models.split(",") if n.strip()]
+    else:
+        names = list(DEFAULT_SPEED_MODELS) if args.speed else models.model_names()
+    for n in names:
+        models.get_spec(n)
+    return list(dict.fromkeys(names))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.speed and args.latex:
+        parser.error("--latex formats the FLOP table; with --speed use the text or --json output")
+    try:
+        names = selected_names(args)
+        if args.speed:
+            resolve_device(args.device)
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if not names:
+        print(f"{parser.prog}: error: no model names given", file=sys.stderr)
+        return 2
+    return run_speed(names, args) if args.speed else run_table(names, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
