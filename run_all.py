@@ -1,0 +1,484 @@
+"""Run a sweep of train.py runs, every (model, fold, seed), resumably and in parallel.
+
+Usage:
+    python run_all.py --data_dir data/dtd --dataset dtd --models resnet18,twistnet18 \\
+        --folds 1-10 --seeds 42,43,44 --epochs 100 --run_dir runs/main
+    python run_all.py ... --gpus 0,1,2,3 --runs_per_gpu 2   # 8 concurrent runs, 2 per GPU
+    python run_all.py ... --jobs 2                          # 2 concurrent runs on CPU
+    python run_all.py ... --dry_run                         # print the plan, start nothing
+    python run_all.py ... --pretrained --lr 0.005           # options run_all does not know go
+                                                            # to every train.py unchanged
+
+Every run is its own `train.py` process writing <run_dir>/<dataset>_fold<k>_<model>[-<tag>]_seed<s>/
+(DESIGN.md section 2). Its stdout and stderr go to run_all.log in that directory. A run whose
+results.json exists is skipped without starting a process; one with only last.pt is resumed by
+train.py; a run that fails is reported and the sweep goes on. Running the same command again
+therefore finishes whatever is left. The plan goes fold by fold, seed by seed, all models for each,
+so that a sweep stopped half-way already holds complete (fold, seed) pairs for paired tests.
+
+Ctrl-C (or SIGTERM) asks every running train.py to save last.pt and stop, waits for them, prints
+the summary and exits 130; a second Ctrl-C stops the runs at once. Exit status: 0 when every run
+is finished, 1 when any failed, 2 on a bad command line, 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import difflib
+import io
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator, Sequence
+
+from tqdm import tqdm
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+
+# train.py options that the sweep sets per run; passing them through would silently override it.
+SWEEP_OWNED = {"model": "--models", "fold": "--folds", "seed": "--seeds", "dataset": "--dataset",
+               "data_dir": "--data_dir", "epochs": "--epochs", "run_dir": "--run_dir"}
+UNSET = object()
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def parse_int_list(text: str) -> list[int]:
+    """'1-3,5' -> [1, 2, 3, 5]; order kept, duplicates dropped."""
+    values: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, sep, high = part.partition("-")
+        try:
+            start = int(low)
+            stop = int(high) if sep else start
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not an integer or a range like 1-10") from None
+        if stop < start:
+            raise argparse.ArgumentTypeError(f"range {part!r} runs backwards")
+        values += [v for v in range(start, stop + 1) if v not in values]
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return values
+
+
+def parse_name_list(text: str) -> list[str]:
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("empty list")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Any other option is passed to every train.py unchanged (see python train.py --help).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # Without this, a pass-through --seed/--fold/--model would be taken for --seeds/--folds/--models.
+        allow_abbrev=False)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--dataset", required=True, help="dataset protocol (train.py --dataset)")
+    g.add_argument("--data_dir", default=None, help="dataset root (not needed for synthtex)")
+    g.add_argument("--models", required=True, type=parse_name_list, help="comma-separated model names")
+    g.add_argument("--folds", default=[1], type=parse_int_list, help="folds, e.g. 1-10 or 1-3,5")
+    g.add_argument("--seeds", default=[42], type=parse_int_list, help="seeds, e.g. 42,43,44 or 42-44")
+    g.add_argument("--epochs", type=int, default=None, help="epochs per run (default: train.py's)")
+    g.add_argument("--run_dir", default="runs", help="folder that receives one directory per run")
+
+    g = p.add_argument_group("execution")
+    g.add_argument("--gpus", default=None, type=parse_name_list,
+                   help="GPU ids, e.g. 0,1,2,3: one queue per GPU through CUDA_VISIBLE_DEVICES")
+    g.add_argument("--runs_per_gpu", type=int, default=1, help="concurrent runs on each GPU of --gpus")
+    g.add_argument("--jobs", type=int, default=None,
+                   help="concurrent runs without --gpus (default 1); each child gets "
+                        "OMP_NUM_THREADS = cpu_count // jobs unless OMP_NUM_THREADS is set")
+    g.add_argument("--dry_run", action="store_true", help="print each run's status and command; start nothing")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser]:
+    parser = build_parser()
+    args, passthrough = parser.parse_known_args(argv)
+    if args.gpus and args.jobs is not None:
+        parser.error("--jobs is for CPU sweeps; with --gpus the concurrency is len(--gpus) x --runs_per_gpu")
+    if (args.jobs is not None and args.jobs < 1) or args.runs_per_gpu < 1:
+        parser.error("--jobs and --runs_per_gpu must be at least 1")
+    args.jobs = args.jobs or 1
+    return args, passthrough, parser
+
+
+# --------------------------------------------------------------------------------------------
+# Validation against train.py
+# --------------------------------------------------------------------------------------------
+def import_train() -> ModuleType:
+    """train.py as a module: its parser and run_name() are the contract for names and options."""
+    if str(TRAIN_SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(TRAIN_SCRIPT.parent))
+    import train
+    return train
+
+
+def unknown_model_message(unknown: Sequence[str], known: Sequence[str]) -> str:
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return f"unknown model {', '.join(parts)}. Known models: {', '.join(known)}"
+
+
+def check_models(models: Sequence[str], known: Sequence[str], parser: argparse.ArgumentParser) -> None:
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        parser.error(unknown_model_message(unknown, known))
+
+
+def unknown_option_message(unknown: Sequence[str], train_parser: argparse.ArgumentParser) -> str:
+    known = [flag for action in train_parser._actions for flag in action.option_strings]
+    hints = []
+    for word in unknown:
+        close = difflib.get_close_matches(word.split("=")[0], known, n=1) if word.startswith("-") else []
+        hints.append(f"{word}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return f"neither run_all.py nor train.py knows: {', '.join(hints)}"
+
+
+def parse_passthrough(passthrough: list[str], train: ModuleType,
+                      parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The pass-through options as train.py reads them; refuses the ones the sweep sets itself.
+
+    Parsing with train.py's own parser catches a typo before a hundred runs fail on it, and
+    sentinel defaults reveal an owned option however it was spelt (--seed 1, --seed=1, --se 1).
+    """
+    train_parser = train.build_parser()
+    train_parser.prog = "run_all.py -> train.py"
+    train_parser.usage = "run_all.py ... [train.py options, see python train.py --help]"
+    train_parser.set_defaults(**{dest: UNSET for dest in SWEEP_OWNED})
+    options, unknown = train_parser.parse_known_args(passthrough)
+    if unknown:
+        parser.error(unknown_option_message(unknown, train_parser))
+    owned = [f"--{dest} (use run_all's {flag})" for dest, flag in SWEEP_OWNED.items()
+             if getattr(options, dest) is not UNSET]
+    if owned:
+        parser.error(f"these train.py options are set by the sweep: {', '.join(owned)}")
+    return options
+
+
+# --------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    path: Path
+    command: tuple[str, ...]
+    status: str  # "run", "resume" or "skip"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "run_all.log"
+
+
+def train_command(args: argparse.Namespace, model: str, fold: int, seed: int,
+                  passthrough: Sequence[str], options: argparse.Namespace) -> list[str]:
+    command = [sys.executable, str(TRAIN_SCRIPT), "--dataset", args.dataset]
+    if args.data_dir is not None:
+        command += ["--data_dir", args.data_dir]
+    command += ["--model", model, "--fold", str(fold), "--seed", str(seed)]
+    if args.epochs is not None:
+        command += ["--epochs", str(args.epochs)]
+    command += ["--run_dir", args.run_dir]
+    if not options.no_progress:
+        command.append("--no_progress")  # the output goes to a log file, where bars are noise
+    return command + list(passthrough)
+
+
+def run_status(path: Path, force: bool) -> str:
+    if force:
+        return "run"  # train.py --force restarts finished and interrupted runs alike
+    if (path / "results.json").exists():
+        return "skip"
+    if (path / "last.pt").exists():
+        return "resume"
+    return "run"
+
+
+def plan_runs(args: argparse.Namespace, passthrough: Sequence[str], options: argparse.Namespace,
+              train: ModuleType) -> list[Run]:
+    train_parser = train.build_parser()
+    runs = []
+    for fold in args.folds:
+        for seed in args.seeds:
+            for model in args.models:
+                command = train_command(args, model, fold, seed, passthrough, options)
+                name = train.run_name(train_parser.parse_args(command[2:]))
+                path = Path(args.run_dir) / name
+                runs.append(Run(name, path, tuple(command), run_status(path, options.force)))
+    return runs
+
+
+def print_plan(runs: Sequence[Run]) -> None:
+    label = {"run": "would-run", "resume": "resume", "skip": "skip"}
+    print(f"Plan: {len(runs)} runs ({plan_counts(runs)})")
+    for run in runs:
+        print(f"{label[run.status]:9s}  {run.name}")
+        print(f"{'':9s}  {shlex.join(run.command)}")
+    print("--dry_run: nothing was started or written.")
+
+
+def plan_counts(runs: Sequence[Run]) -> str:
+    counts = collections.Counter(r.status for r in runs)
+    return f"{counts['run']} to run, {counts['resume']} to resume, {counts['skip']} finished (skipped)"
+
+
+# --------------------------------------------------------------------------------------------
+# Execution
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Outcome:
+    run: Run
+    state: str  # "done", "skipped", "failed", "interrupted", "not started"
+    returncode: int | None = None
+    seconds: float = 0.0
+    last_line: str = ""
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def slot_environments(gpus: Sequence[str] | None, runs_per_gpu: int, jobs: int) -> list[dict[str, str]]:
+    """One environment per concurrent run slot."""
+    if gpus:
+        # Interleaved so that the first runs spread over all GPUs.
+        slots = [{"CUDA_VISIBLE_DEVICES": gpu} for _ in range(runs_per_gpu) for gpu in gpus]
+    else:
+        slots = [{} for _ in range(jobs)]
+    if "OMP_NUM_THREADS" not in os.environ:
+        # N runs that each start one thread per core would fight over the cores.
+        threads = str(max(1, available_cpus() // len(slots)))
+        for slot in slots:
+            slot["OMP_NUM_THREADS"] = threads
+    return slots
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def last_output_line(log_path: Path, offset: int) -> str:
+    """The last non-empty line the child wrote (usually the error), for the summary."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@dataclasses.dataclass
+class Started:
+    """A running child, the log it writes to, and where its own output starts in that log."""
+    child: subprocess.Popen
+    log: io.TextIOBase
+    offset: int
+    start: float
+
+
+class Sweep:
+    """Runs the planned train.py processes on a fixed set of slots and collects their outcomes.
+
+    Worker threads (one per slot) take runs from a shared queue, so a slot that finishes early
+    takes the next run. Children start in their own session: a Ctrl-C in the terminal reaches
+    only run_all, which forwards exactly one SIGINT to each child. Two SIGINTs would make
+    train.py quit without saving.
+    """
+
+    def __init__(self, runs: Sequence[Run], slots: Sequence[dict[str, str]]) -> None:
+        self.pending = collections.deque(runs)
+        self.total = len(runs)
+        self.slots = list(slots)[:max(1, len(runs))]
+        self.lock = threading.Lock()
+        self.live: dict[int, subprocess.Popen] = {}
+        self.outcomes: queue.Queue[Outcome] = queue.Queue()
+        self.signals_received = 0
+        self.signals_forwarded = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self.signals_received > 0
+
+    def execute(self) -> list[Outcome]:
+        workers = [threading.Thread(target=self._work, args=(env,), daemon=True) for env in self.slots]
+        results: list[Outcome] = []
+        with self._catch_signals(), tqdm(total=self.total, unit="run", desc="sweep",
+                                         dynamic_ncols=True, file=sys.stderr) as bar:
+            for worker in workers:
+                worker.start()
+            while any(w.is_alive() for w in workers) or not self.outcomes.empty():
+                self._forward_signals()
+                try:
+                    outcome = self.outcomes.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                results.append(outcome)
+                bar.update(1)
+                tqdm.write(outcome_line(outcome, len(results), self.total))
+        results += [Outcome(run, "not started") for run in self.pending]
+        return results
+
+    @contextlib.contextmanager
+    def _catch_signals(self) -> Iterator[None]:
+        def on_signal(signum: int, frame: object) -> None:
+            self.signals_received += 1  # acted on by the main loop: a handler must not take locks
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _forward_signals(self) -> None:
+        if self.signals_forwarded >= self.signals_received:
+            return
+        self.signals_forwarded = self.signals_received
+        with self.lock:
+            children = list(self.live.values())
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGINT)
+        if self.signals_forwarded == 1:
+            tqdm.write(f"Interrupted: asked {len(children)} running run(s) to save last.pt and stop; "
+                       f"{len(self.pending)} queued run(s) will not start. Ctrl-C again stops them at once.")
+        else:
+            tqdm.write(f"Stopping {len(children)} run(s) at once.")
+
+    def _work(self, env: dict[str, str]) -> None:
+        while True:
+            with self.lock:
+                if self.stopping or not self.pending:
+                    return
+                run = self.pending.popleft()
+                started = self._start(run, env)
+            self.outcomes.put(started if isinstance(started, Outcome) else self._wait(run, started))
+
+    def _wait(self, run: Run, started: Started) -> Outcome:
+        returncode = started.child.wait()
+        seconds = time.perf_counter() - started.start
+        with self.lock:
+            self.live.pop(started.child.pid, None)
+        with started.log as log:
+            log.write(f"===== exit code {returncode} after {format_duration(seconds)}\n")
+        if returncode == 0:
+            return Outcome(run, "done", returncode, seconds)
+        # 130 is train.py's "saved last.pt and stopped", also when someone else sent the signal.
+        state = "interrupted" if self.stopping or returncode == EXIT_INTERRUPTED else "failed"
+        return Outcome(run, state, returncode, seconds, last_output_line(run.log_path, started.offset))
+
+    def _start(self, run: Run, env: dict[str, str]) -> Started | Outcome:
+        """Start one child (called under the lock, so a stop cannot miss it)."""
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            log = open(run.log_path, "a", buffering=1)
+        except OSError as error:
+            return Outcome(run, "failed", None, 0.0, f"cannot write {run.log_path}: {error}")
+        settings = " ".join(f"{k}={v}" for k, v in env.items())
+        log.write(f"===== {time.strftime('%Y-%m-%d %H:%M:%S')} run_all: "
+                  f"{'resume' if run.status == 'resume' else 'start'} | {settings}\n"
+                  f"{shlex.join(run.command)}\n")
+        offset = log.tell()
+        try:
+            child = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+        except OSError as error:
+            log.write(f"===== could not start: {error}\n")
+            log.close()
+            return Outcome(run, "failed", None, 0.0, f"could not start: {error}")
+        self.live[child.pid] = child
+        return Started(child, log, offset, time.perf_counter())
+
+
+def outcome_line(outcome: Outcome, count: int, total: int) -> str:
+    head = f"[{count}/{total}] {outcome.state:11s} {outcome.run.name} ({format_duration(outcome.seconds)})"
+    if outcome.state == "failed":
+        return f"{head} exit {outcome.returncode}, log: {outcome.run.log_path}"
+    return head
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+STATES = ("done", "skipped", "failed", "interrupted", "not started")
+
+
+def format_report(outcomes: Sequence[Outcome], seconds: float) -> str:
+    counts = collections.Counter(o.state for o in outcomes)
+    lines = ["", f"Sweep summary: {len(outcomes)} runs in {format_duration(seconds)}",
+             f"  {'status':12s} {'runs':>5s}"]
+    lines += [f"  {state:12s} {counts[state]:5d}" for state in STATES]
+    failed = [o for o in outcomes if o.state == "failed"]
+    if failed:
+        lines.append("Failed runs (exit code, log):")
+        for o in failed:
+            lines.append(f"  {o.run.name}  exit {o.returncode}  {o.run.log_path}")
+            if o.last_line:
+                lines.append(f"      {o.last_line}")
+    unfinished = [o for o in outcomes if o.state in ("interrupted", "not started")]
+    if unfinished:
+        lines.append("Unfinished runs (run the same command again to resume them):")
+        lines += [f"  {o.run.name}  {o.state}" for o in unfinished]
+    return "\n".join(lines)
+
+
+def exit_code(outcomes: Sequence[Outcome], interrupted: bool) -> int:
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all(o.state in ("done", "skipped") for o in outcomes) else EXIT_FAILED
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    args, passthrough, parser = parse_args(argv)
+    train = import_train()
+    if args.dataset not in train.datasets.DATASET_NAMES:
+        parser.error(f"unknown dataset '{args.dataset}'. Known: {', '.join(train.datasets.DATASET_NAMES)}")
+    check_models(args.models, train.models.model_names(), parser)
+    options = parse_passthrough(passthrough, train, parser)
+    runs = plan_runs(args, passthrough, options, train)
+    if args.dry_run:
+        print_plan(runs)
+        return EXIT_OK
+
+    slots = slot_environments(args.gpus, args.runs_per_gpu, args.jobs)
+    to_do = [r for r in runs if r.status != "skip"]
+    where = f"GPUs {','.join(args.gpus)} x {args.runs_per_gpu}" if args.gpus else f"{args.jobs} job(s) on CPU"
+    print(f"{len(runs)} runs in {args.run_dir}: {plan_counts(runs)}; {len(slots)} at a time ({where})",
+          flush=True)
+    start = time.perf_counter()
+    sweep = Sweep(to_do, slots)
+    outcomes = [Outcome(r, "skipped") for r in runs if r.status == "skip"] + (sweep.execute() if to_do else [])
+    print(format_report(outcomes, time.perf_counter() - start), flush=True)
+    return exit_code(outcomes, sweep.stopping)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
