@@ -52,15 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--dataset", default="synthtex", choices=datasets.DATASET_NAMES)
+    g.add_argument("--dataset", default="synthtex", choices=datasets.DATASET_NAMES, help="dataset protocol (DESIGN.md §3)")
     g.add_argument("--data_dir", default=None, help="dataset root as its authors ship it (unused for synthtex)")
     g.add_argument("--model", default="twistnet18", help=f"one of: {', '.join(models.model_names())}")
     g.add_argument("--model_kwargs", default="{}", type=json.loads,
                    help='JSON of TwistNet hyper-parameters, e.g. \'{"r": 4, "stages": [4]}\'')
     g.add_argument("--tag", default="", help="suffix for the run name, to tell variants of one model apart")
-    g.add_argument("--fold", type=int, default=1)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--run_dir", default="runs")
+    g.add_argument("--fold", type=int, default=1, help="split: DTD and FMD 1-10, KTH-TIPS2 1-4; CUB, Flowers and synthtex any k >= 1 (README)")
+    g.add_argument("--seed", type=int, default=42, help="seed of weights init, data order and augmentation (never of the split)")
+    g.add_argument("--run_dir", default="runs", help="folder that receives the run directory")
     g.add_argument("--force", action="store_true", help="retrain even if the run finished (or has last.pt)")
     g.add_argument("--pretrained", nargs="?", const=True, default=False,
                    help="flag: ImageNet weights (TwistNet: auto-detect weights/, else ResNet-18 transfer); "
@@ -69,32 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resnet18_weights", default=None, help="local timm/torchvision ResNet-18 state_dict")
 
     g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--batch_size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--min_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_epochs", type=float, default=5)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--weight_decay", type=float, default=1e-4)
-    g.add_argument("--label_smoothing", type=float, default=0.1)
+    g.add_argument("--epochs", type=int, default=100, help="training epochs")
+    g.add_argument("--batch_size", type=int, default=32, help="images per step")
+    g.add_argument("--lr", type=float, default=0.01, help="peak SGD learning rate")
+    g.add_argument("--min_lr", type=float, default=1e-6, help="cosine schedule floor")
+    g.add_argument("--warmup_epochs", type=float, default=5, help="linear warm-up length (fractions allowed)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay of conv/linear weights (none on norms, biases, gates)")
+    g.add_argument("--label_smoothing", type=float, default=0.1, help="label smoothing of the loss")
     g.add_argument("--img_size", type=int, default=224, help="train crop; eval resizes to img_size*256/224")
-    g.add_argument("--hflip", type=float, default=0.5)
-    g.add_argument("--randaug_n", type=int, default=2)
-    g.add_argument("--randaug_m", type=int, default=9)
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    g.add_argument("--randaug_n", type=int, default=2, help="RandAugment ops per image (0 disables)")
+    g.add_argument("--randaug_m", type=int, default=9, help="RandAugment magnitude")
     g.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0 disables)")
     g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 disables)")
     g.add_argument("--clip_grad", type=float, default=0.0, help="max grad norm (0 disables)")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the weights and select/evaluate it")
-    g.add_argument("--ema_decay", type=float, default=0.999)
+    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per step")
 
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="auto: bf16 on CUDA where supported, else fp16; off on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--channels_last", action="store_true")
-    g.add_argument("--workers", type=int, default=4)
+    g.add_argument("--channels_last", action="store_true", help="NHWC memory format (faster on GPU with AMP)")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     g.add_argument("--prefetch", type=int, default=2, help="batches prefetched per worker")
     g.add_argument("--cache", action="store_true", help="keep decoded, pre-resized images in memory")
     g.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (and at the last)")
@@ -347,9 +347,9 @@ class Trainer:
         self.model.to(device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum,
-                                         nesterov=args.nesterov and args.momentum > 0,
-                                         weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.SGD(models.decay_param_groups(self.model, args.weight_decay),
+                                         lr=args.lr, momentum=args.momentum,
+                                         nesterov=args.nesterov and args.momentum > 0)
         total = args.epochs * steps_per_epoch
         warmup = int(round(args.warmup_epochs * steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
