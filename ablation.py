@@ -1,0 +1,360 @@
+"""The TwistNet-18 ablation study in one command: train every variant, then write the table.
+
+Usage:
+    python ablation.py --dataset synthtex --folds 1-3 --seeds 42 --epochs 30 --run_dir runs/ablation
+    python ablation.py --data_dir data/dtd --dataset dtd --folds 1-3 --seeds 42,43,44 --epochs 100 \\
+        --run_dir runs/ablation --sweeps r,heads --jobs 2 --pretrained
+    python ablation.py ... --dry_run        # print the run_all.py commands; run and write nothing
+    python ablation.py ... --table_only     # (re)write the table from the finished runs only
+
+Variants:
+    registry ablations  twistnet18 (the full model), twistnet18_no_spiral, twistnet18_no_ais,
+                        twistnet18_first_order: one run_all.py command for all four;
+    STCI sweeps         TwistNet-18 with one hyper-parameter changed, through train.py's
+                        --model_kwargs '<json>' --tag <name>, one run_all.py command each:
+                        r       {4, 16}         tags r4, r16          (--r_values)
+                        heads   {1, 2}          tags heads1, heads2   (--heads_values)
+                        gate_init {0.0, -4.0}   tags gate0, gate-4    (--gate_init_values)
+                        stages  [4], [2,3,4]    tags stages4, stages234 (--stages_values "4;2,3,4")
+                        (--sweeps picks the families; --sweeps none runs the registry ablations only).
+
+Every option this script does not know (e.g. --img_size 64 --batch_size 16 --pretrained) is passed
+through run_all.py to train.py. Runs that already finished are skipped by train.py itself, so the
+command can be repeated after an interruption.
+
+Writes <run_dir>/ablation_table.md and <run_dir>/ablation_table.tex (booktabs) and prints the
+markdown: per variant its parameter count (built with models.build_model for the dataset's class
+count), test accuracy mean ± sample std over the fold x seed runs of this plan, and the difference
+of the means to the full model. The figure: python plot_results.py --plot ablation --run_dir <run_dir>.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+import plot_results as pr
+from run_all import parse_int_list  # the folds/seeds syntax: the table must read it as run_all does
+
+ROOT = Path(__file__).resolve().parent
+FULL_MODEL = "twistnet18"
+CORE_VARIANTS = (
+    ("twistnet18", "full model: STCI (4 heads, r = 8) with AIS in stages 3-4"),
+    ("twistnet18_no_spiral", "same-position products (no directional twist)"),
+    ("twistnet18_no_ais", "no adaptive interaction selection"),
+    ("twistnet18_first_order", "no STCI: plain ResNet-18 backbone"),
+)
+SWEEP_DEFAULTS: Mapping[str, tuple] = MappingProxyType({
+    "r": (4, 16),
+    "heads": (1, 2),
+    "gate_init": (0.0, -4.0),
+    "stages": ((4,), (2, 3, 4)),
+})
+# Options ablation.py sets per variant: passing them through would contradict the plan.
+RESERVED_PASSTHROUGH = ("--model", "--models", "--model_kwargs", "--tag", "--fold", "--seed")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation: a registry model, optionally with changed STCI hyper-parameters."""
+    model: str
+    tag: str = ""
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def label(self) -> str:
+        return pr.run_label(self.model, self.tag)
+
+
+@dataclass(frozen=True)
+class Row:
+    variant: Variant
+    params: int | None
+    stats: pr.Stats | None
+    delta: float | None
+
+
+# --------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------
+def sweep_variant(family: str, value: Any) -> Variant:
+    """The TwistNet-18 variant with one STCI hyper-parameter set to `value`."""
+    builders: dict[str, Callable[[Any], Variant]] = {
+        "r": lambda v: Variant(FULL_MODEL, f"r{int(v)}", {"r": int(v)}, f"r = {int(v)} channels per head"),
+        "heads": lambda v: Variant(FULL_MODEL, f"heads{int(v)}", {"heads": int(v)},
+                                   f"{int(v)} head(s): {', '.join(f'{a}°' for a in head_angles(int(v)))}"),
+        "gate_init": lambda v: Variant(FULL_MODEL, f"gate{float(v):g}", {"gate_init": float(v)},
+                                       f"gate initialised to {float(v):g}"),
+        "stages": lambda v: Variant(FULL_MODEL, "stages" + "".join(str(s) for s in v),
+                                    {"stages": [int(s) for s in v]},
+                                    f"STCI in stage(s) {', '.join(str(s) for s in v)}"),
+    }
+    if family not in builders:
+        raise ValueError(f"Unknown sweep '{family}'; choose from {', '.join(SWEEP_DEFAULTS)}")
+    return builders[family](value)
+
+
+def head_angles(heads: int) -> tuple[int, ...]:
+    import models
+    return models.HEAD_ANGLES[:heads]
+
+
+def plan_variants(sweeps: Sequence[str] = tuple(SWEEP_DEFAULTS),
+                  values: Mapping[str, Sequence[Any]] | None = None) -> list[Variant]:
+    """The registry ablations, then every value of every requested sweep, in that order."""
+    values = {**SWEEP_DEFAULTS, **(values or {})}
+    variants = [Variant(model, description=text) for model, text in CORE_VARIANTS]
+    for family in sweeps:
+        if family not in SWEEP_DEFAULTS:
+            raise ValueError(f"Unknown sweep '{family}'; choose from {', '.join(SWEEP_DEFAULTS)}")
+        variants += [sweep_variant(family, v) for v in values[family]]
+    return variants
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every run of the plan shares."""
+    dataset: str
+    folds: str
+    seeds: str
+    epochs: int
+    run_dir: str
+    data_dir: str | None = None
+    jobs: int | None = None
+    python: str = sys.executable
+
+
+def plan_commands(settings: Settings, variants: Sequence[Variant],
+                  passthrough: Sequence[str] = ()) -> list[list[str]]:
+    """run_all.py command lines: one for all untagged variants, one per tagged (swept) variant."""
+    common = ["--dataset", settings.dataset,
+              *(["--data_dir", settings.data_dir] if settings.data_dir else []),
+              "--folds", settings.folds, "--seeds", settings.seeds, "--epochs", str(settings.epochs),
+              "--run_dir", settings.run_dir,
+              *(["--jobs", str(settings.jobs)] if settings.jobs else [])]
+    head = [settings.python, str(ROOT / "run_all.py")]
+    plain = [v.model for v in variants if not v.tag and not v.model_kwargs]
+    commands = [[*head, "--models", ",".join(plain), *common, *passthrough]] if plain else []
+    for v in variants:
+        if v.tag or v.model_kwargs:
+            commands.append([*head, "--models", v.model, *common,
+                             "--model_kwargs", json.dumps(dict(v.model_kwargs), sort_keys=True),
+                             "--tag", v.tag, *passthrough])
+    return commands
+
+
+def parse_values(text: str | None, cast: Callable[[str], Any], separator: str = ",") -> list[Any] | None:
+    return [cast(v.strip()) for v in text.split(separator) if v.strip()] if text else None
+
+
+def parse_stage_sets(text: str | None) -> list[tuple[int, ...]] | None:
+    """'4;2,3,4' -> [(4,), (2, 3, 4)]."""
+    return parse_values(text, lambda s: tuple(int(x) for x in s.split(",")), ";")
+
+
+# --------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------
+def count_variant_params(variant: Variant, num_classes: int) -> int:
+    """Parameters of the variant as built by models.build_model for `num_classes` classes."""
+    import models
+    model = models.build_model(variant.model, num_classes, pretrained=False, verbose=False,
+                               **dict(variant.model_kwargs))
+    return models.count_params(model)
+
+
+def runs_of(variant: Variant, runs: Sequence[pr.RunResult], dataset: str,
+            folds: Sequence[int], seeds: Sequence[int]) -> list[pr.RunResult]:
+    return [r for r in runs if r.model == variant.model and r.tag == variant.tag
+            and r.dataset == dataset and r.fold in folds and r.seed in seeds]
+
+
+def ablation_rows(variants: Sequence[Variant], runs: Sequence[pr.RunResult], dataset: str,
+                  folds: Sequence[int], seeds: Sequence[int], num_classes: int | None = None) -> list[Row]:
+    """Params, accuracy stats over this plan's runs, and delta of the mean to the full model."""
+    if num_classes is None:
+        counts = [r.num_classes for r in runs if r.dataset == dataset and r.num_classes]
+        num_classes = counts[0] if counts else None
+    stats = {}
+    for v in variants:
+        chosen = runs_of(v, runs, dataset, folds, seeds)
+        stats[v.label] = pr.summarize([r.test_acc for r in chosen]) if chosen else None
+    full = stats.get(FULL_MODEL)
+    rows = []
+    for v in variants:
+        s = stats[v.label]
+        delta = s.mean - full.mean if s is not None and full is not None and v.label != FULL_MODEL else None
+        params = count_variant_params(v, num_classes) if num_classes else None
+        rows.append(Row(v, params, s, delta))
+    return rows
+
+
+def variant_name(variant: Variant) -> str:
+    name = pr.display_name(variant.label)
+    return f"{name} (full)" if variant.label == FULL_MODEL else name
+
+
+def format_cells(row: Row, minus: str = "-", pm: str = "±") -> list[str]:
+    params = f"{row.params / 1e6:.2f}" if row.params is not None else "n/a"
+    acc = f"{row.stats.mean:.2f} {pm} {row.stats.std:.2f}" if row.stats else "n/a"
+    if row.variant.label == FULL_MODEL:
+        delta = "ref." if row.stats else "n/a"
+    else:
+        delta = f"{row.delta:+.2f}".replace("-", minus) if row.delta is not None else "n/a"
+    runs = str(row.stats.n) if row.stats else "0"
+    return [params, acc, delta, runs]
+
+
+HEADERS = ("Variant", "Params (M)", "Accuracy (%)", "Δ vs full", "Runs")
+
+
+def markdown_table(rows: Sequence[Row], title: str = "") -> str:
+    lines = [f"**{title}**", ""] if title else []
+    lines.append("| " + " | ".join(HEADERS) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join([variant_name(row.variant), *format_cells(row)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def latex_escape(text: str) -> str:
+    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                    "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
+                    "°": r"$^\circ$", "±": r"$\pm$", "Δ": r"$\Delta$"}
+    return "".join(replacements.get(c, c) for c in text)
+
+
+def latex_table(rows: Sequence[Row], caption: str = "", label: str = "tab:ablation") -> str:
+    """A booktabs table float; a rule separates the registry ablations from the sweeps."""
+    lines = [r"\begin{table}[t]", r"  \centering"]
+    if caption:
+        lines.append(f"  \\caption{{{latex_escape(caption)}}}")
+    lines += [f"  \\label{{{label}}}", r"  \begin{tabular}{lrrrr}", r"    \toprule",
+              r"    Variant & Params (M) & Accuracy (\%) & $\Delta$ vs full & Runs \\", r"    \midrule"]
+    for i, row in enumerate(rows):
+        if i and row.variant.tag and not rows[i - 1].variant.tag:
+            lines.append(r"    \midrule")
+        cells = format_cells(row, minus="$-$", pm="$\\pm$")
+        cells[2] = cells[2].replace("+", "$+$")
+        lines.append("    " + " & ".join([latex_escape(variant_name(row.variant)), *cells]) + r" \\")
+    lines += [r"    \bottomrule", r"  \end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def table_title(dataset: str, folds: str, seeds: str) -> str:
+    return (f"Ablation of TwistNet-18 on {pr.dataset_display_name(dataset)} (folds {folds}, seeds {seeds}): "
+            f"test accuracy mean ± std over runs, Δ = difference to the full model's mean")
+
+
+def write_tables(rows: Sequence[Row], run_dir: str | Path, title: str) -> tuple[Path, Path]:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    md, tex = run_dir / "ablation_table.md", run_dir / "ablation_table.tex"
+    md.write_text(markdown_table(rows, title))
+    tex.write_text(latex_table(rows, title))
+    return md, tex
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)  # --seed must not silently mean --seeds
+    p.add_argument("--dataset", default="synthtex")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--folds", default="1-3", help="run_all.py syntax: 1-3 or 1,2,5")
+    p.add_argument("--seeds", default="42", help="e.g. 42,43,44")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--run_dir", default="runs/ablation")
+    p.add_argument("--sweeps", default=",".join(SWEEP_DEFAULTS),
+                   help=f"STCI sweep families ({', '.join(SWEEP_DEFAULTS)}), or 'none'")
+    p.add_argument("--r_values", default=None, help="r sweep, e.g. 4,16")
+    p.add_argument("--heads_values", default=None, help="heads sweep, e.g. 1,2")
+    p.add_argument("--gate_init_values", default=None, help="gate_init sweep, e.g. --gate_init_values=0,-4")
+    p.add_argument("--stages_values", default=None, help="stage sets separated by ';', e.g. '4;2,3,4'")
+    p.add_argument("--jobs", type=int, default=None, help="passed to run_all.py")
+    p.add_argument("--dry_run", action="store_true", help="print the run_all.py commands and exit")
+    p.add_argument("--table_only", action="store_true", help="skip training; tabulate finished runs")
+    p.add_argument("--python", default=sys.executable, help="interpreter for run_all.py")
+    return p
+
+
+def sweep_families(text: str) -> list[str]:
+    return [] if text.strip().lower() in ("", "none") else [s.strip() for s in text.split(",") if s.strip()]
+
+
+def sweep_values_from_args(args: argparse.Namespace) -> dict[str, list]:
+    given = {"r": parse_values(args.r_values, int), "heads": parse_values(args.heads_values, int),
+             "gate_init": parse_values(args.gate_init_values, float),
+             "stages": parse_stage_sets(args.stages_values)}
+    return {k: v for k, v in given.items() if v}
+
+
+def check_passthrough(passthrough: Sequence[str]) -> None:
+    clash = [a for a in passthrough if a.split("=")[0] in RESERVED_PASSTHROUGH]
+    if clash:
+        raise SystemExit(f"ablation.py sets {', '.join(RESERVED_PASSTHROUGH)} itself for each variant; "
+                         f"remove {', '.join(clash)}")
+
+
+def run_commands(commands: Sequence[Sequence[str]]) -> list[int]:
+    """Run each command in turn (a failure does not stop the others); the failed indices."""
+    if not (ROOT / "run_all.py").is_file():
+        raise SystemExit(f"{ROOT / 'run_all.py'} not found: ablation.py trains through run_all.py")
+    failed = []
+    for i, cmd in enumerate(commands):
+        print(f"\n[ablation {i + 1}/{len(commands)}] $ {shlex.join(cmd)}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            failed.append(i)
+    return failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, passthrough = parser.parse_known_args(argv)
+    check_passthrough(passthrough)
+    try:
+        folds, seeds = parse_int_list(args.folds), parse_int_list(args.seeds)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--folds/--seeds: {exc}")
+    variants = plan_variants(sweep_families(args.sweeps), sweep_values_from_args(args))
+    settings = Settings(args.dataset, args.folds, args.seeds, args.epochs, args.run_dir,
+                        args.data_dir, args.jobs, args.python)
+    commands = plan_commands(settings, variants, passthrough)
+    if args.dry_run:
+        print(f"# {len(variants)} variants: {', '.join(v.label for v in variants)}")
+        for cmd in commands:
+            print(shlex.join(cmd))
+        return 0
+    failed = [] if args.table_only else run_commands(commands)
+
+    runs = pr.load_results([args.run_dir]) if Path(args.run_dir).is_dir() else []
+    rows = ablation_rows(variants, runs, args.dataset, folds, seeds)
+    title = table_title(args.dataset, args.folds, args.seeds)
+    md, tex = write_tables(rows, args.run_dir, title)
+    print("\n" + markdown_table(rows, title))
+    print(f"wrote {md} and {tex}")
+    missing = [r.variant.label for r in rows if r.stats is None]
+    if missing:
+        print(f"no finished runs yet for: {', '.join(missing)}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} run_all.py command(s) failed: "
+              + "; ".join(shlex.join(commands[i]) for i in failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")

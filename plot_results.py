@@ -1,0 +1,862 @@
+"""Paper figures from TwistNet-2D run directories, training logs and checkpoints.
+
+Usage:
+    python plot_results.py --plot bar     --run_dir runs/main [runs/extra ...] --save_dir figures
+    python plot_results.py --plot radar   --run_dir runs/main --models resnet18,seresnet18,twistnet18
+    python plot_results.py --plot scatter --run_dir runs/main --x flops
+    python plot_results.py --plot ablation --run_dir runs/ablation
+    python plot_results.py --plot curves  --log_file runs/main/dtd_fold1_twistnet18_seed42/log.jsonl
+    python plot_results.py --plot gate    --log_file runs/main/dtd_fold1_twistnet18_seed42/log.jsonl
+    python plot_results.py --plot confusion --results runs/main/dtd_fold1_twistnet18_seed42/results.json
+    python plot_results.py --plot interaction \\
+        --checkpoint runs/main/dtd_fold1_twistnet18_seed42/best.pt --image data/dtd/images/banded/banded_0001.jpg
+
+Kinds:
+    bar          test accuracy per model per dataset, error bars = std over the fold x seed runs
+    radar        one polygon per model over the datasets (needs >= 3 axes; see --group_by)
+    scatter      accuracy vs parameters or FLOPs (--x), one panel per dataset
+    ablation     ablation variants as horizontal bars, delta to the full model (--baseline) annotated
+    curves       train/val loss and accuracy over epochs from a log.jsonl
+    gate         sigmoid(gate) of every TwistBlock over epochs from a log.jsonl
+    confusion    row-normalised confusion matrix from a results.json, class names on the axes
+    interaction  per-head r x r STCI interaction matrices of --image under --checkpoint
+
+Runs are the run directories inside each --run_dir that hold a results.json with a test accuracy
+(read with summarize_runs.py's loader, so tables and figures count the same runs), grouped by
+model[-tag] and dataset (a run made with train.py's --tag is its own entry, e.g. twistnet18-r4).
+Std is the sample standard deviation (ddof=1) over runs; a single run has std 0.
+
+Every figure is written as <save_dir>/<name>.png and .pdf (see --formats) at 300 dpi, with seaborn's
+"whitegrid" style in paper context, 3.5 in wide (one column) or 7 in (two columns).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import re
+import sys
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.colors as mcolors  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+import summarize_runs  # noqa: E402  (the run loader and dataset names/order the tables use)
+
+DPI = 300
+COLUMN_WIDTH_IN = 3.5
+PAGE_WIDTH_IN = 7.0
+PLOT_KINDS = ("bar", "radar", "scatter", "ablation", "curves", "gate", "confusion", "interaction")
+DEFAULT_BASELINE = "twistnet18"
+MAX_POINT_LABELS = 6
+LOG_SCALE_RATIO = 30.0
+NEGLIGIBLE_NEGATIVE = 0.05  # interaction maps switch to a diverging scale beyond this share  # loss curves spanning more than this factor get a log axis
+DEFAULT_GATE_INIT = -2.0  # TwistBlock's default, DESIGN.md §1
+
+# Shorter than summarize_runs.MODEL_DISPLAY: figure labels share a 3.5 in column.
+MODEL_DISPLAY_NAMES = {
+    "twistnet18": "TwistNet-18",
+    "twistnet18_no_spiral": "w/o spiral twist",
+    "twistnet18_no_ais": "w/o AIS",
+    "twistnet18_first_order": "first-order only",
+    "resnet18": "ResNet-18",
+    "seresnet18": "SE-ResNet-18",
+    "convnextv2_nano": "ConvNeXtV2-N",
+    "fastvit_sa12": "FastViT-SA12",
+    "efficientformerv2_s2": "EffFormerV2-S2",
+    "repvit_m1_5": "RepViT-M1.5",
+    "convnext_tiny": "ConvNeXt-T",
+    "swin_tiny": "Swin-T",
+}
+# Tags written by ablation.py's sweeps, and how to read them.
+TAG_PATTERNS = (
+    (re.compile(r"^r(\d+)$"), lambda m: f"r = {m[1]}"),
+    (re.compile(r"^heads(\d+)$"), lambda m: f"{m[1]} head{'s' if m[1] != '1' else ''}"),
+    (re.compile(r"^gate(-?\d+(?:\.\d+)?)$"), lambda m: f"gate init {m[1]}"),
+    (re.compile(r"^stages(\d+)$"), lambda m: f"STCI in stage{'s' if len(m[1]) > 1 else ''} {','.join(m[1])}"),
+)
+# Order of the ablation figure and table: the full model, the registry ablations, then sweeps.
+CORE_ABLATION_ORDER = ("twistnet18", "twistnet18_no_spiral", "twistnet18_no_ais", "twistnet18_first_order")
+TAG_FAMILY_ORDER = ("r", "heads", "gate", "stages")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading runs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunResult:
+    """The fields of one finished run's results.json that the figures and tables use."""
+    model: str
+    tag: str
+    dataset: str
+    fold: int
+    seed: int
+    test_acc: float
+    params: int | None
+    flops: float | None
+    img_size: int | None
+    num_classes: int | None
+    path: Path            # the run directory
+
+    @property
+    def label(self) -> str:
+        return run_label(self.model, self.tag)
+
+
+@dataclass(frozen=True)
+class Stats:
+    mean: float
+    std: float
+    n: int
+
+
+def run_label(model: str, tag: str = "") -> str:
+    """model[-tag], the name train.py gives a run's model in its directory name."""
+    return f"{model}-{tag}" if tag else model
+
+
+def load_results(run_dirs: Iterable[str | Path]) -> list[RunResult]:
+    """Finished runs in the run directories below `run_dirs` (summarize_runs.py's loader).
+
+    Reading through summarize_runs.load_runs keeps one rule for what counts as a run across
+    tables and figures (one level of run directories, duplicates and runs without a test accuracy
+    left out, with a warning here); the figures also need img_size and the class count.
+    """
+    found = summarize_runs.load_runs(run_dirs)
+    for path, why in found.unusable:
+        warnings.warn(f"{path}: {why}; skipped")
+    for ignored, kept in found.duplicates:
+        warnings.warn(f"{ignored} repeats {kept}; counted once")
+    return [with_run_details(run) for run in found.runs]
+
+
+def with_run_details(run: Any) -> RunResult:
+    """A summarize_runs.RunResult plus the tag, image size and class count of its results.json."""
+    data = json.loads((Path(run.path) / "results.json").read_text())
+    config = data.get("config") or {}
+    return RunResult(
+        model=run.model, tag=run.label[len(run.model) + 1:] if run.label != run.model else "",
+        dataset=run.dataset, fold=run.fold, seed=run.seed, test_acc=run.test_acc,
+        params=run.params, flops=run.flops, img_size=data.get("img_size", config.get("img_size")),
+        num_classes=len(data.get("classes") or data.get("per_class_acc") or []) or None, path=Path(run.path),
+    )
+
+
+def summarize(values: Sequence[float]) -> Stats:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    arr = np.asarray(values, dtype=float)
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return Stats(float(arr.mean()), std, int(arr.size))
+
+
+def group_key(run: RunResult, group_by: str) -> str:
+    """The axis a run belongs to: its dataset, or its dataset and fold."""
+    return run.dataset if group_by == "dataset" else f"{run.dataset}/{run.fold}"
+
+
+def accuracy_stats(runs: Iterable[RunResult], group_by: str = "dataset") -> dict[tuple[str, str], Stats]:
+    """(label, dataset group) -> Stats of test accuracy over that group's runs."""
+    grouped: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for run in runs:
+        grouped[(run.label, group_key(run, group_by))].append(run.test_acc)
+    return {key: summarize(values) for key, values in grouped.items()}
+
+
+def filter_runs(runs: Iterable[RunResult], labels: Sequence[str] | None = None,
+                datasets: Sequence[str] | None = None) -> list[RunResult]:
+    """Runs whose label (model[-tag]) and dataset are in the given lists (None keeps all)."""
+    return [r for r in runs
+            if (not labels or r.label in labels) and (not datasets or r.dataset in datasets)]
+
+
+def ordered_labels(runs: Iterable[RunResult], preferred: Sequence[str] | None = None) -> list[str]:
+    """Labels in the user's order if given, else baselines first and TwistNet variants last."""
+    present = {r.label for r in runs}
+    if preferred:
+        return [label for label in preferred if label in present]
+    return sorted(present, key=lambda label: (label.startswith("twistnet"), label))
+
+
+def ordered_groups(runs: Iterable[RunResult], group_by: str) -> list[str]:
+    def key(group: str) -> tuple:
+        dataset, _, fold = group.partition("/")
+        return summarize_runs.dataset_sort_key(dataset), int(fold) if fold else 0
+    return sorted({group_key(r, group_by) for r in runs}, key=key)
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The per-epoch records of a log.jsonl."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Log file not found: {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+def display_name(label: str) -> str:
+    """Readable name of a model label, e.g. 'twistnet18-r4' -> 'TwistNet-18 (r = 4)'."""
+    model, _, tag = label.partition("-")
+    name = MODEL_DISPLAY_NAMES.get(model, model)
+    if not tag:
+        return name
+    for pattern, fmt in TAG_PATTERNS:
+        match = pattern.match(tag)
+        if match:
+            return f"{name} ({fmt(match)})"
+    return f"{name} ({tag})"
+
+
+def dataset_display_name(group: str) -> str:
+    dataset, _, fold = group.partition("/")
+    name = summarize_runs.DATASET_DISPLAY.get(dataset, dataset)
+    return f"{name} f{fold}" if fold else name
+
+
+def ablation_sort_key(label: str) -> tuple:
+    """Full model, then the registry ablations, then tagged sweeps by family and value."""
+    model, _, tag = label.partition("-")
+    if not tag:
+        core = CORE_ABLATION_ORDER.index(model) if model in CORE_ABLATION_ORDER else len(CORE_ABLATION_ORDER)
+        return (0, core, model, 0.0, tag)
+    family = next((f for f in TAG_FAMILY_ORDER if tag.startswith(f)), "")
+    rank = TAG_FAMILY_ORDER.index(family) if family else len(TAG_FAMILY_ORDER)
+    rest = tag[len(family):]
+    if family == "stages":
+        value = float(len(rest))  # stage tags list the stages as digits: fewer stages first
+    else:
+        number = re.fullmatch(r"-?\d+(?:\.\d+)?", rest)
+        value = float(number[0]) if number else 0.0
+    return (1, rank, model, value, tag)
+
+
+def run_name_of(path: str | Path) -> str:
+    """The run directory name of a file inside it (log.jsonl, results.json, best.pt)."""
+    return Path(path).resolve().parent.name
+
+
+# --------------------------------------------------------------------------------------------
+# Style and saving
+# --------------------------------------------------------------------------------------------
+def paper_rc(font_scale: float = 1.0) -> dict[str, Any]:
+    """rcParams for paper figures: seaborn whitegrid + paper context, embedded TrueType fonts."""
+    rc: dict[str, Any] = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=font_scale)}
+    rc.update({
+        "savefig.dpi": DPI,
+        "pdf.fonttype": 42,   # TrueType in PDFs: text stays editable and journals accept it
+        "ps.fonttype": 42,
+        "axes.titlesize": 8.5,
+        "axes.labelsize": 8,
+        "xtick.labelsize": 7,
+        "ytick.labelsize": 7,
+        "legend.fontsize": 7,
+        "legend.title_fontsize": 7.5,
+        "legend.frameon": False,
+        "grid.linewidth": 0.5,
+        "lines.linewidth": 1.2,
+        "errorbar.capsize": 2.0,
+    })
+    return rc
+
+
+@contextlib.contextmanager
+def paper_style(font_scale: float = 1.0) -> Iterator[None]:
+    """Apply the paper style only inside the block, leaving matplotlib's defaults untouched."""
+    with matplotlib.rc_context(paper_rc(font_scale)):
+        yield
+
+
+def new_figure(width_in: float, height_in: float) -> Figure:
+    """A figure outside pyplot's registry (nothing to close, no display) with constrained layout."""
+    return Figure(figsize=(width_in, height_in), layout="constrained")
+
+
+def save_figure(fig: Figure, save_dir: str | Path, stem: str,
+                formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write fig as <save_dir>/<stem>.<fmt> at 300 dpi; returns the paths."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = save_dir / f"{stem}.{fmt}"
+        # No bbox_inches="tight": the page size must stay the requested column width.
+        metadata = {"CreationDate": None} if fmt == "pdf" else None  # byte-stable PDFs across re-runs
+        fig.savefig(path, dpi=DPI, format=fmt, metadata=metadata)
+        paths.append(path)
+    return paths
+
+
+def model_palette(labels: Sequence[str]) -> dict[str, tuple]:
+    """One colour per label; the full TwistNet-18 always gets the accent colour."""
+    others = [label for label in labels if label != DEFAULT_BASELINE]
+    colours = sns.color_palette("colorblind", 10)
+    accent, rest = colours[3], [c for i, c in enumerate(colours) if i != 3]
+    if len(others) > len(rest):  # colour-blind palette exhausted: distinct hues beat repeats
+        rest = [c for c in sns.color_palette("husl", len(others) + 1) if c != accent][:len(others)]
+    palette = {label: rest[i % len(rest)] for i, label in enumerate(others)}
+    if DEFAULT_BASELINE in labels:
+        palette[DEFAULT_BASELINE] = accent
+    return palette
+
+
+def signed(delta: float, digits: int = 1) -> str:
+    """A delta with an explicit sign and a typographic minus (U+2212), e.g. "+0.4"."""
+    return f"{delta:+.{digits}f}".replace("-", "\u2212")
+
+
+def accuracy_limits(lows: Iterable[float], highs: Iterable[float], margin: float = 3.0) -> tuple[float, float]:
+    """Axis range around accuracies, snapped to multiples of 5 and kept inside 0..100."""
+    low = max(0.0, 5 * math.floor((min(lows) - margin) / 5))
+    high = min(100.0, 5 * math.ceil((max(highs) + margin / 2) / 5))
+    return low, max(high, low + 5)
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregate figures
+# --------------------------------------------------------------------------------------------
+def bar_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], groups: Sequence[str]) -> Figure:
+    """Grouped bars: x = datasets, one bar per model; a single dataset puts the models on x."""
+    palette = model_palette(labels)
+    entries = [(label, group) for group in groups for label in labels if (label, group) in stats]
+    lows = [stats[e].mean - stats[e].std for e in entries]
+    highs = [stats[e].mean + stats[e].std for e in entries]
+    if len(groups) == 1:
+        fig = new_figure(COLUMN_WIDTH_IN, 2.6)
+        ax = fig.add_subplot()
+        present = [label for label in labels if (label, groups[0]) in stats]
+        x = np.arange(len(present))
+        for i, label in enumerate(present):
+            s = stats[(label, groups[0])]
+            ax.bar(x[i], s.mean, 0.7, yerr=s.std, color=palette[label], edgecolor="black",
+                   linewidth=0.4, error_kw={"elinewidth": 0.8})
+        ax.set_xticks(x, [display_name(label) for label in present], rotation=30, ha="right",
+                      rotation_mode="anchor")
+        ax.set_title(dataset_display_name(groups[0]))
+    else:
+        width = PAGE_WIDTH_IN if len(groups) * len(labels) > 8 else COLUMN_WIDTH_IN
+        fig = new_figure(width, 2.6)
+        ax = fig.add_subplot()
+        x = np.arange(len(groups))
+        bar_w = 0.8 / len(labels)
+        for i, label in enumerate(labels):
+            positions = [x[g] + (i - (len(labels) - 1) / 2) * bar_w
+                         for g, group in enumerate(groups) if (label, group) in stats]
+            present = [stats[(label, group)] for group in groups if (label, group) in stats]
+            ax.bar(positions, [s.mean for s in present], bar_w, yerr=[s.std for s in present],
+                   color=palette[label], edgecolor="black", linewidth=0.4, label=display_name(label),
+                   error_kw={"elinewidth": 0.7})
+        ax.set_xticks(x, [dataset_display_name(g) for g in groups])
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(labels)),
+                  handlelength=1.0, columnspacing=1.0)
+    ax.set_ylim(*accuracy_limits(lows, highs))
+    ax.set_ylabel("Test accuracy (%)")
+    ax.grid(axis="x", visible=False)
+    return fig
+
+
+def radar_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], groups: Sequence[str]) -> Figure:
+    """One closed polygon of mean accuracies per model, one spoke per dataset."""
+    if len(groups) < 3:
+        raise ValueError(f"A radar chart needs at least 3 axes, got {len(groups)} ({', '.join(groups)}). "
+                         f"Add datasets, or use --group_by dataset_fold to make each fold an axis.")
+    complete = [label for label in labels if all((label, g) in stats for g in groups)]
+    incomplete = [label for label in labels if label not in complete]
+    if incomplete:
+        warnings.warn(f"Left out of the radar chart (no runs on some of {', '.join(groups)}): "
+                      f"{', '.join(incomplete)}")
+    if not complete:
+        raise ValueError("No model has runs on every dataset; a radar chart has nothing to draw.")
+    palette = model_palette(complete)
+    angles = np.linspace(0, 2 * np.pi, len(groups), endpoint=False)
+    closed = np.append(angles, angles[0])
+    fig = new_figure(COLUMN_WIDTH_IN, 3.6)
+    ax = fig.add_subplot(projection="polar")
+    ax.set_theta_offset(np.pi / 2)
+    ax.set_theta_direction(-1)
+    means = {label: [stats[(label, g)].mean for g in groups] for label in complete}
+    for label in complete:
+        values = np.append(means[label], means[label][0])
+        ax.plot(closed, values, color=palette[label], label=display_name(label),
+                linewidth=1.6 if label == DEFAULT_BASELINE else 1.0, marker="o", markersize=2.5)
+        ax.fill(closed, values, color=palette[label], alpha=0.08)
+    everything = [v for vs in means.values() for v in vs]
+    low, high = accuracy_limits(everything, everything, margin=5.0)
+    ax.set_ylim(low, high)
+    ax.set_xticks(angles, [dataset_display_name(g) for g in groups])
+    ax.set_rlabel_position(180 / len(groups))  # radial ticks between two spokes, not on one
+    ax.tick_params(axis="y", labelsize=6)
+    ax.tick_params(axis="x", pad=2)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, handlelength=1.2)
+    return fig
+
+
+def scatter_figure(runs: Sequence[RunResult], labels: Sequence[str], groups: Sequence[str],
+                   x_metric: str, group_by: str = "dataset") -> Figure:
+    """Mean accuracy (± std) against parameters or FLOPs, one point per model.
+
+    Points are labelled in place for a few models; beyond MAX_POINT_LABELS the names would
+    collide, so a shared legend names them instead.
+    """
+    palette = model_palette(labels)
+    annotate = len(labels) <= MAX_POINT_LABELS
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig = new_figure(COLUMN_WIDTH_IN if cols == 1 else PAGE_WIDTH_IN, 2.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    scale, unit = (1e6, "Parameters (M)") if x_metric == "params" else (1e9, "GFLOPs")
+    sizes = {r.img_size for r in runs if r.img_size}
+    if x_metric == "flops" and len(sizes) == 1:
+        unit += f" at {sizes.pop()} px"
+    for ax, group in zip(axes, groups):
+        drawn = 0
+        for label in labels:
+            chosen = [r for r in runs if r.label == label and group_key(r, group_by) == group]
+            costs = [getattr(r, x_metric) for r in chosen if getattr(r, x_metric)]
+            if not chosen or not costs:
+                continue
+            s = summarize([r.test_acc for r in chosen])
+            cost = float(np.median(costs)) / scale
+            ax.errorbar(cost, s.mean, yerr=s.std, fmt="o", color=palette[label], markersize=4,
+                        markeredgecolor="black", markeredgewidth=0.4, elinewidth=0.8,
+                        label=display_name(label))
+            if annotate:
+                ax.annotate(display_name(label), (cost, s.mean), xytext=(4, 3),
+                            textcoords="offset points", fontsize=6)
+            drawn += 1
+        if drawn == 0:
+            warnings.warn(f"No {x_metric} recorded for any run of {group}")
+        ax.set_title(dataset_display_name(group))
+        ax.set_xlabel(unit)
+        ax.set_ylabel("Test accuracy (%)")
+        ax.margins(x=0.25, y=0.2)
+    if not annotate:
+        entries: dict[str, Any] = {}
+        for ax in axes[:len(groups)]:
+            for handle, name in zip(*ax.get_legend_handles_labels()):
+                entries.setdefault(name, handle)
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center",
+                   ncol=min(3, len(entries)), handletextpad=0.2)
+        fig.set_figheight(fig.get_figheight() + 0.16 * math.ceil(len(entries) / 3))
+    return fig
+
+
+def ablation_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], groups: Sequence[str],
+                    baseline: str = DEFAULT_BASELINE) -> Figure:
+    """Horizontal bars per variant; each annotated with its mean accuracy minus the full model's."""
+    labels = sorted(labels, key=ablation_sort_key)
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    height = (0.7 + 0.22 * len(labels)) * rows
+    fig = new_figure(COLUMN_WIDTH_IN if cols == 1 else PAGE_WIDTH_IN, max(height, 1.8))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    palette = sns.color_palette("colorblind")
+    for ax, group in zip(axes, groups):
+        present = [label for label in labels if (label, group) in stats]
+        base = stats.get((baseline, group))
+        if base is None:
+            warnings.warn(f"No runs of the full model '{baseline}' on {group}: deltas are not shown")
+        y = np.arange(len(present))
+        means = [stats[(label, group)].mean for label in present]
+        stds = [stats[(label, group)].std for label in present]
+        colours = [palette[3] if label == baseline else palette[0] for label in present]
+        ax.barh(y, means, 0.65, xerr=stds, color=colours, edgecolor="black", linewidth=0.4,
+                error_kw={"elinewidth": 0.7})
+        low, high = accuracy_limits([m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)])
+        span = high - low
+        for yi, label, mean, std in zip(y, present, means, stds):
+            text = f"{mean:.1f}" if label == baseline or base is None else signed(mean - base.mean)
+            ax.text(mean + std + 0.03 * span, yi, text, va="center", ha="left", fontsize=6.5,
+                    fontweight="bold" if label == baseline else "normal")
+        if base is not None:
+            ax.axvline(base.mean, color=palette[3], linestyle="--", linewidth=0.8)
+        ax.set_xlim(low, high + 0.15 * span)
+        ax.set_yticks(y, [display_name(label) + (" (full)" if label == baseline else "") for label in present])
+        ax.invert_yaxis()
+        ax.set_xlabel("Test accuracy (%)")
+        ax.set_title(dataset_display_name(group))
+        ax.grid(axis="y", visible=False)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Per-run figures
+# --------------------------------------------------------------------------------------------
+def curves_figure(records: Sequence[dict], title: str = "") -> Figure:
+    """Loss and accuracy over epochs, train solid and validation dashed."""
+    fig = new_figure(PAGE_WIDTH_IN, 2.4)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    palette = sns.color_palette("colorblind")
+    losses = [r[k] for r in records for k in ("train_loss", "val_loss") if r.get(k)]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > LOG_SCALE_RATIO:
+        ax_loss.set_yscale("log")  # one diverged early epoch would flatten the rest of the curve
+    for ax, metric, ylabel in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy (%)")):
+        for split, colour, style in (("train", palette[0], "-"), ("val", palette[1], "--")):
+            points = [(r["epoch"], r[f"{split}_{metric}"]) for r in records
+                      if r.get(f"{split}_{metric}") is not None]
+            if points:
+                epochs, values = zip(*points)
+                ax.plot(epochs, values, style, color=colour, label=split,
+                        marker="o" if len(points) < 15 else None, markersize=2.5)
+        ax.set_xlabel("Epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    if title:
+        fig.suptitle(title, fontsize=8.5)
+    return fig
+
+
+def gate_figure(records: Sequence[dict], gate_init: float | None = None, title: str = "") -> Figure:
+    """sigmoid(gate) per TwistBlock over epochs; a dotted line marks the initial value."""
+    blocks = list(dict.fromkeys(b for r in records for b in (r.get("gates") or {})))
+    if not blocks:
+        raise ValueError("The log has no TwistBlock gates (not a TwistNet run with STCI?)")
+    fig = new_figure(COLUMN_WIDTH_IN, 2.8)
+    ax = fig.add_subplot()
+    colours = sns.color_palette("viridis", len(blocks))
+    for colour, block in zip(colours, blocks):
+        points = [(r["epoch"], r["gates"][block]) for r in records if block in (r.get("gates") or {})]
+        epochs, values = zip(*points)
+        ax.plot(epochs, values, color=colour, label=block, marker="o" if len(points) < 15 else None,
+                markersize=2.5)
+    if gate_init is not None:
+        ax.axhline(1 / (1 + math.exp(-gate_init)), color="grey", linestyle=":", linewidth=0.9,
+                   label=f"init ({gate_init:g})")
+    ax.set_xlabel("Epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(r"$\sigma(\mathrm{gate})$")
+    # Below the axes: gates start together and fan out, so no corner inside stays free.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, handlelength=1.2, columnspacing=1.0)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def confusion_figure(confusion: Sequence[Sequence[float]], classes: Sequence[str], title: str = "") -> Figure:
+    """Row-normalised confusion matrix (% of each true class); labels thinned beyond ~50 classes."""
+    matrix = np.asarray(confusion, dtype=float)
+    n = matrix.shape[0]
+    if matrix.shape != (n, n) or len(classes) != n:
+        raise ValueError(f"Confusion matrix {matrix.shape} does not match {len(classes)} class names")
+    percent = 100 * matrix / np.clip(matrix.sum(axis=1, keepdims=True), 1, None)
+    small = n <= 12
+    size = COLUMN_WIDTH_IN if n <= 20 else PAGE_WIDTH_IN
+    longest = max(len(str(c)) for c in classes)
+    # Long names leave the square matrix narrower than the column: a shorter figure wastes less.
+    fig = new_figure(size, size * (0.92 if small and longest <= 12 else 0.85))
+    ax = fig.add_subplot()
+    step = max(1, math.ceil(n / 50))
+    # Long names eat the matrix's width in one column: smaller ticks keep the cells readable.
+    tick_font = (7 if longest <= 12 else 6) if n <= 20 else max(4.0, 7 - n / 20)
+    sns.heatmap(percent, ax=ax, cmap="Blues", vmin=0, vmax=100, square=True,
+                annot=small, fmt=".0f", annot_kws={"fontsize": 5.5 if longest > 12 else 6},
+                linewidths=0.3 if small else 0,
+                cbar_kws={"label": "% of true class", "shrink": 0.7, "fraction": 0.05, "pad": 0.02})
+    ticks = np.arange(0, n, step)
+    names = [str(classes[i]) for i in ticks]
+    ax.set_xticks(ticks + 0.5, names, rotation=45 if small else 90,
+                  ha="right" if small else "center", rotation_mode="anchor" if small else "default",
+                  fontsize=tick_font)
+    ax.set_yticks(ticks + 0.5, names, rotation=0, fontsize=tick_font)
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("True class")
+    if title:
+        fig.suptitle(title, fontsize=8.5)  # above the colour bar too, which is taller than the cells
+    return fig
+
+
+def interaction_figure(internals: Mapping[str, Mapping[str, Any]], title: str = "") -> Figure:
+    """Per TwistBlock a row of per-head r x r interaction heatmaps, titled with the directions."""
+    import models  # heavy (torch); only the interaction plot needs it
+
+    if not internals:
+        raise ValueError("The model has no TwistBlocks with STCI: nothing to show.")
+    matrices = {block: np.asarray(entry["interaction"], dtype=float) for block, entry in internals.items()}
+    heads = max(m.shape[0] for m in matrices.values())
+    everything = np.concatenate([m.ravel() for m in matrices.values()])
+    vmin, vmax = float(everything.min()), float(everything.max())
+    norm, cmap = interaction_colour_scale(vmin, vmax)
+    fig = new_figure(PAGE_WIDTH_IN, 0.45 + 1.6 * len(matrices))
+    axes = fig.subplots(len(matrices), heads, squeeze=False)
+    image = None
+    for row, (block, matrix) in zip(axes, matrices.items()):
+        for d, ax in enumerate(row):
+            if d >= matrix.shape[0]:
+                ax.set_visible(False)
+                continue
+            image = draw_interaction(ax, matrix[d], norm, cmap)
+            ax.set_title(f"{models.HEAD_ANGLES[d]}°")
+        row[0].set_ylabel(f"{block}\nz channel i")
+        for ax in row[1:]:
+            ax.set_yticklabels([])
+    for ax in axes[-1]:
+        ax.set_xlabel("twisted channel j")
+    fig.colorbar(image, ax=axes, shrink=0.6, fraction=0.03, aspect=30,
+                 label=r"mean $\hat z_i\,\hat t_j$")
+    if title:
+        fig.suptitle(title, fontsize=8.5)
+    return fig
+
+
+def interaction_colour_scale(vmin: float, vmax: float) -> tuple[mcolors.Normalize, str]:
+    """A diverging map centred on 0 when interactions are clearly negative, else a sequential one.
+
+    A trained twist kernel can make a few products slightly negative; below NEGLIGIBLE_NEGATIVE
+    of the largest value they would only wash out a symmetric scale.
+    """
+    if vmin < -NEGLIGIBLE_NEGATIVE * max(vmax, 0.0) and vmax > 0:
+        bound = max(-vmin, vmax)
+        return mcolors.Normalize(-bound, bound), "RdBu_r"
+    return mcolors.Normalize(vmin, vmax if vmax > vmin else vmin + 1e-6), "magma"
+
+
+def draw_interaction(ax: Any, matrix: np.ndarray, norm: mcolors.Normalize, cmap: str) -> Any:
+    """One r x r heatmap with sparse integer ticks."""
+    r = matrix.shape[0]
+    image = ax.imshow(matrix, norm=norm, cmap=cmap, interpolation="nearest")
+    ticks = np.arange(0, r, max(1, r // 4))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.tick_params(labelsize=6, length=1.5, pad=1)
+    ax.grid(False)
+    return image
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and images (shared with visualize.py)
+# --------------------------------------------------------------------------------------------
+def load_checkpoint_model(path: str | Path, weights: str = "auto") -> tuple[Any, dict]:
+    """(model in eval mode, training config) from a train.py best.pt/last.pt or a plain state_dict.
+
+    weights: 'auto' takes the EMA weights when the checkpoint has them (those are what train.py
+    selected and tested), 'model' or 'ema' force one.
+    """
+    import torch
+    import models
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    config = dict(ckpt.get("config") or {}) if isinstance(ckpt, dict) else {}
+    has_ema = isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and bool(ckpt["ema"])
+    if weights == "ema" and not has_ema:
+        raise ValueError(f"{path} holds no EMA weights")
+    source = ckpt["ema"] if (weights == "ema" or (weights == "auto" and has_ema)) else ckpt
+    state = models.extract_state_dict(source)
+    name = config.get("model", "twistnet18")
+    model = models.build_model(name, classifier_size(state), pretrained=False, verbose=False,
+                               **(config.get("model_kwargs") or {}))
+    model.load_state_dict(state)
+    return model.eval(), config
+
+
+def classifier_size(state: Mapping[str, Any]) -> int:
+    """Number of classes: rows of the classifier weight (fc, or timm's last 2-D weight)."""
+    if "fc.weight" in state:
+        return int(state["fc.weight"].shape[0])
+    matrices = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if not matrices:
+        raise ValueError("No classifier weight found in the checkpoint")
+    return int(state[matrices[-1]].shape[0])
+
+
+def load_image_tensor(path: str | Path, img_size: int) -> tuple[Any, np.ndarray]:
+    """(input batch [1, 3, H, W] through the eval transform, the same crop as an RGB array in [0, 1])."""
+    import torch
+    import transforms
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image not found: {path}")
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    tensor = transforms.build_eval_transform(img_size)(rgb)
+    mean, std = normalisation_of(transforms.build_eval_transform(img_size))
+    display = (tensor * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
+    return tensor.unsqueeze(0), display.permute(1, 2, 0).numpy()
+
+
+def normalisation_of(transform: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the Normalize step inside a (nested) transform pipeline; identity if none."""
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        if hasattr(t, "mean") and hasattr(t, "std") and type(t).__name__ == "Normalize":
+            return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+        stack.extend(getattr(t, "transforms", []) or [])
+    return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+
+def class_names_for(checkpoint: str | Path, num_classes: int) -> list[str]:
+    """Class names from the results.json beside a checkpoint, else 'class k'."""
+    results = Path(checkpoint).resolve().parent / "results.json"
+    if results.is_file():
+        classes = json.loads(results.read_text()).get("classes")
+        if classes and len(classes) == num_classes:
+            return [str(c) for c in classes]
+    return [f"class {k}" for k in range(num_classes)]
+
+
+def gate_init_of(log_file: str | Path) -> float | None:
+    """gate_init of the run a log belongs to, from its results.json or best.pt config if present."""
+    run_path = Path(log_file).resolve().parent
+    config: dict = {}
+    if (run_path / "results.json").is_file():
+        config = json.loads((run_path / "results.json").read_text()).get("config") or {}
+    elif (run_path / "best.pt").is_file():
+        import torch
+        config = torch.load(run_path / "best.pt", map_location="cpu", weights_only=True).get("config") or {}
+    return gate_init_from_config(config)
+
+
+def gate_init_from_config(config: Mapping[str, Any]) -> float | None:
+    """The gate initialisation a TwistNet run was built with (the registry default unless swept)."""
+    if not str(config.get("model", "")).startswith("twistnet"):
+        return None
+    kwargs = config.get("model_kwargs") or {}
+    return float(kwargs.get("gate_init", DEFAULT_GATE_INIT))
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--plot", required=True, choices=PLOT_KINDS)
+    p.add_argument("--run_dir", nargs="+", default=None,
+                   help="folders of run directories (bar, radar, scatter, ablation)")
+    p.add_argument("--log_file", nargs="+", default=None, help="log.jsonl file(s) (curves, gate)")
+    p.add_argument("--results", nargs="+", default=None, help="results.json file(s) (confusion)")
+    p.add_argument("--checkpoint", default=None, help="best.pt (interaction)")
+    p.add_argument("--image", default=None, help="input image (interaction)")
+    p.add_argument("--img_size", type=int, default=None, help="eval size (default: the checkpoint's)")
+    p.add_argument("--weights", default="auto", choices=("auto", "model", "ema"),
+                   help="checkpoint weights; auto = EMA if present")
+    p.add_argument("--save_dir", default="figures")
+    p.add_argument("--name", default=None, help="file stem (default: the plot kind, plus the run name for per-run plots)")
+    p.add_argument("--formats", default="png,pdf", help="comma-separated output formats")
+    p.add_argument("--models", default=None, help="comma-separated model[-tag] labels to keep, in plot order")
+    p.add_argument("--datasets", default=None, help="comma-separated datasets to keep")
+    p.add_argument("--group_by", default="dataset", choices=("dataset", "dataset_fold"),
+                   help="bar/radar/scatter/ablation axes: datasets, or each dataset fold separately")
+    p.add_argument("--x", default="params", choices=("params", "flops"), help="scatter x axis")
+    p.add_argument("--baseline", default=DEFAULT_BASELINE, help="full model of the ablation plot")
+    return p
+
+
+def split_list(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def require(value: Any, flag: str, kind: str) -> Any:
+    if not value:
+        raise SystemExit(f"--plot {kind} needs {flag}")
+    return value
+
+
+def aggregate_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
+    runs = load_results(require(args.run_dir, "--run_dir", args.plot))
+    runs = filter_runs(runs, split_list(args.models), split_list(args.datasets))
+    if not runs:
+        raise SystemExit(f"No finished runs (results.json with a test accuracy) under {', '.join(args.run_dir)}"
+                         + (" matching --models/--datasets" if args.models or args.datasets else ""))
+    labels = ordered_labels(runs, split_list(args.models))
+    groups = ordered_groups(runs, args.group_by)
+    stats = accuracy_stats(runs, args.group_by)
+    if args.plot == "bar":
+        return [(args.name or "bar", bar_figure(stats, labels, groups))]
+    if args.plot == "radar":
+        return [(args.name or "radar", radar_figure(stats, labels, groups))]
+    if args.plot == "scatter":
+        return [(args.name or f"scatter_{args.x}", scatter_figure(runs, labels, groups, args.x, args.group_by))]
+    return [(args.name or "ablation", ablation_figure(stats, labels, groups, args.baseline))]
+
+
+def per_file_stem(args: argparse.Namespace, path: str | Path, count: int) -> str:
+    if args.name and count == 1:
+        return args.name
+    prefix = args.name or args.plot
+    return f"{prefix}_{run_name_of(path)}"
+
+
+def per_run_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
+    figures = []
+    if args.plot in ("curves", "gate"):
+        files = require(args.log_file, "--log_file", args.plot)
+        for path in files:
+            records = read_log(path)
+            title = run_name_of(path)
+            fig = curves_figure(records, title) if args.plot == "curves" else \
+                gate_figure(records, gate_init_of(path), title)
+            figures.append((per_file_stem(args, path, len(files)), fig))
+    elif args.plot == "confusion":
+        files = require(args.results, "--results", args.plot)
+        for path in files:
+            data = json.loads(Path(path).read_text())
+            if data.get("confusion") is None:
+                raise SystemExit(f"{path} has no confusion matrix (the run had no test split)")
+            classes = data.get("classes") or [str(k) for k in range(len(data["confusion"]))]
+            title = (f"{display_name(run_label(data['model'], data.get('tag', '')))} on "
+                     f"{dataset_display_name(data['dataset'])} f{data['fold']}: {data['test_acc']:.1f}%")
+            figures.append((per_file_stem(args, path, len(files)),
+                            confusion_figure(data["confusion"], classes, title)))
+    else:
+        figures.append(interaction_from_checkpoint(args))
+    return figures
+
+
+def interaction_from_checkpoint(args: argparse.Namespace) -> tuple[str, Figure]:
+    import models
+
+    checkpoint = require(args.checkpoint, "--checkpoint", "interaction")
+    image = require(args.image, "--image", "interaction")
+    model, config = load_checkpoint_model(checkpoint, args.weights)
+    img_size = args.img_size or int(config.get("img_size") or 224)
+    x, _ = load_image_tensor(image, img_size)
+    internals = models.stci_internals(model, x)
+    title = f"{display_name(run_label(config.get('model', 'twistnet18'), config.get('tag', '')))}: {Path(image).name}"
+    stem = args.name or f"interaction_{run_name_of(checkpoint)}"
+    return stem, interaction_figure(internals, title)
+
+
+def make_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
+    """(file stem, figure) pairs for the requested plot kind."""
+    if args.plot in ("bar", "radar", "scatter", "ablation"):
+        return aggregate_figures(args)
+    return per_run_figures(args)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    formats = split_list(args.formats) or ["png"]
+    written: list[Path] = []
+    with paper_style():
+        for stem, fig in make_figures(args):
+            written += save_figure(fig, args.save_dir, stem, formats)
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
