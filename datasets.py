@@ -473,7 +473,7 @@ SYNTHTEX_CLASSES = (
     "stripes_oblique",         # B stripes at +-45 degrees to A
     "stripes_crossed",         # B stripes at 90 degrees to A
 )
-SYNTHTEX_PER_CLASS: Mapping[str, int] = types.MappingProxyType({"train": 48, "val": 16, "test": 16})
+SYNTHTEX_PER_CLASS: Mapping[str, int] = types.MappingProxyType({"train": 96, "val": 16, "test": 16})
 SYNTHTEX_SEED_TAG = 0x5EED7E  # separates synthtex's streams from any other use of the same ids
 MIN_RENDER_SIZE = 64           # smaller images are drawn larger and box-filtered down (anti-aliasing)
 
@@ -516,13 +516,16 @@ def render_synthtex(key: int, size: int = 128) -> Image.Image:
 
 
 def distinct_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Background and two layer colours, random but far enough apart to be told apart."""
-    background = rng.uniform(0.15, 0.85, 3).astype(np.float32)
-    while True:
-        a, b = rng.uniform(0.0, 1.0, (2, 3)).astype(np.float32)
-        if (np.linalg.norm(a - background) > 0.45 and np.linalg.norm(b - background) > 0.45
-                and np.linalg.norm(a - b) > 0.35):
-            return background, a, b
+    """Background and the two layer colours: jittered shades of fixed roles (grey, warm A, cool B).
+
+    Fully random colours made the classes hard to learn from a few thousand images (TwistNet-18
+    stayed near 20% after 150 steps at 32 px; jittered roles reach 66%), and colour carries no
+    class information either way: every class draws from the same three distributions.
+    """
+    def jitter(base: tuple[float, float, float]) -> np.ndarray:
+        return np.clip(np.float32(base) + rng.uniform(-0.15, 0.15, 3).astype(np.float32), 0.0, 1.0)
+
+    return jitter((0.5, 0.5, 0.5)), jitter((0.85, 0.25, 0.1)), jitter((0.1, 0.3, 0.85))
 
 
 def background_texture(rng: np.random.Generator, n: int, colour: np.ndarray) -> np.ndarray:

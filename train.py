@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay of conv/linear weights (none on norms, biases, gates)")
     g.add_argument("--label_smoothing", type=float, default=0.1, help="label smoothing of the loss")
     g.add_argument("--img_size", type=int, default=224, help="train crop; eval resizes to img_size*256/224")
+    g.add_argument("--crop_scale", type=float, default=0.08,
+                   help="smallest crop area of RandomResizedCrop, as a fraction of the image")
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     g.add_argument("--randaug_n", type=int, default=2, help="RandAugment ops per image (0 disables)")
     g.add_argument("--randaug_m", type=int, default=9, help="RandAugment magnitude")
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (and at the last)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (exact resume on GPU needs this)")
+    g.add_argument("--benchmark_loader", action="store_true",
+                   help="time one epoch of the train loader alone (no model, nothing written) and exit")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars (logs only)")
     return p
 
@@ -308,7 +312,8 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
 def build_loaders(args: argparse.Namespace, device: torch.device
                   ) -> tuple[dict[str, DataLoader], list[str], EpochSeededSampler]:
     train_tf = transforms.build_train_transform(
-        args.img_size, hflip=args.hflip, randaug_n=args.randaug_n, randaug_m=args.randaug_m)
+        args.img_size, hflip=args.hflip, randaug_n=args.randaug_n, randaug_m=args.randaug_m,
+        scale=(args.crop_scale, 1.0))
     eval_tf = transforms.build_eval_transform(args.img_size)
     resize = transforms.eval_resize_size(args.img_size)
     sets, classes = datasets.build_datasets(
@@ -539,6 +544,8 @@ def flops_of(model: nn.Module, img_size: int) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     models.get_spec(args.model)  # fail on a typo before touching the disk
+    if args.benchmark_loader:
+        return benchmark_loader(args)
     run_path = Path(args.run_dir) / run_name(args)
     if (run_path / "results.json").exists() and not args.force:
         print(f"Run already finished: {run_path / 'results.json'} exists. Pass --force to retrain.")
@@ -578,6 +585,28 @@ def main(argv: list[str] | None = None) -> int:
                  f"{last_path}. Run the same command to resume exactly where it stopped.")
         return 130
     finish(trainer, loaders, classes, config, run_path, log)
+    return 0
+
+
+def benchmark_loader(args: argparse.Namespace) -> int:
+    """Images/s of the training input pipeline alone (decode, augment, collate), for bottleneck checks.
+
+    The first pass fills the caches (synthtex renders, --cache); the second one is what an epoch
+    after the first costs, which is what the model competes with. Compare with
+    `compute_flops.py --speed` (the model alone) at the same batch size and image size.
+    """
+    device = resolve_device(args.device)
+    loaders, _, sampler = build_loaders(args, device)
+    rates = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        start, images = time.perf_counter(), 0
+        for x, _, _ in tqdm(loaders["train"], desc=f"loader pass {epoch + 1}", disable=args.no_progress,
+                            leave=False):
+            images += len(x.to(device, non_blocking=True))
+        rates.append(images / (time.perf_counter() - start))
+    print(f"train loader, {args.dataset} at {args.img_size} px, batch {args.batch_size}, "
+          f"{args.workers} workers: {rates[0]:.1f} img/s first pass, {rates[1]:.1f} img/s after")
     return 0
 
 

@@ -343,7 +343,7 @@ def test_describe_layout_error_exits_2_without_traceback(tmp_path: Path, capsys)
 def test_describe_synthtex_in_process(capsys) -> None:
     assert datasets.main(["--dataset", "synthtex", "--no_open_check"]) == 0
     out = capsys.readouterr().out
-    assert "8 classes" in out and "train      384  48/48" in out
+    assert "8 classes" in out and "train      768  96/96" in out
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,8 +376,8 @@ def power_spectrum_features(images: np.ndarray, radii: int = 6, angles: int = 12
 def test_synthtex_splits_sizes_and_determinism() -> None:
     one = datasets.load_splits("synthtex", None, 1)
     assert len(one.classes) == 8
-    assert (len(one.train), len(one.val), len(one.test)) == (384, 128, 128)
-    for split, per_class in (("train", 48), ("val", 16), ("test", 16)):
+    assert (len(one.train), len(one.val), len(one.test)) == (768, 128, 128)
+    for split, per_class in (("train", 96), ("val", 16), ("test", 16)):
         assert datasets.class_balance(one.split(split), 8) == (per_class, per_class)
     assert_disjoint(one)
     two = datasets.load_splits("synthtex", "ignored", 2)
