@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="measure train and inference images/s instead of counting FLOPs")
     speed.add_argument("--device", choices=("cpu", "cuda"),
                        default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="where to measure (default: cuda when available)")
+                       help="where to measure (cuda when available, else cpu)")
     speed.add_argument("--batch_size", type=positive_int, default=32, help="images per step")
     speed.add_argument("--amp", action="store_true",
                        help="autocast: bf16 (CPU, CUDA with bf16), else fp16 with GradScaler")
@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--steps", type=positive_int, default=5, help="steps per timed repeat")
     speed.add_argument("--seed", type=int, default=0, help="seed for weights and the random batch")
     speed.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
-                       help="CPU threads for torch (default: torch's own choice on this machine)")
+                       help="CPU threads for torch (torch's own choice on this machine)")
     return parser
 
 

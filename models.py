@@ -123,7 +123,7 @@ class MultiHeadSTCI(nn.Module):
 
     def reduced(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, t) as [B, heads, r, H, W], both L2-normalised over channels."""
-        z = F.relu(self.reduce_bn(self.reduce(x)))
+        z = F.relu(self.reduce_bn(self.reduce(x)), inplace=True)
         if self.twist is not None:
             t = self.twist(z) * self.twist_scale.view(1, -1, 1, 1)
         else:
@@ -191,11 +191,14 @@ class TwistBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        h = F.relu(self.bn1(self.conv1(x)))
+        # In-place ReLU and adds on fresh BN outputs, as torchvision's BasicBlock: on CPU the
+        # extra out-of-place copies cost more than STCI's own element-wise work.
+        h = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(h))
         if self.stci is not None:
             out = out + self.stci(h) * torch.sigmoid(self.gate)
-        return F.relu(out + shortcut)
+        out += shortcut
+        return F.relu(out, inplace=True)
 
 
 class TwistNet(nn.Module):
@@ -249,7 +252,7 @@ class TwistNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
