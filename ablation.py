@@ -269,12 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)  # --seed must not silently mean --seeds
-    p.add_argument("--dataset", default="synthtex")
-    p.add_argument("--data_dir", default=None)
+    p.add_argument("--dataset", default="synthtex", help="dataset protocol (train.py --dataset)")
+    p.add_argument("--data_dir", default=None, help="dataset root (not needed for synthtex)")
     p.add_argument("--folds", default="1-3", help="run_all.py syntax: 1-3 or 1,2,5")
     p.add_argument("--seeds", default="42", help="e.g. 42,43,44")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--run_dir", default="runs/ablation")
+    p.add_argument("--epochs", type=int, default=100, help="epochs per run")
+    p.add_argument("--run_dir", default="runs/ablation", help="folder of the ablation runs")
     p.add_argument("--sweeps", default=",".join(SWEEP_DEFAULTS),
                    help=f"STCI sweep families ({', '.join(SWEEP_DEFAULTS)}), or 'none'")
     p.add_argument("--r_values", default=None, help="r sweep, e.g. 4,16")

@@ -736,9 +736,13 @@ def gate_init_from_config(config: Mapping[str, Any]) -> float | None:
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, and the usage examples of the docstring kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--plot", required=True, choices=PLOT_KINDS)
     p.add_argument("--run_dir", nargs="+", default=None,
                    help="folders of run directories (bar, radar, scatter, ablation)")

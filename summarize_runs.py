@@ -73,6 +73,7 @@ class RunResult:
     params: int | None
     flops: float | None
     path: Path
+    img_size: int | None = None          # the run's --img_size: its FLOPs are counted at this size
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -105,7 +106,7 @@ def parse_results(path: Path) -> RunResult:
         raise ValueError("no test accuracy (the dataset has no test split)")
     return RunResult(model_label(results), str(fields["model"]), str(fields["dataset"]), int(fields["fold"]),
                      int(fields["seed"]), float(fields["test_acc"]), results.get("params"),
-                     results.get("flops"), path.parent)
+                     results.get("flops"), path.parent, (results.get("config") or {}).get("img_size"))
 
 
 def run_directories(root: Path) -> list[Path]:
@@ -167,6 +168,15 @@ class Table:
     cells: dict[tuple[str, str], Cell]   # absent: the model was never run on that dataset
     params: dict[str, list[int]]
     flops: dict[str, list[float]]
+    img_sizes: frozenset[int] = frozenset()
+
+    def flops_header(self) -> str:
+        """FLOPs column title; names the input size when the runs were not made at 224 px."""
+        if not self.img_sizes or self.img_sizes == {224}:
+            return "FLOPs (G)"
+        if len(self.img_sizes) == 1:
+            return f"FLOPs (G, {next(iter(self.img_sizes))} px)"
+        return "FLOPs (G, mixed px)"
 
     def best_labels(self, dataset: str, digits: int = 2) -> set[str]:
         """Rows whose mean, as printed, is the column's highest (ties all count)."""
@@ -209,7 +219,8 @@ def build_table(runs: Sequence[RunResult], labels: Sequence[str] | None = None) 
              for key, values in groups.items()}
     params = {label: [r.params for r in chosen if r.label == label and r.params is not None] for label in labels}
     flops = {label: [r.flops for r in chosen if r.label == label and r.flops is not None] for label in labels}
-    return Table(labels, datasets, cells, params, flops)
+    img_sizes = frozenset(r.img_size for r in chosen if r.img_size is not None)
+    return Table(labels, datasets, cells, params, flops, img_sizes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +272,7 @@ def note_lines(table: Table, found: RunCollection) -> list[str]:
 # Output formats
 # --------------------------------------------------------------------------------------------
 def format_text(table: Table, found: RunCollection) -> str:
-    header = ["Model", *table.datasets, "Params (M)", "FLOPs (G)"]
+    header = ["Model", *table.datasets, "Params (M)", table.flops_header()]
     rows = [[label, *(cell_text(table.cells.get((label, d))) for d in table.datasets),
              complexity_text(table.params[label], 1e6), complexity_text(table.flops[label], 1e9)]
             for label in table.labels]
@@ -271,7 +282,7 @@ def format_text(table: Table, found: RunCollection) -> str:
 
 
 def format_markdown(table: Table, found: RunCollection) -> str:
-    header = ["Model", *table.datasets, "Params (M)", "FLOPs (G)"]
+    header = ["Model", *table.datasets, "Params (M)", table.flops_header()]
     best = {d: table.best_labels(d) for d in table.datasets}
     rows = [[label, *(cell_text(table.cells.get((label, d)), label in best[d], ("**", "**"))
                       for d in table.datasets),
@@ -306,7 +317,7 @@ def format_latex(table: Table, found: RunCollection) -> str:
              *(f"% {line}" for line in note_lines(table, found)),
              r"\begin{tabular}{l" + "c" * len(table.datasets) + "rr}", r"\toprule",
              " & ".join(["Model", *(tex_escape(DATASET_DISPLAY.get(d, d)) for d in table.datasets),
-                         "Params (M)", "FLOPs (G)"]) + r" \\", r"\midrule"]
+                         "Params (M)", table.flops_header()]) + r" \\", r"\midrule"]
     for label in table.labels:
         cells = [cell_text(table.cells.get((label, d)), label in best[d], (r"\textbf{", "}"),
                            pm=r"$\pm$", dagger=r"$^\dagger$", with_n=False).replace("—", "--")

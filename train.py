@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", nargs="?", const=True, default=False,
                    help="flag: ImageNet weights (TwistNet: auto-detect weights/, else ResNet-18 transfer); "
                         "or a checkpoint path")
-    g.add_argument("--transfer_policy", default="all", choices=models.TRANSFER_POLICIES)
+    g.add_argument("--transfer_policy", default="all", choices=models.TRANSFER_POLICIES,
+                   help="ResNet-18 transfer: every matching tensor, or the first two stages only")
     g.add_argument("--resnet18_weights", default=None, help="local timm/torchvision ResNet-18 state_dict")
 
     g = p.add_argument_group("recipe")

@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="train.py best.pt (or a state_dict of --model)")
-    p.add_argument("--image", required=True)
-    p.add_argument("--out_dir", default="figures/vis")
+    p.add_argument("--image", required=True, help="image file to explain (any format PIL opens)")
+    p.add_argument("--out_dir", default="figures/vis", help="folder for the figure and its JSON")
     p.add_argument("--img_size", type=int, default=None, help="eval size (default: the checkpoint's img_size, else 224)")
     p.add_argument("--blocks", default="last", choices=("last", "all"), help="twisted blocks to draw")
     p.add_argument("--layer", default="layer4", help="Grad-CAM layer")

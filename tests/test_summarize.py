@@ -221,3 +221,14 @@ def test_duplicate_runs_count_once(run_dirs: list[Path], capsys) -> None:
     out = summarize(capsys, "--run_dir", str(run_dirs[0]), str(run_dirs[0]), "--csv")
     rows = {(r["model"], r["dataset"]): r for r in csv.DictReader(io.StringIO(out))}
     assert rows["resnet18", "dtd"]["n_runs"] == "6"
+
+
+def test_flops_header_names_a_non_default_input_size(tmp_path: Path) -> None:
+    """FLOPs in results.json are counted at the run's --img_size; a 32-px sweep must not pass for 224 px."""
+    def run(model: str, img_size: int | None) -> summarize_runs.RunResult:
+        return summarize_runs.RunResult(model, model, "synthtex", 1, 42, 50.0, 11_000_000, 4e7,
+                                        tmp_path, img_size)
+
+    assert summarize_runs.build_table([run("a", 32), run("b", 32)]).flops_header() == "FLOPs (G, 32 px)"
+    assert summarize_runs.build_table([run("a", 32), run("b", 64)]).flops_header() == "FLOPs (G, mixed px)"
+    assert summarize_runs.build_table([run("a", 224), run("b", None)]).flops_header() == "FLOPs (G)"
