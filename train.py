@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on CUDA where supported, else fp16; off on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--channels_last", action="store_true", help="NHWC memory format (faster on GPU with AMP)")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes (4, or fewer on a machine with fewer cores)")
     g.add_argument("--prefetch", type=int, default=2, help="batches prefetched per worker")
     g.add_argument("--cache", action="store_true", help="keep decoded, pre-resized images in memory")
     g.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (and at the last)")
@@ -566,7 +567,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info(f"run {run_path} | {args.model} on {args.dataset} fold {args.fold} seed {args.seed} | "
              f"{len(classes)} classes | train/val/test {len(loaders['train'].dataset)}/"
              f"{len(loaders['val'].dataset)}/{len(loaders['test'].dataset) if 'test' in loaders else 0} | "
-             f"{models.count_params(trainer.model) / 1e6:.2f}M params | device {device} amp {trainer.amp_dtype}")
+             f"{models.count_params(trainer.model) / 1e6:.2f}M params | device {device} | "
+             f"amp {str(trainer.amp_dtype).removeprefix('torch.') if trainer.amp_dtype else 'off'}")
+    if args.warmup_epochs >= args.epochs:
+        log.info(f"note: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate "
+                 f"stays in its linear warm-up and never reaches --lr {args.lr:g}")
 
     last_path = run_path / "last.pt"
     if last_path.exists():
