@@ -3,8 +3,8 @@
 FLOPs are multiply-adds counted by fvcore (one fused multiply-add = one flop) on a single
 3 x img_size x img_size image in eval mode. fvcore skips elementwise ops by default; STCI is
 made of them (the z_i * t_j products, the L2 normalisation, the AIS re-weighting, the gate), so
-this script also counts elementwise products and divisions, L2 norms and means at one op per
-element, and attention matmuls. Ops still left uncounted are listed for every model.
+this script also counts elementwise products, divisions, rsqrt and the gated multiply-add, and
+sums, L2 norms and means, at one op per element, and attention matmuls. Ops still left uncounted are listed for every model.
 
 Usage:
     python compute_flops.py                                  # table of every registry model
@@ -100,14 +100,19 @@ def _attention_flops(inputs: list, outputs: list) -> int:
     return _numel(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
-# Products and divisions: one op per output element (z_i * t_j, AIS, gate, L2 division).
-# Reductions: one multiply-add per input element, as fvcore already does for adaptive_avg_pool2d.
+# Products, divisions and the gated add: one op per output element (z_i * t_j, squares for the
+# L2 norm, AIS, gate). Reductions: one multiply-add per input element, as fvcore already does for
+# adaptive_avg_pool2d.
 EXTRA_HANDLES: dict[str, Callable[[list, list], int]] = {
     "aten::mul": _per_output_element,
     "aten::mul_": _per_output_element,
     "aten::div": _per_output_element,
     "aten::div_": _per_output_element,
+    "aten::addcmul": _per_output_element,
+    "aten::addcmul_": _per_output_element,
+    "aten::rsqrt": _per_output_element,
     "aten::linalg_vector_norm": _per_input_element,
+    "aten::sum": _per_input_element,
     "aten::mean": _per_input_element,
     "aten::scaled_dot_product_attention": _attention_flops,
 }
@@ -294,7 +299,7 @@ def _overhead(value: float | None, reference: float | None) -> str:
 def format_table(rows: list[ModelRow], reference: ModelRow, num_classes: int, img_size: int) -> str:
     lines = [f"Model complexity: {num_classes} classes, one {img_size}x{img_size} image, "
              f"{FLOP_UNIT}.",
-             "Products, divisions, L2 norms and means are counted at one op per element; "
+             "Products, divisions, rsqrt, addcmul, sums, L2 norms and means count one op per element; "
              "overheads are relative to resnet18.",
              "",
              f"{'model':24s} {'params (M)':>10s} {'GFLOPs':>8s}  {'venue':10s} {'group':9s} "
