@@ -4,7 +4,8 @@ FLOPs are multiply-adds counted by fvcore (one fused multiply-add = one flop) on
 3 x img_size x img_size image in eval mode. fvcore skips elementwise ops by default; STCI is
 made of them (the z_i * t_j products, the L2 normalisation, the AIS re-weighting, the gate), so
 this script also counts elementwise products, divisions, rsqrt and the gated multiply-add, and
-sums, L2 norms and means, at one op per element, and attention matmuls. Ops still left uncounted are listed for every model.
+sums, L2 norms and means, at one op per element, and attention matmuls. Ops still left uncounted
+are listed for every model.
 
 Usage:
     python compute_flops.py                                  # table of every registry model

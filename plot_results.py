@@ -132,7 +132,7 @@ def load_results(run_dirs: Iterable[str | Path]) -> list[RunResult]:
 
     Reading through summarize_runs.load_runs keeps one rule for what counts as a run across
     tables and figures (one level of run directories, duplicates and runs without a test accuracy
-    left out, with a warning here); the figures also need img_size and the class count.
+    left out, with a warning here); the figures also need the class count.
     """
     found = summarize_runs.load_runs(run_dirs)
     for path, why in found.unusable:
@@ -143,13 +143,12 @@ def load_results(run_dirs: Iterable[str | Path]) -> list[RunResult]:
 
 
 def with_run_details(run: Any) -> RunResult:
-    """A summarize_runs.RunResult plus the tag, image size and class count of its results.json."""
+    """A summarize_runs.RunResult plus its tag and the class count of its results.json."""
     data = json.loads((Path(run.path) / "results.json").read_text())
-    config = data.get("config") or {}
     return RunResult(
         model=run.model, tag=run.label[len(run.model) + 1:] if run.label != run.model else "",
         dataset=run.dataset, fold=run.fold, seed=run.seed, test_acc=run.test_acc,
-        params=run.params, flops=run.flops, img_size=data.get("img_size", config.get("img_size")),
+        params=run.params, flops=run.flops, img_size=run.img_size,
         num_classes=len(data.get("classes") or data.get("per_class_acc") or []) or None, path=Path(run.path),
     )
 

@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 import datasets
 import models
 import transforms
-from train import (StopFlag, SeededSamples, atomic_save, atomic_write_text, autocast, git_commit,
+from train import (StopFlag, SeededSamples, amp_label, atomic_save, atomic_write_text, autocast, git_commit,
                    library_versions, lr_factor, read_jsonl, resolve_amp, resolve_device, rng_state,
                    seed_everything, set_rng_state, topk_correct)
 
@@ -1055,7 +1055,7 @@ def start_line(trainer: Pretrainer, train_data: TrainData, val_data: ValData) ->
     return (f"{args.model}: {params / 1e6:.2f}M params (STCI {100 * stci_param_count(trainer.model) / params:.2f}%) | "
             f"{train_data.num_classes} classes | {train_data.num_images} train / {val_data.total} val images | "
             f"{trainer.plan.describe()} | lr {trainer.base_lr:.4g} ({args.lr} per {LR_REFERENCE_BATCH}) | "
-            f"{trainer.steps_per_epoch} steps/epoch | {trainer.ctx.device} amp {trainer.amp_dtype} | "
+            f"{trainer.steps_per_epoch} steps/epoch | {trainer.ctx.device} amp {amp_label(trainer.amp_dtype)} | "
             f"{trainer.ctx.world_size} process(es)")
 
 

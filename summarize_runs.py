@@ -73,7 +73,7 @@ class RunResult:
     params: int | None
     flops: float | None
     path: Path
-    img_size: int | None = None          # the run's --img_size: its FLOPs are counted at this size
+    img_size: int | None = None          # the run's input size: its FLOPs are counted at this size
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -104,9 +104,10 @@ def parse_results(path: Path) -> RunResult:
         raise ValueError(f"no {error} field") from None
     if fields["test_acc"] is None:
         raise ValueError("no test accuracy (the dataset has no test split)")
+    config = results.get("config") or {}
     return RunResult(model_label(results), str(fields["model"]), str(fields["dataset"]), int(fields["fold"]),
                      int(fields["seed"]), float(fields["test_acc"]), results.get("params"),
-                     results.get("flops"), path.parent, (results.get("config") or {}).get("img_size"))
+                     results.get("flops"), path.parent, results.get("img_size", config.get("img_size")))
 
 
 def run_directories(root: Path) -> list[Path]:

@@ -297,6 +297,11 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def amp_label(dtype: torch.dtype | None) -> str:
+    """How logs name an autocast dtype: 'bf16', 'fp16' or 'off'."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
@@ -568,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{len(classes)} classes | train/val/test {len(loaders['train'].dataset)}/"
              f"{len(loaders['val'].dataset)}/{len(loaders['test'].dataset) if 'test' in loaders else 0} | "
              f"{models.count_params(trainer.model) / 1e6:.2f}M params | device {device} | "
-             f"amp {str(trainer.amp_dtype).removeprefix('torch.') if trainer.amp_dtype else 'off'}")
+             f"amp {amp_label(trainer.amp_dtype)}")
     if args.warmup_epochs >= args.epochs:
         log.info(f"note: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate "
                  f"stays in its linear warm-up and never reaches --lr {args.lr:g}")
