@@ -15,13 +15,15 @@ ResNet (conv1, bn1, layer1..layer4, fc) so that ResNet-18 state_dicts map onto i
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
+import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -32,6 +34,25 @@ HEAD_ANGLES = (0, 45, 90, 135)
 WEIGHTS_DIR_NAME = "weights"
 TRANSFER_POLICIES = ("all", "stem+layer1+layer2")
 _STEM_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: bad requests, as opposed to bugs (entry scripts print them as one `error:` line)
+# --------------------------------------------------------------------------------------------
+class ModelError(Exception):
+    """A request the registry or the weight loader cannot satisfy, because of the user's input."""
+
+
+class ModelConfigError(ModelError, ValueError):
+    """An unknown model name, bad hyper-parameters, or a checkpoint that does not fit the model."""
+
+
+class CheckpointNotFoundError(ModelError, FileNotFoundError):
+    """A checkpoint path that does not exist."""
+
+
+class CheckpointReadError(ModelError, RuntimeError):
+    """A file torch.load(weights_only=True) cannot read, or weights that cannot be fetched."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,9 +89,9 @@ class MultiHeadSTCI(nn.Module):
     ) -> None:
         super().__init__()
         if not 1 <= heads <= len(HEAD_ANGLES):
-            raise ValueError(f"heads must be in 1..{len(HEAD_ANGLES)}, got {heads}")
+            raise ModelConfigError(f"heads must be in 1..{len(HEAD_ANGLES)}, got {heads}")
         if r < 1:
-            raise ValueError(f"r must be >= 1, got {r}")
+            raise ModelConfigError(f"r must be >= 1, got {r}")
         self.r, self.heads, self.eps, self.spiral = r, heads, eps, spiral
         self.angles = HEAD_ANGLES[:heads]
         self.pairs = r * (r + 1) // 2
@@ -220,7 +241,7 @@ class TwistNet(nn.Module):
         super().__init__()
         stages = tuple(sorted(set(stages)))
         if any(s not in (1, 2, 3, 4) for s in stages):
-            raise ValueError(f"stages must be drawn from 1..4, got {stages}")
+            raise ModelConfigError(f"stages must be drawn from 1..4, got {stages}")
         self.twisted_stages = stages
         self.num_classes = num_classes
         stci_cfg = dict(r=r, heads=heads, use_ais=use_ais, spiral=spiral)
@@ -265,7 +286,7 @@ class TwistNet(nn.Module):
 
     def twist_blocks(self) -> dict[str, TwistBlock]:
         """Blocks that carry an STCI branch, by module name (e.g. 'layer3.0')."""
-        return {n: m for n, m in self.named_modules() if isinstance(m, TwistBlock) and m.stci is not None}
+        return twist_blocks(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,13 +294,15 @@ class TwistNet(nn.Module):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:
+    """A registry entry: how to build the model, and how tables and figures name it."""
     name: str
-    group: str
+    group: str              # ours, ablation, fair (similar size) or large
     venue: str
     builder: Callable[..., nn.Module]
     description: str
+    display: str            # name in tables, e.g. "TwistNet-18 w/o AIS"
+    short: str              # name in figure legends, which share a 3.5 in column
     timm_name: str | None = None
-    defaults: dict = field(default_factory=dict)
 
 
 def _twistnet_builder(**fixed: Any) -> Callable[..., nn.Module]:
@@ -296,28 +319,32 @@ def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
 
 
 def _spec_table() -> dict[str, ModelSpec]:
-    specs = [
-        ModelSpec("twistnet18", "ours", "-", _twistnet_builder(), "TwistNet-18: STCI in stages 3-4"),
-        ModelSpec("twistnet18_no_spiral", "ablation", "-", _twistnet_builder(spiral=False),
-                  "same-position products (no directional twist)"),
-        ModelSpec("twistnet18_no_ais", "ablation", "-", _twistnet_builder(use_ais=False),
-                  "no adaptive interaction selection"),
-        ModelSpec("twistnet18_first_order", "ablation", "-", _twistnet_builder(stages=()),
-                  "no STCI: plain ResNet-18 backbone"),
+    ours = [  # name, group, builder, description, display, short
+        ("twistnet18", "ours", _twistnet_builder(), "TwistNet-18: STCI in stages 3-4",
+         "TwistNet-18", "TwistNet-18"),
+        ("twistnet18_no_spiral", "ablation", _twistnet_builder(spiral=False),
+         "same-position products (no directional twist)", "TwistNet-18 w/o spiral twist", "w/o spiral twist"),
+        ("twistnet18_no_ais", "ablation", _twistnet_builder(use_ais=False),
+         "no adaptive interaction selection", "TwistNet-18 w/o AIS", "w/o AIS"),
+        ("twistnet18_first_order", "ablation", _twistnet_builder(stages=()),
+         "no STCI: plain ResNet-18 backbone", "TwistNet-18 first-order only", "first-order only"),
     ]
-    baselines = [
-        ("resnet18", "resnet18", "CVPR 2016", "fair"),
-        ("seresnet18", "seresnet18", "CVPR 2018", "fair"),
-        ("convnextv2_nano", "convnextv2_nano", "CVPR 2023", "fair"),
-        ("fastvit_sa12", "fastvit_sa12", "ICCV 2023", "fair"),
-        ("efficientformerv2_s2", "efficientformerv2_s2", "ICCV 2023", "fair"),
-        ("repvit_m1_5", "repvit_m1_5", "CVPR 2024", "fair"),
-        ("convnext_tiny", "convnext_tiny", "CVPR 2022", "large"),
-        ("swin_tiny", "swin_tiny_patch4_window7_224", "ICCV 2021", "large"),
+    specs = [ModelSpec(name, group, "-", builder, text, display, short)
+             for name, group, builder, text, display, short in ours]
+    baselines = [  # name, timm name, venue, group, display, short
+        ("resnet18", "resnet18", "CVPR 2016", "fair", "ResNet-18", "ResNet-18"),
+        ("seresnet18", "seresnet18", "CVPR 2018", "fair", "SE-ResNet-18", "SE-ResNet-18"),
+        ("convnextv2_nano", "convnextv2_nano", "CVPR 2023", "fair", "ConvNeXtV2-Nano", "ConvNeXtV2-N"),
+        ("fastvit_sa12", "fastvit_sa12", "ICCV 2023", "fair", "FastViT-SA12", "FastViT-SA12"),
+        ("efficientformerv2_s2", "efficientformerv2_s2", "ICCV 2023", "fair", "EfficientFormerV2-S2",
+         "EffFormerV2-S2"),
+        ("repvit_m1_5", "repvit_m1_5", "CVPR 2024", "fair", "RepViT-M1.5", "RepViT-M1.5"),
+        ("convnext_tiny", "convnext_tiny", "CVPR 2022", "large", "ConvNeXt-Tiny", "ConvNeXt-T"),
+        ("swin_tiny", "swin_tiny_patch4_window7_224", "ICCV 2021", "large", "Swin-Tiny", "Swin-T"),
     ]
-    for name, timm_name, venue, group in baselines:
-        specs.append(ModelSpec(name, group, venue, _timm_builder(timm_name),
-                               f"timm {timm_name}", timm_name=timm_name))
+    specs += [ModelSpec(name, group, venue, _timm_builder(timm_name), f"timm {timm_name}", display, short,
+                        timm_name=timm_name)
+              for name, timm_name, venue, group, display, short in baselines]
     return {s.name: s for s in specs}
 
 
@@ -328,17 +355,50 @@ def model_names() -> list[str]:
     return list(MODEL_SPECS)
 
 
-def is_twistnet(name: str) -> bool:
-    return MODEL_SPECS[name].timm_name is None if name in MODEL_SPECS else False
-
-
 def get_spec(name: str) -> ModelSpec:
-    """The registry entry for `name`, or a ValueError that lists the names and the closest one."""
+    """The registry entry for `name`, or a ModelConfigError that lists the names and the closest one."""
     if name in MODEL_SPECS:
         return MODEL_SPECS[name]
     close = difflib.get_close_matches(name, MODEL_SPECS, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ValueError(f"Unknown model '{name}'.{hint} Known models: {', '.join(MODEL_SPECS)}")
+    raise ModelConfigError(f"Unknown model '{name}'.{hint} Known models: {', '.join(MODEL_SPECS)}")
+
+
+# A run's model is named model[-tag] (train.py --tag); ablation.py's sweeps write these tags.
+_TAG_READINGS = (
+    (re.compile(r"^r(\d+)$"), lambda m: f"r = {m[1]}"),
+    (re.compile(r"^heads(\d+)$"), lambda m: f"{m[1]} head{'s' if m[1] != '1' else ''}"),
+    (re.compile(r"^gate(-?\d+(?:\.\d+)?)$"), lambda m: f"gate init {m[1]}"),
+    (re.compile(r"^stages(\d+)$"), lambda m: f"STCI in stage{'s' if len(m[1]) > 1 else ''} {','.join(m[1])}"),
+)
+
+
+def run_label(model: str, tag: str = "") -> str:
+    """model[-tag]: how run directories, tables and figures name a run's model."""
+    return f"{model}-{tag}" if tag else model
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """'twistnet18-r4' -> ('twistnet18', 'r4'); registry names contain no '-'."""
+    model, _, tag = label.partition("-")
+    return model, tag
+
+
+def display_name(label: str, short: bool = False) -> str:
+    """Readable name of model[-tag], e.g. 'twistnet18-r4' -> 'TwistNet-18 (r = 4)'.
+
+    short: the figure-legend form ('w/o AIS' rather than 'TwistNet-18 w/o AIS').
+    """
+    model, tag = split_label(label)
+    spec = MODEL_SPECS.get(model)
+    name = (spec.short if short else spec.display) if spec else model
+    if not tag:
+        return name
+    for pattern, reading in _TAG_READINGS:
+        match = pattern.match(tag)
+        if match:
+            return f"{name} ({reading(match)})"
+    return f"{name} ({tag})"
 
 
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -376,7 +436,11 @@ def build_model(
     if spec.timm_name is not None:
         return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
 
-    model = spec.builder(num_classes, **model_kwargs)
+    try:
+        model = spec.builder(num_classes, **model_kwargs)
+    except TypeError as error:  # an unknown hyper-parameter name in model_kwargs
+        raise ModelConfigError(f"{name}: {error}. TwistNet hyper-parameters are r, heads, stages, "
+                               f"use_ais, spiral and gate_init.") from None
     if pretrained is False or pretrained is None:
         return model
     if pretrained is True:
@@ -419,7 +483,7 @@ def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any,
     try:
         return spec.builder(num_classes, pretrained=True, **kwargs)
     except Exception as exc:  # offline hub, missing cache, ...
-        raise RuntimeError(
+        raise CheckpointReadError(
             f"Could not fetch timm's pretrained weights for '{spec.name}' ({spec.timm_name}): "
             f"{type(exc).__name__}: {exc}. Connect to the Hugging Face hub once so timm caches "
             f"them, or train without --pretrained."
@@ -457,11 +521,11 @@ def find_twistnet_weights(name: str = "twistnet18") -> Path | None:
 def _load_file(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"Checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(
+        raise CheckpointReadError(
             f"Could not read checkpoint {path}: {type(exc).__name__}: {exc}. Expected a file "
             f"written by torch.save holding a state_dict or a dict with 'model'/'state_dict'."
         ) from exc
@@ -476,7 +540,7 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
                 obj = inner
                 break
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError("The file holds no state_dict (expected tensors by name, or a dict with 'model').")
+        raise ModelConfigError("The file holds no state_dict (expected tensors by name, or a dict with 'model').")
     return {_strip_prefix(k): v for k, v in obj.items()}
 
 
@@ -493,7 +557,7 @@ def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
     """Load a TwistNet checkpoint into `model`; the classifier is skipped when its shape differs.
 
     Any other missing, unexpected or mis-shaped tensor makes the checkpoint incompatible: a
-    ValueError says which, because a half-loaded model would silently train from a wrong start.
+    ModelConfigError says which, because a half-loaded model would silently train from a wrong start.
     """
     state = extract_state_dict(_load_file(path))
     own = model.state_dict()
@@ -504,7 +568,7 @@ def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
     if mismatched or missing or unexpected:
         def show(keys: list[str]) -> str:
             return f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
-        raise ValueError(
+        raise ModelConfigError(
             f"Checkpoint {path} is incompatible with {type(model).__name__} "
             f"{getattr(model, 'twisted_stages', '')}: missing {show(missing)}, unexpected "
             f"{show(unexpected)}, shape mismatch {show(mismatched)}. Was it saved from a "
@@ -546,7 +610,7 @@ def transfer_weights(model: nn.Module, source: Mapping[str, torch.Tensor],
     first two stages (what the paper's code loaded).
     """
     if policy not in TRANSFER_POLICIES:
-        raise ValueError(f"Unknown transfer policy '{policy}'; choose from {TRANSFER_POLICIES}")
+        raise ModelConfigError(f"Unknown transfer policy '{policy}'; choose from {TRANSFER_POLICIES}")
     source = {_strip_prefix(k): v for k, v in source.items()}
     own = model.state_dict()
     report = TransferReport([], [], [], [])
@@ -575,7 +639,7 @@ def load_resnet18_state_dict(path: str | os.PathLike | None = None,
         import timm
         return timm.create_model("resnet18", pretrained=True).state_dict()
     except Exception as exc:
-        raise RuntimeError(
+        raise CheckpointReadError(
             f"Could not fetch timm's ResNet-18 weights ({type(exc).__name__}: {exc}). Pass a local "
             f"file (resnet18_weights=... / --resnet18_weights) holding a timm or torchvision "
             f"ResNet-18 state_dict, or use pretrained=False."
@@ -585,15 +649,69 @@ def load_resnet18_state_dict(path: str | os.PathLike | None = None,
 # --------------------------------------------------------------------------------------------
 # Introspection
 # --------------------------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile and DDP wrappers (nested in either order)."""
+    while True:
+        inner = next((m for m in (getattr(model, "_orig_mod", None), getattr(model, "module", None))
+                      if isinstance(m, nn.Module)), None)
+        if inner is None:
+            return model
+        model = inner
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block; its train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def capture(modules: Mapping[str, nn.Module], inputs: bool = False, detach: bool = True
+            ) -> Iterator[dict[str, torch.Tensor]]:
+    """Record each named module's output (or first input) during the forward passes in the block."""
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, value: torch.Tensor) -> None:
+        store[name] = value.detach() if detach else value
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: keep(name, args[0])) if inputs
+               else m.register_forward_hook(lambda mod, args, out, name=name: keep(name, out))
+               for name, m in modules.items()]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def submodules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Named sub-modules of the (unwrapped) model; an unknown name is a ModelConfigError."""
+    found = dict(unwrap_model(model).named_modules())
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ModelConfigError(f"No sub-module {', '.join(map(repr, missing))} in {type(unwrap_model(model)).__name__}")
+    return {n: found[n] for n in names}
+
+
+def twist_blocks(model: nn.Module) -> dict[str, TwistBlock]:
+    """TwistBlocks that carry an STCI branch, by module name (e.g. 'layer3.0'); {} for other models."""
+    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, TwistBlock) and m.stci is not None}
+
+
 def gate_values(model: nn.Module) -> dict[str, float]:
     """sigmoid(gate) of every TwistBlock, by block name."""
-    return {name: float(torch.sigmoid(m.gate.detach())) for name, m in _twist_blocks(model).items()}
+    return {name: float(torch.sigmoid(m.gate.detach())) for name, m in twist_blocks(model).items()}
 
 
-def _twist_blocks(model: nn.Module) -> dict[str, TwistBlock]:
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return {n: m for n, m in model.named_modules() if isinstance(m, TwistBlock) and m.stci is not None}
+def stci_param_count(model: nn.Module) -> int:
+    """Parameters of the STCI branches and their gates (0 for models without STCI)."""
+    return sum(p.numel() for name, p in unwrap_model(model).named_parameters()
+               if ".stci." in f".{name}" or name.endswith(".gate"))
 
 
 @torch.no_grad()
@@ -604,21 +722,13 @@ def stci_internals(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, tor
     - 'ais': [heads, r + r(r+1)/2] mean AIS weight per channel (absent without AIS)
     - 'gate': sigmoid(gate)
     """
-    blocks = _twist_blocks(model)
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [blk.stci.register_forward_pre_hook(_capture_into(captured, name)) for name, blk in blocks.items()]
-    was_training = model.training
-    model.eval()
-    try:
+    blocks = twist_blocks(model)
+    with evaluating(model), capture({n: b.stci for n, b in blocks.items()}, inputs=True) as inputs:
         model(x)
-        return {name: _internals_of(blk, captured[name]) for name, blk in blocks.items()}
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+        return {name: _internals_of(blk, inputs[name]) for name, blk in blocks.items()}
 
 
-def _internals_of(blk: nn.Module, block_input: torch.Tensor) -> dict[str, torch.Tensor]:
+def _internals_of(blk: TwistBlock, block_input: torch.Tensor) -> dict[str, torch.Tensor]:
     """Interaction matrix, AIS weights and gate of one TwistBlock's STCI (model in eval mode)."""
     stci = blk.stci
     z, t = stci.reduced(block_input)
@@ -630,55 +740,61 @@ def _internals_of(blk: nn.Module, block_input: torch.Tensor) -> dict[str, torch.
     return entry
 
 
-def _capture_into(store: dict, name: str) -> Callable:
-    def hook(module: nn.Module, args: tuple) -> None:
-        store[name] = args[0].detach()
-    return hook
-
-
 @torch.no_grad()
 def feature_maps(model: nn.Module, x: torch.Tensor,
                  layers: Iterable[str] = ("layer1", "layer2", "layer3", "layer4")) -> dict[str, torch.Tensor]:
     """Output of each named sub-module for input x (eval mode)."""
-    model = getattr(model, "module", model)
-    captured: dict[str, torch.Tensor] = {}
-    modules = dict(model.named_modules())
-    hooks = []
-    for name in layers:
-        if name not in modules:
-            raise ValueError(f"No sub-module '{name}' in {type(model).__name__}")
-        hooks.append(modules[name].register_forward_hook(
-            lambda m, a, out, name=name: captured.__setitem__(name, out.detach())))
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model), capture(submodules(model, tuple(layers))) as outputs:
         model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return captured
+    return outputs
 
 
 # --------------------------------------------------------------------------------------------
-# Table
+# The registry table and trained checkpoints
 # --------------------------------------------------------------------------------------------
-def list_models(num_classes: int = 1000, with_flops: bool = True, file: Any = None) -> list[dict]:
-    """Print and return name, params, FLOPs (G multiply-adds at 224), venue and group per model."""
-    rows = []
-    for name, spec in MODEL_SPECS.items():
-        model = build_model(name, num_classes, pretrained=False, verbose=False).eval()
-        gflops = None
-        if with_flops:
-            from compute_flops import count_flops
-            gflops = count_flops(model).total / 1e9
-        rows.append(dict(name=name, params=count_params(model), gflops=gflops,
-                         venue=spec.venue, group=spec.group))
-    print(f"{'model':24s} {'params':>10s} {'GFLOPs':>8s}  {'venue':10s} group", file=file)
+def list_models(num_classes: int = 1000, file: Any = None) -> list[dict]:
+    """Print and return name, params, group and venue per registry model (FLOPs: compute_flops.py)."""
+    rows = [dict(name=name, params=count_params(build_model(name, num_classes, verbose=False)),
+                 group=spec.group, venue=spec.venue, description=spec.description)
+            for name, spec in MODEL_SPECS.items()]
+    print(f"{'model':24s} {'params':>10s}  {'group':9s} {'venue':10s} description", file=file)
     for r in rows:
-        fl = f"{r['gflops']:.2f}" if r["gflops"] is not None else "-"
-        print(f"{r['name']:24s} {r['params'] / 1e6:9.2f}M {fl:>8s}  {r['venue']:10s} {r['group']}", file=file)
+        print(f"{r['name']:24s} {r['params'] / 1e6:9.2f}M  {r['group']:9s} {r['venue']:10s} {r['description']}",
+              file=file)
     return rows
+
+
+def load_checkpoint_model(path: str | os.PathLike, weights: str = "auto") -> tuple[nn.Module, dict]:
+    """(model in eval mode, its training config) from a train.py best.pt/last.pt or a plain state_dict.
+
+    weights: 'auto' takes the EMA weights when the checkpoint has them (those are what train.py
+    selected and tested), 'model' or 'ema' force one. A plain state_dict is taken for twistnet18.
+    """
+    ckpt = _load_file(path)
+    config = dict(ckpt.get("config") or {}) if isinstance(ckpt, dict) else {}
+    has_ema = isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and bool(ckpt["ema"])
+    if weights == "ema" and not has_ema:
+        raise ModelConfigError(f"{path} holds no EMA weights")
+    source = ckpt["ema"] if (weights == "ema" or (weights == "auto" and has_ema)) else ckpt
+    state = extract_state_dict(source)
+    name = config.get("model", "twistnet18")
+    model = build_model(name, classifier_size(state), pretrained=False, verbose=False,
+                        **(config.get("model_kwargs") or {}))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelConfigError(f"{path} does not fit {name}: {str(error).splitlines()[0]}") from None
+    return model.eval(), config
+
+
+def classifier_size(state: Mapping[str, Any]) -> int:
+    """Number of classes: rows of the classifier weight (fc, or timm's last 2-D weight)."""
+    if "fc.weight" in state:
+        return int(state["fc.weight"].shape[0])
+    matrices = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if not matrices:
+        raise ModelConfigError("No classifier weight found in the checkpoint")
+    return int(state[matrices[-1]].shape[0])
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def test_first_order_is_timm_resnet18():
 
 
 def test_stci_param_count_formula(twistnet):
-    blocks = models._twist_blocks(twistnet)
+    blocks = models.twist_blocks(twistnet)
     assert tuple(blocks) == TWIST_BLOCKS
     for name, blk in blocks.items():
         c = blk.conv1.out_channels
@@ -304,7 +304,7 @@ def test_reference_is_sensitive():
 def test_registry_variants_use_the_switches():
     for name, spiral, ais in (("twistnet18", True, True), ("twistnet18_no_spiral", False, True),
                               ("twistnet18_no_ais", True, False)):
-        blocks = models._twist_blocks(_seeded(name))
+        blocks = models.twist_blocks(_seeded(name))
         assert tuple(blocks) == TWIST_BLOCKS
         for blk in blocks.values():
             assert (blk.stci.twist is not None) == spiral and (blk.stci.ais is not None) == ais
@@ -364,7 +364,7 @@ def test_init_twist_is_shifted_average():
 # ----------------------------------------------------------------------------------------------
 def _set_gates(model, value):
     with torch.no_grad():
-        for blk in models._twist_blocks(model).values():
+        for blk in models.twist_blocks(model).values():
             blk.gate.fill_(value)
 
 
@@ -554,11 +554,9 @@ def test_load_plain_state_dict(twist_state, tmp_path):
 
 
 def test_load_compiled_ddp_checkpoint(twist_state, tmp_path):
-    """torch.compile(DDP(model)).state_dict() keys start with '_orig_mod.module.'.
-
-    BUG in models.py (_strip_prefix): it strips 'module.' repeatedly and then '_orig_mod.', but
-    never goes back to 'module.', so '_orig_mod.module.conv1.weight' becomes 'module.conv1.weight'
-    and the load fails as 'incompatible'. Fix: loop until neither prefix matches."""
+    """torch.compile(DDP(model)).state_dict() keys start with '_orig_mod.module.': both wrapper
+    prefixes are stripped, in whatever order they are nested (a regression test: an earlier
+    version stripped them in one fixed order and called the file incompatible)."""
     path = tmp_path / "compiled_ddp.pt"
     torch.save({"model": {"_orig_mod.module." + k: v for k, v in twist_state.items()}}, path)
     model = models.build_model("twistnet18", 47, pretrained=path, verbose=False)
@@ -661,7 +659,7 @@ def test_not_a_checkpoint(tmp_path):
 def _stci_inputs(model, x):
     seen = {}
     hooks = [b.stci.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0]))
-             for n, b in models._twist_blocks(model).items()]
+             for n, b in models.twist_blocks(model).items()]
     with torch.no_grad():
         model.eval()(x)
     for h in hooks:
@@ -675,7 +673,7 @@ def test_stci_internals(twistnet, x64):
     inputs = _stci_inputs(twistnet, x64)
     iu = torch.triu_indices(R, R)
     for name, entry in info.items():
-        stci = models._twist_blocks(twistnet)[name].stci
+        stci = models.twist_blocks(twistnet)[name].stci
         assert entry["interaction"].shape == (HEADS, R, R)
         with torch.no_grad():
             feats = stci.interactions(inputs[name])                 # [B, 176, H, W]
@@ -693,11 +691,9 @@ def test_stci_internals(twistnet, x64):
 
 
 def test_stci_internals_on_training_model(twistnet, x64):
-    """stci_internals promises eval mode. BUG in models.py: it restores model.train() in its
-    `finally` and only then calls stci.reduced()/interactions() on the captured inputs, so a
-    model in train mode gets batch-statistics BN (different numbers) and its STCI BN running
-    stats are overwritten as a side effect. Fix: compute `result` inside the try block, before
-    model.train(was_training) (or wrap the post-processing in the eval context)."""
+    """stci_internals computes everything in eval mode, also for a model in train mode, and leaves
+    its BatchNorm statistics untouched (a regression test: an earlier version restored train
+    mode before the post-processing, which then used batch statistics and updated them)."""
     model = copy.deepcopy(twistnet).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     got = models.stci_internals(model, x64)

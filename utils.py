@@ -1,0 +1,733 @@
+"""Shared plumbing of the TwistNet-2D scripts: errors, devices and precision, files and logs,
+randomness and exact resume, signals, the training recipe, and torch.distributed.
+
+Usage:
+    import utils
+    device = utils.resolve_device("auto")                 # --device auto|cpu|cuda|cuda:N
+    dtype = utils.resolve_amp("auto", device)             # --amp auto|bf16|fp16|off
+    with utils.autocast(device, dtype): ...
+    utils.atomic_save(state, path)                        # temp file + rename
+    for batch in utils.progress(loader, desc="epoch 1"): ...
+
+    def main(argv=None) -> int: ...                       # raises utils.UserError on bad input
+    if __name__ == "__main__":
+        sys.exit(utils.run_main(main))                    # "error: ..." and exit status 2
+
+Entry scripts import from here, never from each other. Model things (unwrapping DDP/compile,
+forward hooks, FLOP counting) live in models.py, data things (samplers, loaders) in datasets.py,
+image things in transforms.py.
+
+Two resume policies, on purpose (README "Resuming"): a fine-tuning run (train.py) is one
+(model, fold, seed) cell of a table, so its command must not change between an interruption and
+its resumption (only where data lives and how fast it loads may); a pretraining run
+(pretrain_imagenet.py, pretrain_spark.py) takes days and moves between machines, so its recipe
+comes from the checkpoint and the new command may change only where things are and how fast
+they run (device, workers, per-process batch with the same global batch).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import models
+import transforms
+
+LR_REFERENCE_BATCH = 256
+EXIT_USAGE = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A mistake in the user's command, data or files; the message says what and how to fix it.
+
+    Entry scripts let it propagate to run_main, which prints one `error: ...` line and exits 2.
+    Any other exception is a bug and keeps its traceback.
+    """
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, also those of models.py (which imports no project file)."""
+    return UserError, models.ModelError
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run an entry point: a user error becomes one `error:` line on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except user_error_types() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0 if code is None else int(code)
+
+
+# --------------------------------------------------------------------------------------------
+# Progress bars
+# --------------------------------------------------------------------------------------------
+def progress(iterable: Iterable | None = None, *, disable: bool = False, file: Any = None,
+             **kwargs: Any) -> Any:
+    """A tqdm bar: live in a terminal; at most one line every 30 s in a log file or pipe.
+
+    tqdm redraws on every update; written to a file (CI, nohup, SLURM logs) that is one frame
+    per step. Off a terminal the bar is throttled and each frame ends its line. The interval can
+    be changed with the TWISTNET_PROGRESS_INTERVAL environment variable (seconds).
+    """
+    from tqdm import tqdm
+
+    stream = file if file is not None else sys.stderr
+    options: dict[str, Any] = {"dynamic_ncols": True}
+    if not _is_terminal(stream):
+        interval = float(os.environ.get("TWISTNET_PROGRESS_INTERVAL", "30"))
+        options = {"mininterval": interval, "maxinterval": max(interval, 10.0), "ncols": 100,
+                   "file": _LineStream(stream)}
+    options.update(kwargs)
+    options.setdefault("file", stream)
+    return tqdm(iterable, disable=disable, **options)
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+class _LineStream:
+    """Turns tqdm's carriage-return redraws into whole lines, for logs."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").replace("\x1b[A", "")
+        if text.strip():
+            self.stream.write(text.rstrip("\n") + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and precision: one meaning of --device, --amp and --channels_last in every script
+# --------------------------------------------------------------------------------------------
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+CHANNELS_LAST_CHOICES = ("auto", "on", "off")
+
+
+def add_device_arguments(group: argparse._ActionsContainer) -> None:
+    """--device, --amp and --channels_last, as every script accepts them."""
+    group.add_argument("--device", default="auto",
+                       help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    group.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                       help="autocast dtype; auto: bf16 on CUDA GPUs that support it, else fp16; off on CPU")
+    group.add_argument("--channels_last", nargs="?", const="on", default="auto", choices=CHANNELS_LAST_CHOICES,
+                       help="NHWC memory format; auto: on for CUDA; a bare --channels_last means on")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of --device; asking for a GPU that is not there is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was asked for, but torch sees no CUDA GPU. Use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    return device
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --amp on `device`, or None for full precision."""
+    if mode not in AMP_CHOICES:
+        raise UserError(f"--amp {mode!r}: choose from {', '.join(AMP_CHOICES)}")
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def resolve_channels_last(mode: str, device: torch.device) -> bool:
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def amp_label(dtype: torch.dtype | None) -> str:
+    """How logs name an autocast dtype: 'bf16', 'fp16' or 'off'."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_kernels(deterministic: bool, device: torch.device) -> None:
+    """Deterministic kernels (exact resume on GPU), or cuDNN autotuning and TF32 matmuls for speed."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+def _temp_beside(path: Path) -> Path:
+    # Unique per writer: two processes saving the same file never share (or rename) a temp file.
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = _temp_beside(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file beside `path`, then rename: a crash never leaves half a file."""
+    _replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file ([] if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}, line {number}: not JSON ({error})") from None
+    return records
+
+
+def append_jsonl(path: str | os.PathLike, record: Mapping) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in records), path)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    return {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
+
+
+class Console:
+    """Prints a line (on the main process only) and appends it to a log file.
+
+    The file is written first, so a closed terminal (nohup, dropped ssh) never loses a record.
+    """
+
+    def __init__(self, log_file: str | os.PathLike | None, enabled: bool = True, timestamps: bool = False) -> None:
+        self.log_file = Path(log_file) if log_file is not None else None
+        self.enabled, self.timestamps = enabled, timestamps
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.timestamps:
+            stamp = time.strftime("%H:%M:%S")
+            message = "\n".join(f"{stamp} {line}" for line in message.split("\n"))
+        if self.log_file is not None:
+            with open(self.log_file, "a") as f:
+                f.write(message + "\n")
+        print(message, flush=True)
+
+
+def tex_escape(text: str) -> str:
+    """Text for a LaTeX table cell; also the degree, ± and Δ signs the tables use."""
+    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                    "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                    "°": r"$^\circ$", "±": r"$\pm$", "Δ": r"$\Delta$"}
+    return "".join(replacements.get(ch, ch) for ch in text)
+
+
+def markdown_escape(text: str) -> str:
+    """Text for a Markdown table cell (a pipe would end the cell)."""
+    return text.replace("|", r"\|")
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness and exact resume
+# --------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Global RNG states in a form torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(permutation of range(size), one augmentation seed per position) for an epoch.
+
+    A function of (seed, epoch) alone, so an epoch's data is the same whatever ran before it:
+    this is what lets a run resume exactly, also from the middle of an epoch.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(size, generator=g)
+    seeds = torch.randint(0, 2**31 - 1, (size,), generator=g)
+    return order, seeds
+
+
+# --------------------------------------------------------------------------------------------
+# Signals
+# --------------------------------------------------------------------------------------------
+class StopFlag:
+    """SIGINT/SIGTERM set a flag that the training loop checks between steps.
+
+    Stopping only at a step boundary keeps the saved state consistent (never half an optimiser
+    step). A second signal exits at once, except within `grace_s` of the first: under torchrun a
+    terminal Ctrl-C reaches each worker twice (from the terminal and forwarded by the agent).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, grace_s: float = 0.0) -> None:
+        self.requested = False
+        self.grace_s = grace_s
+        self._first_at = 0.0
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            if time.monotonic() - self._first_at < self.grace_s:
+                return
+            raise KeyboardInterrupt
+        self.requested, self._first_at = True, time.monotonic()
+
+    def __enter__(self) -> "StopFlag":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_interrupts_in_worker(worker_id: int) -> None:
+    # DataLoader workers share the terminal's process group; left alone, a Ctrl-C would kill
+    # them mid-batch before the main process reaches a step boundary and saves.
+    for sig in StopFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+# --------------------------------------------------------------------------------------------
+# Command lines and configs
+# --------------------------------------------------------------------------------------------
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """Destinations of the options actually written on the command line."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    args, _ = parser.parse_known_args(argv)
+    return set(vars(args))
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str]) -> str:
+    """'--k: old -> new, ...' for the keys whose values differ ('' when none do)."""
+    changed = [(k, saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)]
+    return ", ".join(f"--{k}: {a!r} -> {b!r}" for k, a, b in changed)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------
+def lr_factor(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
+    """Multiplier of base_lr at `step`: linear warm-up, then cosine from base_lr to min_lr."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+    return (min_lr + (base_lr - min_lr) * cosine) / base_lr
+
+
+def parse_progressive(spec: str, img_size: int) -> list[tuple[float, int]]:
+    """'128:0.4,192:0.8' -> [(0.4, 128), (0.8, 192)]: train at SIZE until FRACTION of the epochs."""
+    if not spec:
+        return []
+    phases = []
+    for part in spec.split(","):
+        try:
+            size, fraction = part.split(":")
+            phases.append((float(fraction), int(size)))
+        except ValueError:
+            raise UserError(f"--progressive: cannot read '{part}'; expected SIZE:FRACTION, e.g. 128:0.4") from None
+    ends = [f for f, _ in phases]
+    if ends != sorted(ends) or not all(0 < f < 1 for f in ends):
+        raise UserError(f"--progressive: fractions must rise within (0, 1), got {ends}")
+    if any(size > img_size or size < 16 for _, size in phases):
+        raise UserError(f"--progressive: sizes must lie in 16..--img_size ({img_size}), got {[s for _, s in phases]}")
+    return phases
+
+
+def train_size_for_epoch(epoch: int, epochs: int, phases: Sequence[tuple[float, int]], img_size: int) -> int:
+    """Train crop of 0-based `epoch` under the progressive schedule."""
+    for end_fraction, size in phases:
+        if epoch < end_fraction * epochs:
+            return size
+    return img_size
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe: optimiser, schedule, precision, EMA, batch mixing and loss, for both trainers
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Recipe:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    ema: Any
+    mixup: Any
+    criterion: nn.Module
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def step(self, model: nn.Module, clip_grad: float) -> None:
+        """Optimizer step (after backward): unscale and clip, step, update scaler, schedule and EMA."""
+        if clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(model)
+
+
+def build_recipe(model: nn.Module, args: argparse.Namespace, lr: float, steps_per_epoch: int,
+                 num_classes: int, device: torch.device) -> Recipe:
+    """SGD (Nesterov) with no decay on norms/biases/gates, warm-up + cosine per step, AMP scaler,
+    optional EMA, Mixup/CutMix with label smoothing; `lr` is the absolute peak rate.
+
+    Reads args.weight_decay, momentum, nesterov, epochs, warmup_epochs, min_lr, amp, ema,
+    ema_decay, mixup, cutmix, label_smoothing.
+    """
+    optimizer = torch.optim.SGD(models.decay_param_groups(model, args.weight_decay), lr=lr,
+                                momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
+    total = args.epochs * steps_per_epoch
+    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, lr, args.min_lr))
+    amp_dtype = resolve_amp(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = None
+    if args.ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=args.ema_decay)
+    mixup = transforms.build_mixup(num_classes, args.mixup, args.cutmix, args.label_smoothing)
+    # Mixup's soft targets already carry the smoothing.
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if mixup else args.label_smoothing)
+    return Recipe(optimizer, scheduler, scaler, amp_dtype, ema, mixup, criterion)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[1])
+    return int((logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs (fvcore), counted the same way for results.json, compute_flops.py and prune.py
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FlopReport:
+    """Result of count_flops; `total` is in multiply-adds (fvcore convention)."""
+    total: int
+    by_module: dict[str, int]
+    by_module_operator: dict[str, dict[str, int]]
+    uncounted: dict[str, int]  # op -> how many calls had no handle
+    img_size: int = 224
+
+    @property
+    def gflops(self) -> float:
+        return self.total / 1e9
+
+    def uncounted_text(self) -> str:
+        if not self.uncounted:
+            return "none"
+        ops = sorted(self.uncounted.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ", ".join(f"{op} (x{n})" for op, n in ops)
+
+
+def _numel(shape: Sequence[int] | None) -> int:
+    # fvcore hands over None for values whose shape the tracer did not record (scalars).
+    return math.prod(shape) if shape else 0
+
+
+def _per_output_element(inputs: list, outputs: list) -> int:
+    from fvcore.nn.jit_handles import get_shape
+    return _numel(get_shape(outputs[0]))
+
+
+def _per_input_element(inputs: list, outputs: list) -> int:
+    from fvcore.nn.jit_handles import get_shape
+    return _numel(get_shape(inputs[0]))
+
+
+def _attention_flops(inputs: list, outputs: list) -> int:
+    # Fused attention hides two matmuls (q @ k^T and attn @ v) that fvcore counts when they are
+    # written out; count them here so fused and unfused models compare fairly.
+    from fvcore.nn.jit_handles import get_shape
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    if not (q and k and v):
+        return 0
+    return _numel(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+# fvcore skips elementwise ops, and STCI is made of them. Products, divisions, rsqrt and the gated
+# add: one op per output element (z_i * t_j, squares for the L2 norm, AIS, gate). Reductions: one
+# multiply-add per input element, as fvcore already does for adaptive_avg_pool2d.
+EXTRA_FLOP_HANDLES: Mapping[str, Callable[[list, list], int]] = {
+    "aten::mul": _per_output_element, "aten::mul_": _per_output_element,
+    "aten::div": _per_output_element, "aten::div_": _per_output_element,
+    "aten::addcmul": _per_output_element, "aten::addcmul_": _per_output_element,
+    "aten::rsqrt": _per_output_element,
+    "aten::linalg_vector_norm": _per_input_element, "aten::sum": _per_input_element,
+    "aten::mean": _per_input_element,
+    "aten::scaled_dot_product_attention": _attention_flops,
+}
+
+
+def count_flops(model: nn.Module, img_size: int = 224, extra_handles: bool = True) -> FlopReport:
+    """FLOPs (multiply-adds) of `model` on one 3 x img_size x img_size image, in eval mode.
+
+    extra_handles=False gives fvcore's plain count (elementwise ops skipped); the default also
+    counts the ops of EXTRA_FLOP_HANDLES. The model's train/eval mode is restored afterwards.
+    """
+    with warnings.catch_warnings():  # fvcore's import torch.jit.scripts a loss, which torch flags
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+    param = next(model.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    image = torch.randn(1, 3, img_size, img_size, device=device, dtype=dtype)
+    # Tracing emits TracerWarnings and deprecation notices that say nothing about FLOPs.
+    with models.evaluating(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = (FlopCountAnalysis(model, image).unsupported_ops_warnings(False)
+                    .uncalled_modules_warnings(False).tracer_warnings("none"))
+        if extra_handles:
+            for op, handle in EXTRA_FLOP_HANDLES.items():
+                analysis.set_op_handle(op, handle)
+        return FlopReport(int(analysis.total()), {k: int(v) for k, v in analysis.by_module().items()},
+                          {k: {op: int(n) for op, n in c.items()} for k, c in analysis.by_module_and_operator().items()},
+                          dict(analysis.unsupported_ops()), img_size)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.distributed (pretraining)
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job. A plain `python` launch is rank 0 of a world of 1."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None
+    cpu_group: Any = None     # gloo group for small host-side agreements when the backend is NCCL
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_flag: str, timeout_min: float) -> DistContext:
+    """Join the torchrun job if there is one: NCCL between GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_flag)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None or world > 1 else device.index)
+        torch.cuda.set_device(device)
+    if world == 1:
+        return DistContext(0, 0, 1, device, None)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    extra = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min), **extra)
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device, backend, cpu_group)
+
+
+def close_distributed(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_agree_to_stop(requested: bool, ctx: DistContext) -> bool:
+    """True on every rank as soon as one rank was asked to stop, so all stop at the same step."""
+    if not ctx.distributed:
+        return requested
+    flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
+    return bool(flag.item())
+
+
+def all_reduce_sum(values: Sequence[float], ctx: DistContext) -> list[float]:
+    totals = torch.tensor(list(values), dtype=torch.float64, device=ctx.device)
+    if ctx.distributed:
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(module: nn.Module, ctx: DistContext) -> None:
+    """Give every rank rank 0's BatchNorm statistics, so that all ranks validate the same model."""
+    if ctx.distributed:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch is split over processes and micro-steps."""
+    per_rank: int
+    world_size: int
+    accum_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_rank * self.world_size * self.accum_steps
+
+    def effective_lr(self, lr_per_256: float) -> float:
+        return lr_per_256 * self.global_batch / LR_REFERENCE_BATCH
+
+    def describe(self) -> str:
+        return (f"global batch {self.global_batch} = {self.per_rank} per process x {self.world_size} "
+                f"processes x {self.accum_steps} accumulation steps")
+
+
+def plan_for_resume(saved_global: int, per_rank: int, world: int, accum: int | None) -> BatchPlan:
+    """Keep the checkpoint's global batch in a new world size by changing accum_steps.
+
+    A global batch that cannot be kept is refused: the lr, the schedule length and the data
+    order all depend on it, so silently changing it would make a different run.
+    """
+    if accum is not None:
+        plan = BatchPlan(per_rank, world, accum)
+        if plan.global_batch != saved_global:
+            raise UserError(f"--resume: {plan.describe()} differs from the checkpoint's global batch "
+                            f"{saved_global}. Drop --accum_steps to have it chosen, or pick values whose "
+                            f"product is {saved_global}.")
+        return plan
+    if saved_global % (per_rank * world) == 0:
+        return BatchPlan(per_rank, world, saved_global // (per_rank * world))
+    fits = [b for b in range(1, saved_global // world + 1) if saved_global % (b * world) == 0]
+    raise UserError(
+        f"--resume: the checkpoint was trained with global batch {saved_global}; with {world} processes "
+        f"and --batch_size {per_rank} no whole number of accumulation steps keeps it. Per-process "
+        f"batch sizes that do: {', '.join(map(str, fits[-6:]))} (pass one as --batch_size), or resume "
+        f"with the original number of processes.")
