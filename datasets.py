@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
+import random
 import sys
 import types
 import warnings
@@ -39,27 +39,39 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 
-DATASET_NAMES = ("dtd", "fmd", "kth_tips2", "cub200", "flowers102", "imagefolder", "synthtex")
+import utils
+
+from synthtex import SYNTHTEX_CLASSES, SYNTHTEX_PER_CLASS, render_synthtex, synthtex_label, synthtex_samples_per_fold
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_NAMES = ("train", "val", "test")
 
-LAYOUTS: Mapping[str, str] = types.MappingProxyType({
-    "dtd": "images/<class>/*.jpg and labels/train{k}.txt, val{k}.txt, test{k}.txt (k = 1..10)",
-    "fmd": "image/<class>/*.jpg (10 classes x 100 images)",
-    "kth_tips2": "<material>/sample_a, sample_b, sample_c, sample_d/*.png (KTH-TIPS2-b)",
-    "cub200": "CUB_200_2011/ (or its contents): images.txt, image_class_labels.txt, "
-              "train_test_split.txt, classes.txt, images/",
-    "flowers102": "jpg/image_00001.jpg ..., imagelabels.mat, setid.mat",
-    "imagefolder": "train/<class>/*, val/<class>/* and optionally test/<class>/*",
-    "synthtex": "nothing (generated in memory)",
-})
+
+class DataNotFoundError(utils.UserError, FileNotFoundError):
+    """A dataset folder or file that is not where the protocol expects it."""
+
+
+class DataLayoutError(utils.UserError, ValueError):
+    """A dataset whose files are there but do not follow the protocol (or a bad fold / name)."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the scripts know about one protocol; DATASETS below is the one table of them."""
+    name: str
+    display: str                      # column title in tables and figures
+    layout: str                       # what --data_dir must hold, for error messages and --help
+    folds: int | None                 # number of folds; None: any k >= 1 (a seeded re-draw)
+    reader: Callable[[Path | None, int], "Splits"]
+    needs_data_dir: bool = True
+
 
 FMD_VAL_PER_TRAIN = 0.2        # 10 of the 50 training images per class
 CARVED_VAL_FRACTION = 0.1      # kth_tips2 and cub200: 10% of each class's training images
@@ -89,22 +101,31 @@ class Splits:
         for name in SPLIT_NAMES:
             for key, _ in self.split(name):
                 if key in seen:
-                    raise ValueError(f"{dataset}: sample {key} is in both the {seen[key]} and the {name} "
+                    raise DataLayoutError(f"{dataset}: sample {key} is in both the {seen[key]} and the {name} "
                                      "split; splits must be disjoint and free of duplicates.")
                 seen[key] = name
 
 
+def dataset_spec(dataset: str) -> DatasetSpec:
+    """The protocol's table entry; an unknown name is a DataLayoutError listing the known ones."""
+    if dataset not in DATASETS:
+        raise DataLayoutError(f"Unknown dataset {dataset!r}; known: {', '.join(DATASETS)}.")
+    return DATASETS[dataset]
+
+
 def num_folds(dataset: str) -> int | None:
     """How many folds a protocol has; None when any fold k >= 1 is valid (a seeded re-draw)."""
-    folds = {"dtd": 10, "fmd": 10, "kth_tips2": 4, "cub200": None, "flowers102": None,
-             "imagefolder": 1, "synthtex": None}
-    check_dataset_name(dataset)
-    return folds[dataset]
+    return dataset_spec(dataset).folds
 
 
-def check_dataset_name(dataset: str) -> None:
-    if dataset not in DATASET_NAMES:
-        raise ValueError(f"Unknown dataset {dataset!r}; known: {', '.join(DATASET_NAMES)}.")
+def dataset_display_name(dataset: str) -> str:
+    return DATASETS[dataset].display if dataset in DATASETS else dataset
+
+
+def dataset_sort_key(dataset: str) -> tuple:
+    """The paper's column order (the DATASETS table), unknown names last and alphabetical."""
+    names = list(DATASETS)
+    return (names.index(dataset), "") if dataset in DATASETS else (len(names), dataset)
 
 
 def check_fold(dataset: str, fold: int) -> None:
@@ -112,7 +133,7 @@ def check_fold(dataset: str, fold: int) -> None:
     if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or fold < 1 \
             or (limit is not None and fold > limit):
         allowed = f"folds 1-{limit}" if limit and limit > 1 else ("only fold 1" if limit == 1 else "folds >= 1")
-        raise ValueError(f"{dataset} has {allowed}; got fold {fold!r}.")
+        raise DataLayoutError(f"{dataset} has {allowed}; got fold {fold!r}.")
 
 
 def fold_rng(dataset: str, fold: int) -> np.random.Generator:
@@ -129,20 +150,14 @@ def load_splits(dataset: str, data_dir: str | Path | None, fold: int) -> Splits:
     """The train/val/test samples of one fold of one protocol, checked for layout errors.
 
     Cheap: lists folders, reads index files and checks that listed files exist, but opens no
-    image (`describe` does that). Raises FileNotFoundError for a missing folder or file and
-    ValueError for a bad fold, an empty class or an inconsistent index, naming the path and
+    image (`describe` does that). Raises DataNotFoundError (a FileNotFoundError) for a missing folder or file
+    and DataLayoutError (a ValueError) for a bad fold, an empty class or an inconsistent index, naming the path and
     what was expected.
     """
-    check_dataset_name(dataset)
+    spec = dataset_spec(dataset)
     check_fold(dataset, fold)
-    if dataset == "synthtex":
-        splits = synthtex_splits(fold)
-    else:
-        root = require_data_dir(dataset, data_dir)
-        readers: dict[str, Callable[[Path, int], Splits]] = {
-            "dtd": dtd_splits, "fmd": fmd_splits, "kth_tips2": kth_tips2_splits, "cub200": cub200_splits,
-            "flowers102": flowers102_splits, "imagefolder": imagefolder_splits}
-        splits = readers[dataset](root, fold)
+    root = require_data_dir(dataset, data_dir) if spec.needs_data_dir else None
+    splits = spec.reader(root, fold)
     check_every_class_trains(dataset, splits)
     splits.check_disjoint(dataset)
     return splits
@@ -152,7 +167,7 @@ def check_every_class_trains(dataset: str, splits: Splits) -> None:
     counts = Counter(label for _, label in splits.train)
     missing = [name for i, name in enumerate(splits.classes) if counts[i] == 0]
     if missing:
-        raise ValueError(f"{dataset}: class(es) {', '.join(missing[:5])} have no training images; "
+        raise DataLayoutError(f"{dataset}: class(es) {', '.join(missing[:5])} have no training images; "
                          "every class needs at least one.")
 
 
@@ -160,27 +175,27 @@ def check_every_class_trains(dataset: str, splits: Splits) -> None:
 # Listing helpers
 # --------------------------------------------------------------------------------------------
 def layout_hint(dataset: str, root: Path) -> str:
-    return f"Expected {LAYOUTS[dataset]} under {root}."
+    return f"Expected {DATASETS[dataset].layout} under {root}."
 
 
 def require_data_dir(dataset: str, data_dir: str | Path | None) -> Path:
     if data_dir is None:
-        raise ValueError(f"{dataset} needs --data_dir pointing at the dataset as distributed: {LAYOUTS[dataset]}.")
+        raise DataLayoutError(f"{dataset} needs --data_dir pointing at the dataset as distributed: {DATASETS[dataset].layout}.")
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{dataset} data folder not found: {root}. {layout_hint(dataset, root)}")
+        raise DataNotFoundError(f"{dataset} data folder not found: {root}. {layout_hint(dataset, root)}")
     return root
 
 
 def require_dir(path: Path, what: str, dataset: str, root: Path) -> Path:
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} not found: {path}. {layout_hint(dataset, root)}")
+        raise DataNotFoundError(f"{what} not found: {path}. {layout_hint(dataset, root)}")
     return path
 
 
 def require_file(path: Path, what: str, dataset: str, root: Path) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}. {layout_hint(dataset, root)}")
+        raise DataNotFoundError(f"{what} not found: {path}. {layout_hint(dataset, root)}")
     return path
 
 
@@ -200,14 +215,14 @@ def list_subdirs(folder: Path) -> list[str]:
 def class_folders(parent: Path, dataset: str, root: Path) -> list[str]:
     classes = list_subdirs(parent)
     if not classes:
-        raise ValueError(f"{dataset}: no class folders in {parent}. {layout_hint(dataset, root)}")
+        raise DataLayoutError(f"{dataset}: no class folders in {parent}. {layout_hint(dataset, root)}")
     return classes
 
 
 def images_of_class(folder: Path, dataset: str, root: Path) -> list[Path]:
     images = list_images(folder)
     if not images:
-        raise ValueError(f"{dataset}: class folder has no images: {folder} (expected files with one of the "
+        raise DataLayoutError(f"{dataset}: class folder has no images: {folder} (expected files with one of the "
                          f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))}). {layout_hint(dataset, root)}")
     return images
 
@@ -216,7 +231,7 @@ def require_listed_files_exist(paths: Iterable[str], source: str, dataset: str) 
     # os.path on str, not pathlib: this runs over every listed file (11788 for CUB) on each start.
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"{dataset}: {source} lists {len(missing)} image(s) that do not exist, "
+        raise DataNotFoundError(f"{dataset}: {source} lists {len(missing)} image(s) that do not exist, "
                                 f"e.g. {missing[0]}.")
 
 
@@ -265,7 +280,7 @@ def dtd_splits(root: Path, fold: int) -> Splits:
     for split in SPLIT_NAMES:
         path = labels_dir / f"{split}{fold}.txt"
         if not path.is_file():
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"DTD split file not found: {path}. DTD has folds 1-10; expected labels/train{{k}}.txt, "
                 f"val{{k}}.txt, test{{k}}.txt under {root}.")
         parts[split] = read_dtd_split_file(path, images, index)
@@ -280,11 +295,11 @@ def read_dtd_split_file(path: Path, images: Path, index: Mapping[str, int]) -> l
             continue
         class_name = rel.split("/", 1)[0]
         if "/" not in rel or class_name not in index:
-            raise ValueError(f"DTD split file {path}, line {line_no}: {rel!r} is not '<class>/<file>' with "
+            raise DataLayoutError(f"DTD split file {path}, line {line_no}: {rel!r} is not '<class>/<file>' with "
                              f"<class> a folder under {images}.")
         samples.append((os.path.join(images, rel), index[class_name]))
     if not samples:
-        raise ValueError(f"DTD split file is empty: {path} (expected lines like 'banded/banded_0002.jpg').")
+        raise DataLayoutError(f"DTD split file is empty: {path} (expected lines like 'banded/banded_0002.jpg').")
     require_listed_files_exist((p for p, _ in samples), f"split file {path}", "dtd")
     return samples
 
@@ -330,7 +345,7 @@ def cub200_root(root: Path) -> Path:
     for candidate in (root / "CUB_200_2011", root):
         if (candidate / "images.txt").is_file():
             return candidate
-    raise FileNotFoundError(f"CUB-200-2011 index not found: neither {root / 'CUB_200_2011' / 'images.txt'} nor "
+    raise DataNotFoundError(f"CUB-200-2011 index not found: neither {root / 'CUB_200_2011' / 'images.txt'} nor "
                             f"{root / 'images.txt'} exists. {layout_hint('cub200', root)}")
 
 
@@ -343,7 +358,7 @@ def read_id_table(path: Path, dataset: str, root: Path) -> dict[int, str]:
             continue
         parts = line.split(maxsplit=1)
         if len(parts) != 2 or not parts[0].isdigit():
-            raise ValueError(f"CUB index file {path}, line {line_no}: expected '<id> <value>', got {line!r}.")
+            raise DataLayoutError(f"CUB index file {path}, line {line_no}: expected '<id> <value>', got {line!r}.")
         table[int(parts[0])] = parts[1].strip()
     return table
 
@@ -356,16 +371,16 @@ def cub200_splits(root: Path, fold: int) -> Splits:
     class_table = read_id_table(root / "classes.txt", "cub200", root)
     image_dir = require_dir(root / "images", "CUB image folder", "cub200", root)
     if not (paths.keys() == labels.keys() == is_train.keys()):
-        raise ValueError(f"CUB index files under {root} disagree on the image ids: images.txt, "
+        raise DataLayoutError(f"CUB index files under {root} disagree on the image ids: images.txt, "
                          "image_class_labels.txt and train_test_split.txt must list the same ids.")
     class_ids = sorted(class_table)
     if class_ids != list(range(1, len(class_ids) + 1)):
-        raise ValueError(f"CUB {root / 'classes.txt'}: class ids must be 1..N without gaps.")
+        raise DataLayoutError(f"CUB {root / 'classes.txt'}: class ids must be 1..N without gaps.")
     official: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     for image_id in sorted(paths):
         label = int(labels[image_id]) - 1
         if not 0 <= label < len(class_ids):
-            raise ValueError(f"CUB {root / 'image_class_labels.txt'}: image {image_id} has class "
+            raise DataLayoutError(f"CUB {root / 'image_class_labels.txt'}: image {image_id} has class "
                              f"{labels[image_id]}, outside 1..{len(class_ids)}.")
         split = "train" if is_train[image_id].strip() == "1" else "test"
         official[split].append((os.path.join(image_dir, paths[image_id]), label))
@@ -382,7 +397,7 @@ def load_mat_vector(path: Path, key: str, dataset: str, root: Path) -> np.ndarra
     require_file(path, "Flowers-102 index file", dataset, root)
     content = scipy.io.loadmat(str(path))
     if key not in content:
-        raise ValueError(f"Flowers-102 {path} has no key {key!r} (found: "
+        raise DataLayoutError(f"Flowers-102 {path} has no key {key!r} (found: "
                          f"{', '.join(k for k in content if not k.startswith('__'))}).")
     return np.asarray(content[key]).astype(np.int64).ravel()
 
@@ -396,11 +411,11 @@ def flowers102_splits(root: Path, fold: int) -> Splits:
     present = set(labels.tolist())
     empty = [c for c in range(1, n_classes + 1) if c not in present]
     if labels.min() < 1 or empty:
-        raise ValueError(f"Flowers-102 {root / 'imagelabels.mat'}: labels must be 1..{n_classes} with every class "
+        raise DataLayoutError(f"Flowers-102 {root / 'imagelabels.mat'}: labels must be 1..{n_classes} with every class "
                          f"present; classes without images: {empty[:5]}.")
     for split, ids in setid.items():
         if ids.size == 0 or ids.min() < 1 or ids.max() > n_images:
-            raise ValueError(f"Flowers-102 {root / 'setid.mat'}: {split} ids must be within 1..{n_images}.")
+            raise DataLayoutError(f"Flowers-102 {root / 'setid.mat'}: {split} ids must be within 1..{n_images}.")
     path_of = [os.path.join(image_dir, f"image_{i:05d}.jpg") for i in range(1, n_images + 1)]
     listed = np.concatenate(list(setid.values()))
     require_listed_files_exist((path_of[i - 1] for i in listed), f"{root / 'setid.mat'}", "flowers102")
@@ -450,40 +465,14 @@ def folder_samples(split_dir: Path, classes: list[str], root: Path) -> list[tupl
     index = {name: i for i, name in enumerate(classes)}
     unknown = [name for name in list_subdirs(split_dir) if name not in index]
     if unknown:
-        raise ValueError(f"imagefolder: {split_dir} has class folder(s) {', '.join(unknown[:5])} that "
+        raise DataLayoutError(f"imagefolder: {split_dir} has class folder(s) {', '.join(unknown[:5])} that "
                          f"{root / 'train'} lacks; the classes are the folders of train/.")
     return [(str(p), index[name]) for name in list_subdirs(split_dir)
             for p in images_of_class(split_dir / name, "imagefolder", root)]
 
 
-# --------------------------------------------------------------------------------------------
-# synthtex: procedural textures whose classes differ in where features co-occur
-# --------------------------------------------------------------------------------------------
-# Two families share their ingredients (two coloured motif layers over a noise or checker
-# background, with colours, phases, scales and orientations drawn at random); within a family the
-# classes differ only in how the second layer is placed relative to the first. Every class is
-# symmetric under a horizontal flip, so flip augmentation never turns one class into another.
-SYNTHTEX_CLASSES = (
-    "dots_horizontal_pairs",   # each B dot beside an A dot, left or right
-    "dots_vertical_pairs",     # ... above or below
-    "dots_diagonal_pairs",     # ... along either diagonal
-    "dots_unpaired",           # B dots placed independently of A dots
-    "stripes_parallel",        # B stripes parallel to A, in the gaps between them
-    "stripes_cored",           # B stripes parallel to A, inside them (a thinner core)
-    "stripes_oblique",         # B stripes at +-45 degrees to A
-    "stripes_crossed",         # B stripes at 90 degrees to A
-)
-SYNTHTEX_PER_CLASS: Mapping[str, int] = types.MappingProxyType({"train": 96, "val": 16, "test": 16})
-SYNTHTEX_SEED_TAG = 0x5EED7E  # separates synthtex's streams from any other use of the same ids
-MIN_RENDER_SIZE = 64           # smaller images are drawn larger and box-filtered down (anti-aliasing)
-
-
-def synthtex_samples_per_fold() -> int:
-    return sum(SYNTHTEX_PER_CLASS.values()) * len(SYNTHTEX_CLASSES)
-
-
-def synthtex_splits(fold: int) -> Splits:
-    """Fold k owns sample ids [(k-1) * N, k * N): folds are disjoint draws from one infinite family."""
+def synthtex_splits(root: Path | None, fold: int) -> Splits:
+    """synthtex: fold k owns sample ids [(k-1) * N, k * N): folds are disjoint draws from one infinite family."""
     n_classes = len(SYNTHTEX_CLASSES)
     start = (fold - 1) * synthtex_samples_per_fold()
     parts = {}
@@ -494,137 +483,24 @@ def synthtex_splits(fold: int) -> Splits:
     return Splits(list(SYNTHTEX_CLASSES), parts["train"], parts["val"], parts["test"])
 
 
-def synthtex_label(key: int) -> int:
-    return key % len(SYNTHTEX_CLASSES)
 
-
-def render_synthtex(key: int, size: int = 128) -> Image.Image:
-    """The RGB texture of sample id `key` at size x size; the same key always gives the same image."""
-    rng = np.random.default_rng([SYNTHTEX_SEED_TAG, int(key)])
-    label = synthtex_label(key)
-    factor = max(1, math.ceil(MIN_RENDER_SIZE / size))
-    n = size * factor
-    background, colour_a, colour_b = distinct_colours(rng)
-    image = background_texture(rng, n, background)
-    layer_a, layer_b = (dot_layers if label < 4 else stripe_layers)(label, rng, n)
-    image += layer_a[..., None] * (colour_a - image)
-    image += layer_b[..., None] * (colour_b - image)
-    image += (rng.random(image.shape, dtype=np.float32) - np.float32(0.5)) * np.float32(0.06)
-    pixels = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
-    result = Image.fromarray(pixels)
-    return result.reduce(factor) if factor > 1 else result
-
-
-def distinct_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Background and the two layer colours: jittered shades of fixed roles (grey, warm A, cool B).
-
-    Fully random colours made the classes hard to learn from a few thousand images (TwistNet-18
-    stayed near 20% after 150 steps at 32 px; jittered roles reach 66%), and colour carries no
-    class information either way: every class draws from the same three distributions.
-    """
-    def jitter(base: tuple[float, float, float]) -> np.ndarray:
-        return np.clip(np.float32(base) + rng.uniform(-0.15, 0.15, 3).astype(np.float32), 0.0, 1.0)
-
-    return jitter((0.5, 0.5, 0.5)), jitter((0.85, 0.25, 0.1)), jitter((0.1, 0.3, 0.85))
-
-
-def background_texture(rng: np.random.Generator, n: int, colour: np.ndarray) -> np.ndarray:
-    """A faint nuisance texture: 1/f^alpha noise of a random spectrum, or a rotated checkerboard."""
-    pattern = spectral_noise(rng, n) if rng.random() < 0.7 else checkerboard(rng, n)
-    tint = rng.uniform(0.5, 1.0, 3).astype(np.float32) * np.float32(rng.uniform(0.03, 0.1))
-    return colour + pattern[..., None] * tint
-
-
-def spectral_noise(rng: np.random.Generator, n: int) -> np.ndarray:
-    alpha = rng.uniform(0.0, 2.5)  # 0 white, 1 pink, 2 brown, and in between
-    freq = np.fft.fftfreq(n)
-    radius = np.hypot(freq[:, None], freq[None, :])
-    radius[0, 0] = 1.0
-    spectrum = np.fft.rfft2(rng.standard_normal((n, n))) * radius[:, : n // 2 + 1] ** (-alpha / 2)
-    spectrum[0, 0] = 0.0
-    noise = np.fft.irfft2(spectrum, s=(n, n))
-    return (noise / (noise.std() + 1e-8)).astype(np.float32)
-
-
-def checkerboard(rng: np.random.Generator, n: int) -> np.ndarray:
-    period = n / rng.uniform(3.0, 9.0)
-    theta = rng.uniform(0.0, np.pi)
-    y, x = np.mgrid[0:n, 0:n].astype(np.float32)
-    u = (x * np.cos(theta) + y * np.sin(theta)) / period
-    v = (y * np.cos(theta) - x * np.sin(theta)) / period
-    phase_u, phase_v = rng.uniform(0.0, 2 * np.pi, 2)
-    return np.sign(np.sin(np.pi * u + phase_u) * np.sin(np.pi * v + phase_v)).astype(np.float32)
-
-
-def jittered_lattice(rng: np.random.Generator, n: int, cells: int, jitter: float) -> np.ndarray:
-    """cells x cells points on a randomly offset square lattice, each moved by up to jitter cells."""
-    step = n / cells
-    centres = (np.arange(cells) + 0.5) * step
-    gx, gy = np.meshgrid(centres, centres)
-    points = np.stack([gx.ravel(), gy.ravel()], axis=1) + rng.uniform(0.0, step, 2)
-    points += rng.uniform(-jitter, jitter, points.shape) * step
-    return points % n
-
-
-def paint_motifs(n: int, centres: np.ndarray, radius: float, square: bool) -> np.ndarray:
-    """Soft-edged discs (or squares) at `centres` on an n x n torus, so the texture is stationary."""
-    reach = int(math.ceil(radius)) + 1
-    offsets = np.arange(-reach, reach + 1)
-    xs = np.round(centres[:, 0]).astype(np.int64)[:, None] + offsets      # (motifs, window)
-    ys = np.round(centres[:, 1]).astype(np.int64)[:, None] + offsets
-    dx = (xs - centres[:, :1])[:, None, :]
-    dy = (ys - centres[:, 1:])[:, :, None]
-    dist = np.maximum(np.abs(dx), np.abs(dy)) if square else np.hypot(dx, dy)
-    values = np.clip(radius + 0.5 - dist, 0.0, 1.0).astype(np.float32)
-    mask = np.zeros((n, n), np.float32)
-    # maximum.at, not assignment: overlapping windows must keep the larger value, not the last.
-    np.maximum.at(mask, ((ys % n)[:, :, None], (xs % n)[:, None, :]), values)
-    return mask
-
-
-def dot_layers(label: int, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    # Coarse on purpose: a 32 px ResNet input is 8 x 8 after the stem, so motifs must span pixels.
-    cells = int(rng.integers(3, 5))
-    step = n / cells
-    a = jittered_lattice(rng, n, cells, 0.2)
-    radius = step * rng.uniform(0.13, 0.18)
-    gap = step * rng.uniform(0.40, 0.48)  # > 2 * radius: a pair never merges into one blob
-    signs = rng.choice([-1.0, 1.0], a.shape)
-    if label == 0:
-        b = a + signs * [gap, 0.0]
-    elif label == 1:
-        b = a + signs * [0.0, gap]
-    elif label == 2:
-        b = a + signs * gap / math.sqrt(2)
-    else:
-        b = jittered_lattice(rng, n, cells, 0.5)
-    square = bool(rng.random() < 0.5)
-    return paint_motifs(n, a, radius, square), paint_motifs(n, b % n, radius, square)
-
-
-def stripe_mask(n: int, theta: float, period: float, phase: float, width: float) -> np.ndarray:
-    y, x = np.mgrid[0:n, 0:n].astype(np.float32)
-    u = x * np.cos(theta) + y * np.sin(theta)
-    dist = np.abs(((u / period - phase) % 1.0) - 0.5) * period
-    return np.clip(width / 2 - dist + 0.5, 0.0, 1.0).astype(np.float32)
-
-
-def stripe_layers(label: int, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    period = n / rng.uniform(2.5, 4.5)
-    theta = rng.uniform(0.0, np.pi)
-    width = period * rng.uniform(0.22, 0.32)
-    phase = rng.uniform()
-    a = stripe_mask(n, theta, period, phase, width)
-    if label == 4:
-        b = stripe_mask(n, theta, period, phase + 0.5, width * rng.uniform(0.7, 1.0))
-    elif label == 5:
-        b = stripe_mask(n, theta, period, phase, width * rng.uniform(0.35, 0.55))
-    elif label == 6:
-        turn = rng.choice([-1.0, 1.0]) * np.pi / 4
-        b = stripe_mask(n, theta + turn, period, rng.uniform(), width * rng.uniform(0.7, 1.0))
-    else:
-        b = stripe_mask(n, theta + np.pi / 2, period, rng.uniform(), width * rng.uniform(0.7, 1.0))
-    return a, b
+DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({spec.name: spec for spec in (
+    # In the paper's column order: tables and figures sort datasets by it.
+    DatasetSpec("dtd", "DTD", "images/<class>/*.jpg and labels/train{k}.txt, val{k}.txt, test{k}.txt (k = 1..10)",
+                10, dtd_splits),
+    DatasetSpec("fmd", "FMD", "image/<class>/*.jpg (10 classes x 100 images)", 10, fmd_splits),
+    DatasetSpec("kth_tips2", "KTH-TIPS2", "<material>/sample_a, sample_b, sample_c, sample_d/*.png (KTH-TIPS2-b)",
+                4, kth_tips2_splits),
+    DatasetSpec("cub200", "CUB-200", "CUB_200_2011/ (or its contents): images.txt, image_class_labels.txt, "
+                "train_test_split.txt, classes.txt, images/", None, cub200_splits),
+    DatasetSpec("flowers102", "Flowers-102", "jpg/image_00001.jpg ..., imagelabels.mat, setid.mat", None,
+                flowers102_splits),
+    DatasetSpec("imagefolder", "ImageFolder", "train/<class>/*, val/<class>/* and optionally test/<class>/*",
+                1, imagefolder_splits),
+    DatasetSpec("synthtex", "SynthTex", "nothing (generated in memory)", None, synthtex_splits,
+                needs_data_dir=False),
+)})
+DATASET_NAMES = tuple(DATASETS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -787,6 +663,84 @@ def collate_skip_unreadable(batch: Sequence[tuple[Any, int] | None]) -> tuple[to
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
     images, labels = default_collate(items)
     return images, labels, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Sample order: deterministic per (seed, epoch), resumable mid-epoch, sharded across processes
+# --------------------------------------------------------------------------------------------
+class SeededSamples(Dataset):
+    """Wraps a dataset so that item (index, seed) is drawn with all RNGs seeded by `seed`.
+
+    With the samplers below, every sample's random augmentation depends on its position in the
+    epoch only, not on which worker loads it or what ran before: that makes resuming exact.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            utils.seed_everything(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+class EpochSeededSampler(Sampler):
+    """Yields (index, sample_seed) in the order of utils.epoch_order(seed, epoch).
+
+    `skip` drops the samples an interrupted run already trained on, so an epoch can be finished
+    later with the same data.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order, seeds = utils.epoch_order(self.seed, self.epoch, self.size)
+        return iter(list(zip(order.tolist(), seeds.tolist()))[self.skip:])
+
+    def __len__(self) -> int:
+        return self.size - self.skip
+
+
+class ShardedEpochSampler(Sampler):
+    """The epoch order of utils.epoch_order, cut into global batches shared by the processes.
+
+    Micro-step m covers global positions [m*B*W, (m+1)*B*W) and rank r takes its r-th slice of B,
+    so an optimizer step always sees the same images for a given global batch, whatever the
+    number of processes. The tail that does not fill a global batch is dropped (a different tail
+    every epoch). Yields (index, sample_seed).
+    """
+
+    def __init__(self, size: int, seed: int, rank: int, world_size: int, batch_size: int,
+                 micro_batches: int) -> None:
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.batch_size, self.micro_batches = batch_size, micro_batches
+        self.epoch, self.skip_micro = 0, 0
+
+    def set_epoch(self, epoch: int, skip_micro: int = 0) -> None:
+        self.epoch, self.skip_micro = epoch, skip_micro
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order, seeds = utils.epoch_order(self.seed, self.epoch, self.size)
+        block = self.batch_size * self.world_size
+        starts = torch.arange(self.skip_micro, self.micro_batches) * block + self.rank * self.batch_size
+        positions = (starts[:, None] + torch.arange(self.batch_size)).flatten()
+        return iter(zip(order[positions].tolist(), seeds[positions].tolist()))
+
+    def __len__(self) -> int:
+        return (self.micro_batches - self.skip_micro) * self.batch_size
 
 
 # --------------------------------------------------------------------------------------------
