@@ -39,8 +39,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
-import plot_results as pr
-from run_all import parse_int_list  # the folds/seeds syntax: the table must read it as run_all does
+import datasets
+import models
+import utils
+from summarize_runs import RunResult, Stats, load_results
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parent
 FULL_MODEL = "twistnet18"
@@ -70,14 +73,14 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return pr.run_label(self.model, self.tag)
+        return models.run_label(self.model, self.tag)
 
 
 @dataclass(frozen=True)
 class Row:
     variant: Variant
     params: int | None
-    stats: pr.Stats | None
+    stats: Stats | None
     delta: float | None
 
 
@@ -97,12 +100,11 @@ def sweep_variant(family: str, value: Any) -> Variant:
                                     f"STCI in stage(s) {', '.join(str(s) for s in v)}"),
     }
     if family not in builders:
-        raise ValueError(f"Unknown sweep '{family}'; choose from {', '.join(SWEEP_DEFAULTS)}")
+        raise UserError(f"Unknown sweep '{family}'; choose from {', '.join(SWEEP_DEFAULTS)}")
     return builders[family](value)
 
 
 def head_angles(heads: int) -> tuple[int, ...]:
-    import models
     return models.HEAD_ANGLES[:heads]
 
 
@@ -113,7 +115,7 @@ def plan_variants(sweeps: Sequence[str] = tuple(SWEEP_DEFAULTS),
     variants = [Variant(model, description=text) for model, text in CORE_VARIANTS]
     for family in sweeps:
         if family not in SWEEP_DEFAULTS:
-            raise ValueError(f"Unknown sweep '{family}'; choose from {', '.join(SWEEP_DEFAULTS)}")
+            raise UserError(f"Unknown sweep '{family}'; choose from {', '.join(SWEEP_DEFAULTS)}")
         variants += [sweep_variant(family, v) for v in values[family]]
     return variants
 
@@ -164,19 +166,18 @@ def parse_stage_sets(text: str | None) -> list[tuple[int, ...]] | None:
 # --------------------------------------------------------------------------------------------
 def count_variant_params(variant: Variant, num_classes: int) -> int:
     """Parameters of the variant as built by models.build_model for `num_classes` classes."""
-    import models
     model = models.build_model(variant.model, num_classes, pretrained=False, verbose=False,
                                **dict(variant.model_kwargs))
     return models.count_params(model)
 
 
-def runs_of(variant: Variant, runs: Sequence[pr.RunResult], dataset: str,
-            folds: Sequence[int], seeds: Sequence[int]) -> list[pr.RunResult]:
+def runs_of(variant: Variant, runs: Sequence[RunResult], dataset: str,
+            folds: Sequence[int], seeds: Sequence[int]) -> list[RunResult]:
     return [r for r in runs if r.model == variant.model and r.tag == variant.tag
             and r.dataset == dataset and r.fold in folds and r.seed in seeds]
 
 
-def ablation_rows(variants: Sequence[Variant], runs: Sequence[pr.RunResult], dataset: str,
+def ablation_rows(variants: Sequence[Variant], runs: Sequence[RunResult], dataset: str,
                   folds: Sequence[int], seeds: Sequence[int], num_classes: int | None = None) -> list[Row]:
     """Params, accuracy stats over this plan's runs, and delta of the mean to the full model."""
     if num_classes is None:
@@ -185,7 +186,7 @@ def ablation_rows(variants: Sequence[Variant], runs: Sequence[pr.RunResult], dat
     stats = {}
     for v in variants:
         chosen = runs_of(v, runs, dataset, folds, seeds)
-        stats[v.label] = pr.summarize([r.test_acc for r in chosen]) if chosen else None
+        stats[v.label] = Stats(tuple(r.test_acc for r in chosen)) if chosen else None
     full = stats.get(FULL_MODEL)
     rows = []
     for v in variants:
@@ -197,13 +198,14 @@ def ablation_rows(variants: Sequence[Variant], runs: Sequence[pr.RunResult], dat
 
 
 def variant_name(variant: Variant) -> str:
-    name = pr.display_name(variant.label)
+    name = models.display_name(variant.label, short=True)
     return f"{name} (full)" if variant.label == FULL_MODEL else name
 
 
 def format_cells(row: Row, minus: str = "-", pm: str = "±") -> list[str]:
     params = f"{row.params / 1e6:.2f}" if row.params is not None else "n/a"
-    acc = f"{row.stats.mean:.2f} {pm} {row.stats.std:.2f}" if row.stats else "n/a"
+    acc = "n/a" if row.stats is None else f"{row.stats.mean:.2f}" + (
+        f" {pm} {row.stats.std:.2f}" if row.stats.std is not None else "")
     if row.variant.label == FULL_MODEL:
         delta = "ref." if row.stats else "n/a"
     else:
@@ -220,22 +222,15 @@ def markdown_table(rows: Sequence[Row], title: str = "") -> str:
     lines.append("| " + " | ".join(HEADERS) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
     for row in rows:
-        lines.append("| " + " | ".join([variant_name(row.variant), *format_cells(row)]) + " |")
+        lines.append("| " + " | ".join([utils.markdown_escape(variant_name(row.variant)), *format_cells(row)]) + " |")
     return "\n".join(lines) + "\n"
-
-
-def latex_escape(text: str) -> str:
-    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                    "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
-                    "°": r"$^\circ$", "±": r"$\pm$", "Δ": r"$\Delta$"}
-    return "".join(replacements.get(c, c) for c in text)
 
 
 def latex_table(rows: Sequence[Row], caption: str = "", label: str = "tab:ablation") -> str:
     """A booktabs table float; a rule separates the registry ablations from the sweeps."""
     lines = [r"\begin{table}[t]", r"  \centering"]
     if caption:
-        lines.append(f"  \\caption{{{latex_escape(caption)}}}")
+        lines.append(f"  \\caption{{{utils.tex_escape(caption)}}}")
     lines += [f"  \\label{{{label}}}", r"  \begin{tabular}{lrrrr}", r"    \toprule",
               r"    Variant & Params (M) & Accuracy (\%) & $\Delta$ vs full & Runs \\", r"    \midrule"]
     for i, row in enumerate(rows):
@@ -243,13 +238,13 @@ def latex_table(rows: Sequence[Row], caption: str = "", label: str = "tab:ablati
             lines.append(r"    \midrule")
         cells = format_cells(row, minus="$-$", pm="$\\pm$")
         cells[2] = cells[2].replace("+", "$+$")
-        lines.append("    " + " & ".join([latex_escape(variant_name(row.variant)), *cells]) + r" \\")
+        lines.append("    " + " & ".join([utils.tex_escape(variant_name(row.variant)), *cells]) + r" \\")
     lines += [r"    \bottomrule", r"  \end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
 def table_title(dataset: str, folds: str, seeds: str) -> str:
-    return (f"Ablation of TwistNet-18 on {pr.dataset_display_name(dataset)} (folds {folds}, seeds {seeds}): "
+    return (f"Ablation of TwistNet-18 on {datasets.dataset_display_name(dataset)} (folds {folds}, seeds {seeds}): "
             f"test accuracy mean ± std over runs, Δ = difference to the full model's mean")
 
 
@@ -302,14 +297,14 @@ def sweep_values_from_args(args: argparse.Namespace) -> dict[str, list]:
 def check_passthrough(passthrough: Sequence[str]) -> None:
     clash = [a for a in passthrough if a.split("=")[0] in RESERVED_PASSTHROUGH]
     if clash:
-        raise SystemExit(f"ablation.py sets {', '.join(RESERVED_PASSTHROUGH)} itself for each variant; "
+        raise UserError(f"ablation.py sets {', '.join(RESERVED_PASSTHROUGH)} itself for each variant; "
                          f"remove {', '.join(clash)}")
 
 
 def run_commands(commands: Sequence[Sequence[str]]) -> list[int]:
     """Run each command in turn (a failure does not stop the others); the failed indices."""
     if not (ROOT / "run_all.py").is_file():
-        raise SystemExit(f"{ROOT / 'run_all.py'} not found: ablation.py trains through run_all.py")
+        raise UserError(f"{ROOT / 'run_all.py'} not found: ablation.py trains through run_all.py")
     failed = []
     for i, cmd in enumerate(commands):
         print(f"\n[ablation {i + 1}/{len(commands)}] $ {shlex.join(cmd)}", flush=True)
@@ -323,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, passthrough = parser.parse_known_args(argv)
     check_passthrough(passthrough)
     try:
-        folds, seeds = parse_int_list(args.folds), parse_int_list(args.seeds)
+        folds, seeds = utils.parse_int_list(args.folds), utils.parse_int_list(args.seeds)
     except argparse.ArgumentTypeError as exc:
         parser.error(f"--folds/--seeds: {exc}")
     variants = plan_variants(sweep_families(args.sweeps), sweep_values_from_args(args))
@@ -337,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     failed = [] if args.table_only else run_commands(commands)
 
-    runs = pr.load_results([args.run_dir]) if Path(args.run_dir).is_dir() else []
+    runs = load_results([args.run_dir]) if Path(args.run_dir).is_dir() else []
     rows = ablation_rows(variants, runs, args.dataset, folds, seeds)
     title = table_title(args.dataset, args.folds, args.seeds)
     md, tex = write_tables(rows, args.run_dir, title)
@@ -354,7 +349,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as exc:
-        sys.exit(f"error: {exc}")
+    sys.exit(utils.run_main(main))

@@ -3,8 +3,9 @@
 FLOPs are multiply-adds counted by fvcore (one fused multiply-add = one flop) on a single
 3 x img_size x img_size image in eval mode. fvcore skips elementwise ops by default; STCI is
 made of them (the z_i * t_j products, the L2 normalisation, the AIS re-weighting, the gate), so
-this script also counts elementwise products, divisions, rsqrt and the gated multiply-add, and
-sums, L2 norms and means, at one op per element, and attention matmuls. Ops still left uncounted
+the counter (utils.count_flops, which train.py also uses for results.json) also counts elementwise
+products, divisions, rsqrt and the gated multiply-add, and sums, L2 norms and means, at one op per
+element, and attention matmuls. Ops still left uncounted
 are listed for every model.
 
 Usage:
@@ -14,33 +15,32 @@ Usage:
     python compute_flops.py --latex > table.tex              # booktabs table
     python compute_flops.py --json --model twistnet18        # machine-readable
     python compute_flops.py --speed                          # img/s, resnet18 vs twistnet18
-    python compute_flops.py --speed --device cuda --amp --channels_last --compile --batch_size 128
+    python compute_flops.py --speed --device cuda --amp bf16 --channels_last on --compile --batch_size 128
     python compute_flops.py --speed --models resnet18,twistnet18 --device cpu --batch_size 16
 
 From Python:
-    from compute_flops import count_flops
+    from utils import count_flops
     count_flops(model).total / 1e9     # GFLOPs (multiply-adds)
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
 import time
-import warnings
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+import utils
+from utils import FlopReport, UserError, count_flops
 
 REFERENCE = "resnet18"
 FLOP_UNIT = "GFLOPs (multiply-adds, fvcore convention)"
@@ -50,120 +50,6 @@ PART_BACKBONE = "layer3+layer4 backbone"
 PART_STCI = "STCI modules"
 PART_FC = "classifier (fc)"
 PART_TOP = "top-level ops (global pool)"
-
-
-# --------------------------------------------------------------------------------------------
-# FLOP counting
-# --------------------------------------------------------------------------------------------
-@dataclass
-class FlopReport:
-    """Result of count_flops; `total` is in multiply-adds (fvcore convention)."""
-
-    total: int
-    by_module: dict[str, int]
-    by_module_operator: dict[str, dict[str, int]]
-    uncounted: dict[str, int]  # op -> how many calls had no handle
-    img_size: int = 224
-
-    @property
-    def gflops(self) -> float:
-        return self.total / 1e9
-
-    def uncounted_text(self) -> str:
-        if not self.uncounted:
-            return "none"
-        ops = sorted(self.uncounted.items(), key=lambda kv: (-kv[1], kv[0]))
-        return ", ".join(f"{op} (x{n})" for op, n in ops)
-
-
-def _numel(shape: Sequence[int] | None) -> int:
-    # fvcore hands over None for values whose shape the tracer did not record (scalars).
-    return math.prod(shape) if shape else 0
-
-
-def _per_output_element(inputs: list, outputs: list) -> int:
-    from fvcore.nn.jit_handles import get_shape
-    return _numel(get_shape(outputs[0]))
-
-
-def _per_input_element(inputs: list, outputs: list) -> int:
-    from fvcore.nn.jit_handles import get_shape
-    return _numel(get_shape(inputs[0]))
-
-
-def _attention_flops(inputs: list, outputs: list) -> int:
-    # Fused attention hides two matmuls (q @ k^T and attn @ v) that fvcore counts when they are
-    # written out; count them here so fused and unfused models compare fairly.
-    from fvcore.nn.jit_handles import get_shape
-    q, k, v = (get_shape(t) for t in inputs[:3])
-    if not (q and k and v):
-        return 0
-    return _numel(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
-# Products, divisions and the gated add: one op per output element (z_i * t_j, squares for the
-# L2 norm, AIS, gate). Reductions: one multiply-add per input element, as fvcore already does for
-# adaptive_avg_pool2d.
-EXTRA_HANDLES: dict[str, Callable[[list, list], int]] = {
-    "aten::mul": _per_output_element,
-    "aten::mul_": _per_output_element,
-    "aten::div": _per_output_element,
-    "aten::div_": _per_output_element,
-    "aten::addcmul": _per_output_element,
-    "aten::addcmul_": _per_output_element,
-    "aten::rsqrt": _per_output_element,
-    "aten::linalg_vector_norm": _per_input_element,
-    "aten::sum": _per_input_element,
-    "aten::mean": _per_input_element,
-    "aten::scaled_dot_product_attention": _attention_flops,
-}
-
-
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    param = next(model.parameters(), None)
-    if param is None:
-        return torch.device("cpu"), torch.float32
-    return param.device, param.dtype
-
-
-def _fvcore_analysis_class() -> type:
-    # fvcore's import torch.jit.scripts a loss function, which recent torch flags as deprecated.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        from fvcore.nn import FlopCountAnalysis
-    return FlopCountAnalysis
-
-
-def count_flops(model: nn.Module, img_size: int = 224, extra_handles: bool = True) -> FlopReport:
-    """FLOPs (multiply-adds) of `model` on one 3 x img_size x img_size image, in eval mode.
-
-    extra_handles=False gives fvcore's plain count (elementwise ops skipped); the default also
-    counts the ops listed in EXTRA_HANDLES. The model's train/eval mode is restored afterwards.
-    """
-    FlopCountAnalysis = _fvcore_analysis_class()
-    device, dtype = _model_device_dtype(model)
-    image = torch.randn(1, 3, img_size, img_size, device=device, dtype=dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        # Tracing emits TracerWarnings and deprecation notices that say nothing about FLOPs.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            analysis = (FlopCountAnalysis(model, image)
-                        .unsupported_ops_warnings(False)
-                        .uncalled_modules_warnings(False)
-                        .tracer_warnings("none"))
-            if extra_handles:
-                for op, handle in EXTRA_HANDLES.items():
-                    analysis.set_op_handle(op, handle)
-            total = int(analysis.total())
-            by_module = {k: int(v) for k, v in analysis.by_module().items()}
-            by_op = {k: {op: int(n) for op, n in c.items()}
-                     for k, c in analysis.by_module_and_operator().items()}
-            uncounted = dict(analysis.unsupported_ops())
-    finally:
-        model.train(was_training)
-    return FlopReport(total, by_module, by_op, uncounted, img_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,10 +203,6 @@ def format_table(rows: list[ModelRow], reference: ModelRow, num_classes: int, im
     return "\n".join(lines)
 
 
-def _tex(text: str) -> str:
-    return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
-
-
 def format_latex(rows: list[ModelRow], num_classes: int, img_size: int) -> str:
     lines = [r"\begin{table}[t]", r"\centering",
              rf"\caption{{Model complexity ({num_classes} classes, {img_size}$\times${img_size} input; "
@@ -329,7 +211,7 @@ def format_latex(rows: list[ModelRow], num_classes: int, img_size: int) -> str:
              r"Model & Venue & Params (M) & GFLOPs & Group \\", r"\midrule"]
     for r in rows:
         gf = f"{r.flops / 1e9:.2f}" if r.flops is not None else "--"
-        lines.append(f"{_tex(r.name)} & {_tex(r.venue)} & {r.params / 1e6:.2f} & {gf} & {_tex(r.group)} \\\\")
+        lines.append(f"{utils.tex_escape(r.name)} & {utils.tex_escape(r.venue)} & {r.params / 1e6:.2f} & {gf} & {utils.tex_escape(r.group)} \\\\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines)
 
@@ -389,20 +271,6 @@ class SpeedResult:
         return statistics.median(self.infer)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    if not amp:
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"CUDA: {torch.cuda.get_device_name(device)}"
@@ -422,10 +290,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     dtype: torch.dtype | None, device: torch.device) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -433,7 +297,7 @@ def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     def step() -> None:
-        with _autocast(device, dtype):
+        with utils.autocast(device, dtype):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -449,7 +313,7 @@ def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def make_infer_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None,
                     device: torch.device) -> Callable[[], None]:
     def step() -> None:
-        with torch.inference_mode(), _autocast(device, dtype):
+        with torch.inference_mode(), utils.autocast(device, dtype):
             model(x)
     return step
 
@@ -466,11 +330,9 @@ def _timed(step: Callable[[], None], n: int, device: torch.device, tick: Callabl
 
 def _run_phase(phase: str, steps: dict[str, Callable[[], None]], args: argparse.Namespace,
                device: torch.device) -> dict[str, list[float]]:
-    from tqdm import tqdm
-
     total = len(steps) * (args.warmup + args.repeats * args.steps)
     rates: dict[str, list[float]] = {n: [] for n in steps}
-    with tqdm(total=total, desc=phase, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+    with utils.progress(total=total, desc=phase, unit="step") as bar:
         tick = lambda: bar.update(1)  # noqa: E731
         for name, step in steps.items():
             bar.set_postfix_str(f"{name} warm-up")
@@ -486,20 +348,20 @@ def _run_phase(phase: str, steps: dict[str, Callable[[], None]], args: argparse.
 
 def prepare_model(name: str, args: argparse.Namespace, device: torch.device) -> nn.Module:
     model = models.build_model(name, args.num_classes, pretrained=False, verbose=False).to(device)
-    if args.channels_last:
+    if utils.resolve_channels_last(args.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if args.compile else model
 
 
 def benchmark(names: list[str], args: argparse.Namespace) -> list[SpeedResult]:
-    device = resolve_device(args.device)
-    dtype = amp_dtype(device, args.amp)
+    device = utils.resolve_device(args.device)
+    dtype = utils.resolve_amp(args.amp, device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    channels_last = utils.resolve_channels_last(args.channels_last, device)
     # One batch for every step and model, so data generation is never part of the timing.
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    x = x.contiguous(memory_format=fmt)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     nets = {n: prepare_model(n, args, device) for n in names}
 
@@ -515,19 +377,18 @@ def benchmark(names: list[str], args: argparse.Namespace) -> list[SpeedResult]:
 
 
 def speed_settings(args: argparse.Namespace, device: torch.device) -> str:
-    dtype = amp_dtype(device, args.amp)
-    amp = f"on ({str(dtype).replace('torch.', '')})" if dtype is not None else "off"
+    channels_last = utils.resolve_channels_last(args.channels_last, device)
     return (f"device: {device_description(device)}\n"
             f"torch {torch.__version__} | batch {args.batch_size} | img {args.img_size} | "
-            f"classes {args.num_classes} | amp {amp} | channels_last {'on' if args.channels_last else 'off'} "
-            f"| compile {'on' if args.compile else 'off'}\n"
+            f"classes {args.num_classes} | amp {utils.amp_label(utils.resolve_amp(args.amp, device))} | "
+            f"channels_last {'on' if channels_last else 'off'} | compile {'on' if args.compile else 'off'}\n"
             f"median images/s over {args.repeats} repeats of {args.steps} steps, "
             f"after {args.warmup} warm-up steps; train = forward + backward + SGD step")
 
 
 def format_speed(results: list[SpeedResult], args: argparse.Namespace) -> str:
     ref = next(r for r in results if r.name == REFERENCE)
-    lines = [speed_settings(args, torch.device(args.device)), "",
+    lines = [speed_settings(args, utils.resolve_device(args.device)), "",
              f"{'model':24s} {'train img/s':>12s} {'(min-max)':>15s} {'vs R18':>7s}   "
              f"{'infer img/s':>12s} {'(min-max)':>15s} {'vs R18':>7s}"]
     for r in results:
@@ -544,10 +405,11 @@ def _span(values: list[float]) -> str:
 
 def speed_to_json(results: list[SpeedResult], args: argparse.Namespace) -> list[dict]:
     ref = next(r for r in results if r.name == REFERENCE)
-    device = torch.device(args.device)
+    device = utils.resolve_device(args.device)
     settings = dict(device=device_description(device), torch=torch.__version__,
-                    batch_size=args.batch_size, img_size=args.img_size, amp=args.amp,
-                    channels_last=args.channels_last, compile=args.compile,
+                    batch_size=args.batch_size, img_size=args.img_size,
+                    amp=utils.amp_label(utils.resolve_amp(args.amp, device)),
+                    channels_last=utils.resolve_channels_last(args.channels_last, device), compile=args.compile,
                     warmup=args.warmup, repeats=args.repeats, steps=args.steps)
     return [dict(name=r.name, train_img_s=r.train_median, infer_img_s=r.infer_median,
                  train_ratio=r.train_median / ref.train_median,
@@ -569,20 +431,6 @@ def run_speed(names: list[str], args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -593,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{','.join(DEFAULT_SPEED_MODELS)})")
     which.add_argument("--models", default=argparse.SUPPRESS,
                        help="comma-separated registry models (same default as --model)")
-    parser.add_argument("--num_classes", type=positive_int, default=47, help="classifier width (47 = DTD)")
-    parser.add_argument("--img_size", type=positive_int, default=224, help="input height and width")
+    parser.add_argument("--num_classes", type=utils.positive_int, default=47, help="classifier width (47 = DTD)")
+    parser.add_argument("--img_size", type=utils.positive_int, default=224, help="input height and width")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--latex", action="store_true", help="print a booktabs LaTeX table")
     out.add_argument("--json", action="store_true", help="print JSON to stdout")
@@ -602,25 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
     speed = parser.add_argument_group("throughput (--speed)")
     speed.add_argument("--speed", action="store_true",
                        help="measure train and inference images/s instead of counting FLOPs")
-    speed.add_argument("--device", choices=("cpu", "cuda"),
-                       default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="where to measure (cuda when available, else cpu)")
-    speed.add_argument("--batch_size", type=positive_int, default=32, help="images per step")
-    speed.add_argument("--amp", action="store_true",
-                       help="autocast: bf16 (CPU, CUDA with bf16), else fp16 with GradScaler")
-    speed.add_argument("--channels_last", action="store_true", help="NHWC model and input")
+    utils.add_device_arguments(speed)
+    speed.add_argument("--batch_size", type=utils.positive_int, default=32, help="images per step")
     speed.add_argument("--compile", action="store_true", help="torch.compile the models")
-    speed.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps per model")
-    speed.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (median reported)")
-    speed.add_argument("--steps", type=positive_int, default=5, help="steps per timed repeat")
+    speed.add_argument("--warmup", type=utils.non_negative_int, default=3, help="untimed steps per model")
+    speed.add_argument("--repeats", type=utils.positive_int, default=5, help="timed repeats (median reported)")
+    speed.add_argument("--steps", type=utils.positive_int, default=5, help="steps per timed repeat")
     speed.add_argument("--seed", type=int, default=0, help="seed for weights and the random batch")
-    speed.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+    speed.add_argument("--threads", type=utils.positive_int, default=torch.get_num_threads(),
                        help="CPU threads for torch (torch's own choice on this machine)")
     return parser
 
 
 def selected_names(args: argparse.Namespace) -> list[str]:
-    """Registry names asked for; models.get_spec raises ValueError for an unknown one."""
+    """Registry names asked for; models.get_spec raises a ModelConfigError for an unknown one."""
     if hasattr(args, "model"):
         names = [args.model]
     elif hasattr(args, "models"):
@@ -637,18 +480,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.speed and args.latex:
         parser.error("--latex formats the FLOP table; with --speed use the text or --json output")
-    try:
-        names = selected_names(args)
-        if args.speed:
-            resolve_device(args.device)
-    except ValueError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    names = selected_names(args)
     if not names:
-        print(f"{parser.prog}: error: no model names given", file=sys.stderr)
-        return 2
+        raise UserError("no model names given")
+    if args.speed:
+        utils.resolve_device(args.device)
     return run_speed(names, args) if args.speed else run_table(names, args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(utils.run_main(main))

@@ -652,6 +652,14 @@ def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_t
     return sets, splits.classes
 
 
+def loader_options(workers: int, prefetch: int, device: torch.device) -> dict:
+    """DataLoader options every script uses: the skipping collate, persistent workers that ignore
+    Ctrl-C (the main process stops at a step boundary and saves), pinned memory on CUDA."""
+    return dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_unreadable,
+                persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+                worker_init_fn=utils.ignore_interrupts_in_worker if workers > 0 else None)
+
+
 def collate_skip_unreadable(batch: Sequence[tuple[Any, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Collate (images, labels, n_skipped), dropping the None items of unreadable images.
 
@@ -781,12 +789,10 @@ def open_check(key: Any) -> str | None:
 
 
 def find_unreadable(keys: Sequence[Any], workers: int, progress: bool) -> list[tuple[Any, str]]:
-    from tqdm import tqdm
-
     # PIL releases the GIL while decoding, so threads give a real speed-up here.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(open_check, keys), total=len(keys), desc="opening images",
-                            unit="img", disable=not progress))
+        results = list(utils.progress(pool.map(open_check, keys), total=len(keys), desc="opening images",
+                                      unit="img", disable=not progress))
     return [(key, reason) for key, reason in zip(keys, results) if reason is not None]
 
 
@@ -805,11 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        splits = load_splits(args.dataset, args.data_dir, args.fold)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    splits = load_splits(args.dataset, args.data_dir, args.fold)
     print(describe_splits(args.dataset, args.data_dir, args.fold, splits))
     if args.no_open_check:
         return 0
@@ -825,4 +827,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(utils.run_main(main))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 HEAD_ANGLES = (0, 45, 90, 135)
 WEIGHTS_DIR_NAME = "weights"
 TRANSFER_POLICIES = ("all", "stem+layer1+layer2")
+DEFAULT_GATE_INIT = -2.0        # sigmoid(-2) = 0.119: a fresh STCI branch barely perturbs the backbone
 _STEM_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
 
 
@@ -126,7 +127,8 @@ class MultiHeadSTCI(nn.Module):
 
     @torch.no_grad()
     def reset_stci_parameters(self) -> None:
-        """Directional twist kernels and the small projection DESIGN.md prescribes."""
+        """Directional twist kernels (0.5 centre + 0.5 neighbour in the head's direction) and a small
+        N(0, 0.01) projection, so a fresh branch starts near zero and directional."""
         if self.twist is not None:
             kernel = torch.zeros_like(self.twist.weight)  # [heads*r, 1, 3, 3]
             for d, angle in enumerate(self.angles):
@@ -197,7 +199,7 @@ class TwistBlock(nn.Module):
         planes: int,
         stride: int = 1,
         stci: Mapping[str, Any] | None = None,
-        gate_init: float = -2.0,
+        gate_init: float = DEFAULT_GATE_INIT,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
@@ -236,7 +238,7 @@ class TwistNet(nn.Module):
         heads: int = 4,
         use_ais: bool = True,
         spiral: bool = True,
-        gate_init: float = -2.0,
+        gate_init: float = DEFAULT_GATE_INIT,
     ) -> None:
         super().__init__()
         stages = tuple(sorted(set(stages)))
@@ -401,6 +403,17 @@ def display_name(label: str, short: bool = False) -> str:
     return f"{name} ({tag})"
 
 
+def gate_init_of_config(config: Mapping[str, Any]) -> float | None:
+    """The gate initialisation a run's config built its TwistNet with (None for other models)."""
+    if not is_twistnet(str(config.get("model", ""))):
+        return None
+    return float((config.get("model_kwargs") or {}).get("gate_init", DEFAULT_GATE_INIT))
+
+
+def is_twistnet(name: str) -> bool:
+    return name in MODEL_SPECS and MODEL_SPECS[name].timm_name is None
+
+
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv/linear weights only; norm weights, biases and gates (ndim <= 1) get none."""
     decay, no_decay = [], []
@@ -421,6 +434,7 @@ def build_model(
     transfer_policy: str = "all",
     resnet18_weights: str | os.PathLike | None = None,
     verbose: bool = True,
+    log: Callable[[str], None] | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
     """Build a registry model.
@@ -429,10 +443,11 @@ def build_model(
     auto-detect weights/<name>_imagenet.pt, else ResNet-18 transfer; baselines: timm weights).
     transfer_policy: 'all' or 'stem+layer1+layer2', for the ResNet-18 fallback.
     resnet18_weights: a local timm/torchvision ResNet-18 state_dict used instead of timm's hub.
+    verbose / log: what is loaded and transferred is reported with `log` (default: print when verbose).
     model_kwargs: TwistNet hyper-parameters (r, heads, stages, use_ais, spiral, gate_init).
     """
     spec = get_spec(name)
-    log = print if verbose else (lambda *a, **k: None)
+    log = log or (print if verbose else (lambda *a, **k: None))
     if spec.timm_name is not None:
         return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
 

@@ -24,7 +24,8 @@ Kinds:
 Runs are the run directories inside each --run_dir that hold a results.json with a test accuracy
 (read with summarize_runs.py's loader, so tables and figures count the same runs), grouped by
 model[-tag] and dataset (a run made with train.py's --tag is its own entry, e.g. twistnet18-r4).
-Std is the sample standard deviation (ddof=1) over runs; a single run has std 0.
+Std is the sample standard deviation (ddof=1) over runs, as in the tables; a single run has
+no error bar.
 
 Every figure is written as <save_dir>/<name>.png and .pdf (see --formats) at 300 dpi, with seaborn's
 "whitegrid" style in paper context, 3.5 in wide (one column) or 7 in (two columns).
@@ -32,134 +33,41 @@ Every figure is written as <save_dir>/<name>.png and .pdf (see --formats) at 300
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import re
 import sys
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-import matplotlib
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
+import datasets
+import models
+import transforms
+import utils
+import figures
+from figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, paper_style, save_figure
+from summarize_runs import RunResult, Stats, load_results
+from utils import UserError
 
-import matplotlib.colors as mcolors  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-import summarize_runs  # noqa: E402  (the run loader and dataset names/order the tables use)
-
-DPI = 300
-COLUMN_WIDTH_IN = 3.5
-PAGE_WIDTH_IN = 7.0
 PLOT_KINDS = ("bar", "radar", "scatter", "ablation", "curves", "gate", "confusion", "interaction")
 DEFAULT_BASELINE = "twistnet18"
 MAX_POINT_LABELS = 6
-LOG_SCALE_RATIO = 30.0
-NEGLIGIBLE_NEGATIVE = 0.05  # interaction maps switch to a diverging scale beyond this share  # loss curves spanning more than this factor get a log axis
-DEFAULT_GATE_INIT = -2.0  # TwistBlock's default, DESIGN.md §1
-
-# Shorter than summarize_runs.MODEL_DISPLAY: figure labels share a 3.5 in column.
-MODEL_DISPLAY_NAMES = {
-    "twistnet18": "TwistNet-18",
-    "twistnet18_no_spiral": "w/o spiral twist",
-    "twistnet18_no_ais": "w/o AIS",
-    "twistnet18_first_order": "first-order only",
-    "resnet18": "ResNet-18",
-    "seresnet18": "SE-ResNet-18",
-    "convnextv2_nano": "ConvNeXtV2-N",
-    "fastvit_sa12": "FastViT-SA12",
-    "efficientformerv2_s2": "EffFormerV2-S2",
-    "repvit_m1_5": "RepViT-M1.5",
-    "convnext_tiny": "ConvNeXt-T",
-    "swin_tiny": "Swin-T",
-}
-# Tags written by ablation.py's sweeps, and how to read them.
-TAG_PATTERNS = (
-    (re.compile(r"^r(\d+)$"), lambda m: f"r = {m[1]}"),
-    (re.compile(r"^heads(\d+)$"), lambda m: f"{m[1]} head{'s' if m[1] != '1' else ''}"),
-    (re.compile(r"^gate(-?\d+(?:\.\d+)?)$"), lambda m: f"gate init {m[1]}"),
-    (re.compile(r"^stages(\d+)$"), lambda m: f"STCI in stage{'s' if len(m[1]) > 1 else ''} {','.join(m[1])}"),
-)
+LOG_SCALE_RATIO = 30.0     # loss curves spanning more than this factor get a log axis
 # Order of the ablation figure and table: the full model, the registry ablations, then sweeps.
 CORE_ABLATION_ORDER = ("twistnet18", "twistnet18_no_spiral", "twistnet18_no_ais", "twistnet18_first_order")
 TAG_FAMILY_ORDER = ("r", "heads", "gate", "stages")
 
 
 # --------------------------------------------------------------------------------------------
-# Reading runs
+# Selecting runs (read by summarize_runs.load_results, so tables and figures count the same runs)
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunResult:
-    """The fields of one finished run's results.json that the figures and tables use."""
-    model: str
-    tag: str
-    dataset: str
-    fold: int
-    seed: int
-    test_acc: float
-    params: int | None
-    flops: float | None
-    img_size: int | None
-    num_classes: int | None
-    path: Path            # the run directory
-
-    @property
-    def label(self) -> str:
-        return run_label(self.model, self.tag)
-
-
-@dataclass(frozen=True)
-class Stats:
-    mean: float
-    std: float
-    n: int
-
-
-def run_label(model: str, tag: str = "") -> str:
-    """model[-tag], the name train.py gives a run's model in its directory name."""
-    return f"{model}-{tag}" if tag else model
-
-
-def load_results(run_dirs: Iterable[str | Path]) -> list[RunResult]:
-    """Finished runs in the run directories below `run_dirs` (summarize_runs.py's loader).
-
-    Reading through summarize_runs.load_runs keeps one rule for what counts as a run across
-    tables and figures (one level of run directories, duplicates and runs without a test accuracy
-    left out, with a warning here); the figures also need the class count.
-    """
-    found = summarize_runs.load_runs(run_dirs)
-    for path, why in found.unusable:
-        warnings.warn(f"{path}: {why}; skipped")
-    for ignored, kept in found.duplicates:
-        warnings.warn(f"{ignored} repeats {kept}; counted once")
-    return [with_run_details(run) for run in found.runs]
-
-
-def with_run_details(run: Any) -> RunResult:
-    """A summarize_runs.RunResult plus its tag and the class count of its results.json."""
-    data = json.loads((Path(run.path) / "results.json").read_text())
-    return RunResult(
-        model=run.model, tag=run.label[len(run.model) + 1:] if run.label != run.model else "",
-        dataset=run.dataset, fold=run.fold, seed=run.seed, test_acc=run.test_acc,
-        params=run.params, flops=run.flops, img_size=run.img_size,
-        num_classes=len(data.get("classes") or data.get("per_class_acc") or []) or None, path=Path(run.path),
-    )
-
-
-def summarize(values: Sequence[float]) -> Stats:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
-    arr = np.asarray(values, dtype=float)
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return Stats(float(arr.mean()), std, int(arr.size))
-
-
 def group_key(run: RunResult, group_by: str) -> str:
     """The axis a run belongs to: its dataset, or its dataset and fold."""
     return run.dataset if group_by == "dataset" else f"{run.dataset}/{run.fold}"
@@ -170,7 +78,7 @@ def accuracy_stats(runs: Iterable[RunResult], group_by: str = "dataset") -> dict
     grouped: dict[tuple[str, str], list[float]] = defaultdict(list)
     for run in runs:
         grouped[(run.label, group_key(run, group_by))].append(run.test_acc)
-    return {key: summarize(values) for key, values in grouped.items()}
+    return {key: Stats(tuple(values)) for key, values in grouped.items()}
 
 
 def filter_runs(runs: Iterable[RunResult], labels: Sequence[str] | None = None,
@@ -191,37 +99,28 @@ def ordered_labels(runs: Iterable[RunResult], preferred: Sequence[str] | None = 
 def ordered_groups(runs: Iterable[RunResult], group_by: str) -> list[str]:
     def key(group: str) -> tuple:
         dataset, _, fold = group.partition("/")
-        return summarize_runs.dataset_sort_key(dataset), int(fold) if fold else 0
+        return datasets.dataset_sort_key(dataset), int(fold) if fold else 0
     return sorted({group_key(r, group_by) for r in runs}, key=key)
 
 
 def read_log(path: str | Path) -> list[dict]:
-    """The per-epoch records of a log.jsonl."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Log file not found: {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The per-epoch records of a log.jsonl, of train.py or of a pretraining script."""
+    if not Path(path).is_file():
+        raise UserError(f"Log file not found: {path}")
+    return [r for r in utils.read_jsonl(path) if r.get("type", "epoch") == "epoch"]
 
 
 # --------------------------------------------------------------------------------------------
 # Names
 # --------------------------------------------------------------------------------------------
 def display_name(label: str) -> str:
-    """Readable name of a model label, e.g. 'twistnet18-r4' -> 'TwistNet-18 (r = 4)'."""
-    model, _, tag = label.partition("-")
-    name = MODEL_DISPLAY_NAMES.get(model, model)
-    if not tag:
-        return name
-    for pattern, fmt in TAG_PATTERNS:
-        match = pattern.match(tag)
-        if match:
-            return f"{name} ({fmt(match)})"
-    return f"{name} ({tag})"
+    """Figure-legend name of model[-tag] (the short registry name, e.g. 'w/o AIS (r = 4)')."""
+    return models.display_name(label, short=True)
 
 
 def dataset_display_name(group: str) -> str:
     dataset, _, fold = group.partition("/")
-    name = summarize_runs.DATASET_DISPLAY.get(dataset, dataset)
+    name = datasets.dataset_display_name(dataset)
     return f"{name} f{fold}" if fold else name
 
 
@@ -242,62 +141,9 @@ def ablation_sort_key(label: str) -> tuple:
     return (1, rank, model, value, tag)
 
 
-def run_name_of(path: str | Path) -> str:
-    """The run directory name of a file inside it (log.jsonl, results.json, best.pt)."""
-    return Path(path).resolve().parent.name
-
-
 # --------------------------------------------------------------------------------------------
-# Style and saving
+# Colours and axes
 # --------------------------------------------------------------------------------------------
-def paper_rc(font_scale: float = 1.0) -> dict[str, Any]:
-    """rcParams for paper figures: seaborn whitegrid + paper context, embedded TrueType fonts."""
-    rc: dict[str, Any] = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=font_scale)}
-    rc.update({
-        "savefig.dpi": DPI,
-        "pdf.fonttype": 42,   # TrueType in PDFs: text stays editable and journals accept it
-        "ps.fonttype": 42,
-        "axes.titlesize": 8.5,
-        "axes.labelsize": 8,
-        "xtick.labelsize": 7,
-        "ytick.labelsize": 7,
-        "legend.fontsize": 7,
-        "legend.title_fontsize": 7.5,
-        "legend.frameon": False,
-        "grid.linewidth": 0.5,
-        "lines.linewidth": 1.2,
-        "errorbar.capsize": 2.0,
-    })
-    return rc
-
-
-@contextlib.contextmanager
-def paper_style(font_scale: float = 1.0) -> Iterator[None]:
-    """Apply the paper style only inside the block, leaving matplotlib's defaults untouched."""
-    with matplotlib.rc_context(paper_rc(font_scale)):
-        yield
-
-
-def new_figure(width_in: float, height_in: float) -> Figure:
-    """A figure outside pyplot's registry (nothing to close, no display) with constrained layout."""
-    return Figure(figsize=(width_in, height_in), layout="constrained")
-
-
-def save_figure(fig: Figure, save_dir: str | Path, stem: str,
-                formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
-    """Write fig as <save_dir>/<stem>.<fmt> at 300 dpi; returns the paths."""
-    save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        path = save_dir / f"{stem}.{fmt}"
-        # No bbox_inches="tight": the page size must stay the requested column width.
-        metadata = {"CreationDate": None} if fmt == "pdf" else None  # byte-stable PDFs across re-runs
-        fig.savefig(path, dpi=DPI, format=fmt, metadata=metadata)
-        paths.append(path)
-    return paths
-
-
 def model_palette(labels: Sequence[str]) -> dict[str, tuple]:
     """One colour per label; the full TwistNet-18 always gets the accent colour."""
     others = [label for label in labels if label != DEFAULT_BASELINE]
@@ -330,8 +176,8 @@ def bar_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], gr
     """Grouped bars: x = datasets, one bar per model; a single dataset puts the models on x."""
     palette = model_palette(labels)
     entries = [(label, group) for group in groups for label in labels if (label, group) in stats]
-    lows = [stats[e].mean - stats[e].std for e in entries]
-    highs = [stats[e].mean + stats[e].std for e in entries]
+    lows = [stats[e].mean - stats[e].error_bar for e in entries]
+    highs = [stats[e].mean + stats[e].error_bar for e in entries]
     if len(groups) == 1:
         fig = new_figure(COLUMN_WIDTH_IN, 2.6)
         ax = fig.add_subplot()
@@ -339,7 +185,7 @@ def bar_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], gr
         x = np.arange(len(present))
         for i, label in enumerate(present):
             s = stats[(label, groups[0])]
-            ax.bar(x[i], s.mean, 0.7, yerr=s.std, color=palette[label], edgecolor="black",
+            ax.bar(x[i], s.mean, 0.7, yerr=s.error_bar, color=palette[label], edgecolor="black",
                    linewidth=0.4, error_kw={"elinewidth": 0.8})
         ax.set_xticks(x, [display_name(label) for label in present], rotation=30, ha="right",
                       rotation_mode="anchor")
@@ -354,7 +200,7 @@ def bar_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], gr
             positions = [x[g] + (i - (len(labels) - 1) / 2) * bar_w
                          for g, group in enumerate(groups) if (label, group) in stats]
             present = [stats[(label, group)] for group in groups if (label, group) in stats]
-            ax.bar(positions, [s.mean for s in present], bar_w, yerr=[s.std for s in present],
+            ax.bar(positions, [s.mean for s in present], bar_w, yerr=[s.error_bar for s in present],
                    color=palette[label], edgecolor="black", linewidth=0.4, label=display_name(label),
                    error_kw={"elinewidth": 0.7})
         ax.set_xticks(x, [dataset_display_name(g) for g in groups])
@@ -369,7 +215,7 @@ def bar_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], gr
 def radar_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], groups: Sequence[str]) -> Figure:
     """One closed polygon of mean accuracies per model, one spoke per dataset."""
     if len(groups) < 3:
-        raise ValueError(f"A radar chart needs at least 3 axes, got {len(groups)} ({', '.join(groups)}). "
+        raise UserError(f"A radar chart needs at least 3 axes, got {len(groups)} ({', '.join(groups)}). "
                          f"Add datasets, or use --group_by dataset_fold to make each fold an axis.")
     complete = [label for label in labels if all((label, g) in stats for g in groups)]
     incomplete = [label for label in labels if label not in complete]
@@ -377,7 +223,7 @@ def radar_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], 
         warnings.warn(f"Left out of the radar chart (no runs on some of {', '.join(groups)}): "
                       f"{', '.join(incomplete)}")
     if not complete:
-        raise ValueError("No model has runs on every dataset; a radar chart has nothing to draw.")
+        raise UserError("No model has runs on every dataset; a radar chart has nothing to draw.")
     palette = model_palette(complete)
     angles = np.linspace(0, 2 * np.pi, len(groups), endpoint=False)
     closed = np.append(angles, angles[0])
@@ -428,9 +274,9 @@ def scatter_figure(runs: Sequence[RunResult], labels: Sequence[str], groups: Seq
             costs = [getattr(r, x_metric) for r in chosen if getattr(r, x_metric)]
             if not chosen or not costs:
                 continue
-            s = summarize([r.test_acc for r in chosen])
+            s = Stats(tuple(r.test_acc for r in chosen))
             cost = float(np.median(costs)) / scale
-            ax.errorbar(cost, s.mean, yerr=s.std, fmt="o", color=palette[label], markersize=4,
+            ax.errorbar(cost, s.mean, yerr=s.error_bar, fmt="o", color=palette[label], markersize=4,
                         markeredgecolor="black", markeredgewidth=0.4, elinewidth=0.8,
                         label=display_name(label))
             if annotate:
@@ -473,7 +319,7 @@ def ablation_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str
             warnings.warn(f"No runs of the full model '{baseline}' on {group}: deltas are not shown")
         y = np.arange(len(present))
         means = [stats[(label, group)].mean for label in present]
-        stds = [stats[(label, group)].std for label in present]
+        stds = [stats[(label, group)].error_bar for label in present]
         colours = [palette[3] if label == baseline else palette[0] for label in present]
         ax.barh(y, means, 0.65, xerr=stds, color=colours, edgecolor="black", linewidth=0.4,
                 error_kw={"elinewidth": 0.7})
@@ -526,7 +372,7 @@ def gate_figure(records: Sequence[dict], gate_init: float | None = None, title: 
     """sigmoid(gate) per TwistBlock over epochs; a dotted line marks the initial value."""
     blocks = list(dict.fromkeys(b for r in records for b in (r.get("gates") or {})))
     if not blocks:
-        raise ValueError("The log has no TwistBlock gates (not a TwistNet run with STCI?)")
+        raise UserError("The log has no TwistBlock gates (not a TwistNet run with STCI?)")
     fig = new_figure(COLUMN_WIDTH_IN, 2.8)
     ax = fig.add_subplot()
     colours = sns.color_palette("viridis", len(blocks))
@@ -553,7 +399,7 @@ def confusion_figure(confusion: Sequence[Sequence[float]], classes: Sequence[str
     matrix = np.asarray(confusion, dtype=float)
     n = matrix.shape[0]
     if matrix.shape != (n, n) or len(classes) != n:
-        raise ValueError(f"Confusion matrix {matrix.shape} does not match {len(classes)} class names")
+        raise UserError(f"Confusion matrix {matrix.shape} does not match {len(classes)} class names")
     percent = 100 * matrix / np.clip(matrix.sum(axis=1, keepdims=True), 1, None)
     small = n <= 12
     size = COLUMN_WIDTH_IN if n <= 20 else PAGE_WIDTH_IN
@@ -583,15 +429,13 @@ def confusion_figure(confusion: Sequence[Sequence[float]], classes: Sequence[str
 
 def interaction_figure(internals: Mapping[str, Mapping[str, Any]], title: str = "") -> Figure:
     """Per TwistBlock a row of per-head r x r interaction heatmaps, titled with the directions."""
-    import models  # heavy (torch); only the interaction plot needs it
-
     if not internals:
-        raise ValueError("The model has no TwistBlocks with STCI: nothing to show.")
+        raise UserError("The model has no TwistBlocks with STCI: nothing to show.")
     matrices = {block: np.asarray(entry["interaction"], dtype=float) for block, entry in internals.items()}
     heads = max(m.shape[0] for m in matrices.values())
     everything = np.concatenate([m.ravel() for m in matrices.values()])
     vmin, vmax = float(everything.min()), float(everything.max())
-    norm, cmap = interaction_colour_scale(vmin, vmax)
+    norm, cmap = figures.interaction_colour_scale(vmin, vmax)
     fig = new_figure(PAGE_WIDTH_IN, 0.45 + 1.6 * len(matrices))
     axes = fig.subplots(len(matrices), heads, squeeze=False)
     image = None
@@ -600,7 +444,7 @@ def interaction_figure(internals: Mapping[str, Mapping[str, Any]], title: str = 
             if d >= matrix.shape[0]:
                 ax.set_visible(False)
                 continue
-            image = draw_interaction(ax, matrix[d], norm, cmap)
+            image = figures.draw_interaction(ax, matrix[d], norm, cmap)
             ax.set_title(f"{models.HEAD_ANGLES[d]}°")
         row[0].set_ylabel(f"{block}\nz channel i")
         for ax in row[1:]:
@@ -614,102 +458,12 @@ def interaction_figure(internals: Mapping[str, Mapping[str, Any]], title: str = 
     return fig
 
 
-def interaction_colour_scale(vmin: float, vmax: float) -> tuple[mcolors.Normalize, str]:
-    """A diverging map centred on 0 when interactions are clearly negative, else a sequential one.
-
-    A trained twist kernel can make a few products slightly negative; below NEGLIGIBLE_NEGATIVE
-    of the largest value they would only wash out a symmetric scale.
-    """
-    if vmin < -NEGLIGIBLE_NEGATIVE * max(vmax, 0.0) and vmax > 0:
-        bound = max(-vmin, vmax)
-        return mcolors.Normalize(-bound, bound), "RdBu_r"
-    return mcolors.Normalize(vmin, vmax if vmax > vmin else vmin + 1e-6), "magma"
-
-
-def draw_interaction(ax: Any, matrix: np.ndarray, norm: mcolors.Normalize, cmap: str) -> Any:
-    """One r x r heatmap with sparse integer ticks."""
-    r = matrix.shape[0]
-    image = ax.imshow(matrix, norm=norm, cmap=cmap, interpolation="nearest")
-    ticks = np.arange(0, r, max(1, r // 4))
-    ax.set_xticks(ticks)
-    ax.set_yticks(ticks)
-    ax.tick_params(labelsize=6, length=1.5, pad=1)
-    ax.grid(False)
-    return image
-
-
 # --------------------------------------------------------------------------------------------
-# Checkpoints and images (shared with visualize.py)
+# Run files
 # --------------------------------------------------------------------------------------------
-def load_checkpoint_model(path: str | Path, weights: str = "auto") -> tuple[Any, dict]:
-    """(model in eval mode, training config) from a train.py best.pt/last.pt or a plain state_dict.
-
-    weights: 'auto' takes the EMA weights when the checkpoint has them (those are what train.py
-    selected and tested), 'model' or 'ema' force one.
-    """
-    import torch
-    import models
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    config = dict(ckpt.get("config") or {}) if isinstance(ckpt, dict) else {}
-    has_ema = isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and bool(ckpt["ema"])
-    if weights == "ema" and not has_ema:
-        raise ValueError(f"{path} holds no EMA weights")
-    source = ckpt["ema"] if (weights == "ema" or (weights == "auto" and has_ema)) else ckpt
-    state = models.extract_state_dict(source)
-    name = config.get("model", "twistnet18")
-    model = models.build_model(name, classifier_size(state), pretrained=False, verbose=False,
-                               **(config.get("model_kwargs") or {}))
-    model.load_state_dict(state)
-    return model.eval(), config
-
-
-def classifier_size(state: Mapping[str, Any]) -> int:
-    """Number of classes: rows of the classifier weight (fc, or timm's last 2-D weight)."""
-    if "fc.weight" in state:
-        return int(state["fc.weight"].shape[0])
-    matrices = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
-    if not matrices:
-        raise ValueError("No classifier weight found in the checkpoint")
-    return int(state[matrices[-1]].shape[0])
-
-
-def load_image_tensor(path: str | Path, img_size: int) -> tuple[Any, np.ndarray]:
-    """(input batch [1, 3, H, W] through the eval transform, the same crop as an RGB array in [0, 1])."""
-    import torch
-    import transforms
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image not found: {path}")
-    with Image.open(path) as img:
-        rgb = img.convert("RGB")
-    tensor = transforms.build_eval_transform(img_size)(rgb)
-    mean, std = normalisation_of(transforms.build_eval_transform(img_size))
-    display = (tensor * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
-    return tensor.unsqueeze(0), display.permute(1, 2, 0).numpy()
-
-
-def normalisation_of(transform: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the Normalize step inside a (nested) transform pipeline; identity if none."""
-    stack = [transform]
-    while stack:
-        t = stack.pop()
-        if hasattr(t, "mean") and hasattr(t, "std") and type(t).__name__ == "Normalize":
-            return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
-        stack.extend(getattr(t, "transforms", []) or [])
-    return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-
-
-def class_names_for(checkpoint: str | Path, num_classes: int) -> list[str]:
-    """Class names from the results.json beside a checkpoint, else 'class k'."""
-    results = Path(checkpoint).resolve().parent / "results.json"
-    if results.is_file():
-        classes = json.loads(results.read_text()).get("classes")
-        if classes and len(classes) == num_classes:
-            return [str(c) for c in classes]
-    return [f"class {k}" for k in range(num_classes)]
+def run_name_of(path: str | Path) -> str:
+    """The run directory name of a file inside it (log.jsonl, results.json, best.pt)."""
+    return Path(path).resolve().parent.name
 
 
 def gate_init_of(log_file: str | Path) -> float | None:
@@ -721,15 +475,7 @@ def gate_init_of(log_file: str | Path) -> float | None:
     elif (run_path / "best.pt").is_file():
         import torch
         config = torch.load(run_path / "best.pt", map_location="cpu", weights_only=True).get("config") or {}
-    return gate_init_from_config(config)
-
-
-def gate_init_from_config(config: Mapping[str, Any]) -> float | None:
-    """The gate initialisation a TwistNet run was built with (the registry default unless swept)."""
-    if not str(config.get("model", "")).startswith("twistnet"):
-        return None
-    kwargs = config.get("model_kwargs") or {}
-    return float(kwargs.get("gate_init", DEFAULT_GATE_INIT))
+    return models.gate_init_of_config(config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -764,23 +510,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_list(text: str | None) -> list[str] | None:
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
-
-
 def require(value: Any, flag: str, kind: str) -> Any:
     if not value:
-        raise SystemExit(f"--plot {kind} needs {flag}")
+        raise UserError(f"--plot {kind} needs {flag}")
     return value
 
 
 def aggregate_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
     runs = load_results(require(args.run_dir, "--run_dir", args.plot))
-    runs = filter_runs(runs, split_list(args.models), split_list(args.datasets))
+    runs = filter_runs(runs, utils.split_list(args.models), utils.split_list(args.datasets))
     if not runs:
-        raise SystemExit(f"No finished runs (results.json with a test accuracy) under {', '.join(args.run_dir)}"
+        raise UserError(f"No finished runs (results.json with a test accuracy) under {', '.join(args.run_dir)}"
                          + (" matching --models/--datasets" if args.models or args.datasets else ""))
-    labels = ordered_labels(runs, split_list(args.models))
+    labels = ordered_labels(runs, utils.split_list(args.models))
     groups = ordered_groups(runs, args.group_by)
     stats = accuracy_stats(runs, args.group_by)
     if args.plot == "bar":
@@ -814,9 +556,9 @@ def per_run_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
         for path in files:
             data = json.loads(Path(path).read_text())
             if data.get("confusion") is None:
-                raise SystemExit(f"{path} has no confusion matrix (the run had no test split)")
+                raise UserError(f"{path} has no confusion matrix (the run had no test split)")
             classes = data.get("classes") or [str(k) for k in range(len(data["confusion"]))]
-            title = (f"{display_name(run_label(data['model'], data.get('tag', '')))} on "
+            title = (f"{display_name(models.run_label(data['model'], data.get('tag', '')))} on "
                      f"{dataset_display_name(data['dataset'])} f{data['fold']}: {data['test_acc']:.1f}%")
             figures.append((per_file_stem(args, path, len(files)),
                             confusion_figure(data["confusion"], classes, title)))
@@ -826,15 +568,13 @@ def per_run_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
 
 
 def interaction_from_checkpoint(args: argparse.Namespace) -> tuple[str, Figure]:
-    import models
-
     checkpoint = require(args.checkpoint, "--checkpoint", "interaction")
     image = require(args.image, "--image", "interaction")
-    model, config = load_checkpoint_model(checkpoint, args.weights)
+    model, config = models.load_checkpoint_model(checkpoint, args.weights)
     img_size = args.img_size or int(config.get("img_size") or 224)
-    x, _ = load_image_tensor(image, img_size)
+    x, _ = transforms.load_image_tensor(image, img_size)
     internals = models.stci_internals(model, x)
-    title = f"{display_name(run_label(config.get('model', 'twistnet18'), config.get('tag', '')))}: {Path(image).name}"
+    title = f"{display_name(models.run_label(config.get('model', 'twistnet18'), config.get('tag', '')))}: {Path(image).name}"
     stem = args.name or f"interaction_{run_name_of(checkpoint)}"
     return stem, interaction_figure(internals, title)
 
@@ -846,9 +586,10 @@ def make_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
     return per_run_figures(args)
 
 
-def main(argv: Sequence[str] | None = None) -> list[Path]:
+def make_plots(argv: Sequence[str] | None = None) -> list[Path]:
+    """Parse the command line, draw and write the figures; the paths written."""
     args = build_parser().parse_args(argv)
-    formats = split_list(args.formats) or ["png"]
+    formats = utils.split_list(args.formats) or ["png"]
     written: list[Path] = []
     with paper_style():
         for stem, fig in make_figures(args):
@@ -858,8 +599,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     return written
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    make_plots(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    sys.exit(utils.run_main(main))

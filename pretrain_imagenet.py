@@ -1,4 +1,4 @@
-"""ImageNet pretraining of TwistNet-18 (or any registry model) with torch.distributed (DESIGN.md §5).
+"""ImageNet pretraining of TwistNet-18 (or any registry model) with torch.distributed.
 
 Usage:
     # one process (one GPU, or the CPU): a plain launch needs no torchrun
@@ -45,7 +45,6 @@ import json
 import math
 import os
 import shlex
-import signal
 import statistics
 import sys
 import time
@@ -56,17 +55,17 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 import datasets
+import distributed
 import models
 import transforms
-from train import (StopFlag, SeededSamples, amp_label, atomic_save, atomic_write_text, autocast, git_commit,
-                   library_versions, lr_factor, read_jsonl, resolve_amp, resolve_device, rng_state,
-                   seed_everything, set_rng_state, topk_correct)
+import utils
+from distributed import BatchPlan, DistContext
+from utils import UserError
 
 SCRIPT_DIR = Path(__file__).resolve().parent
-LR_REFERENCE_BATCH = 256
 CHECKPOINT_FORMAT = 1
 # May differ between an interrupted run and its resumption: where things are, how fast they go,
 # how much is printed. Everything else is the recipe and must match the checkpoint.
@@ -115,34 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=600, help="length of the cosine schedule")
     g.add_argument("--batch_size", type=int, default=256, help="images per process (per GPU) per micro-step")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--lr", type=float, default=0.1,
-                   help=f"lr per {LR_REFERENCE_BATCH} images; the run uses lr x global_batch / {LR_REFERENCE_BATCH}")
-    g.add_argument("--min_lr", type=float, default=1e-6, help="end of the cosine (absolute)")
-    g.add_argument("--warmup_epochs", type=float, default=5, help="linear warm-up from ~0, per step")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
-    g.add_argument("--weight_decay", type=float, default=1e-4,
-                   help="applied to conv/linear weights only (not to norm weights, biases or gates)")
-    g.add_argument("--label_smoothing", type=float, default=0.1, help="also inside Mixup/CutMix targets")
-    g.add_argument("--mixup", type=float, default=0.2, help="Mixup alpha (0 disables)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0 disables)")
+    g.add_argument("--base_lr", type=float, default=0.1,
+                   help=f"learning rate per {distributed.LR_REFERENCE_BATCH} images; the run uses "
+                        f"base_lr x global_batch / {distributed.LR_REFERENCE_BATCH}")
+    g.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)  # renamed: a clear error
     g.add_argument("--img_size", type=int, default=224, help="train crop at the end of training and eval crop")
     g.add_argument("--progressive", default="",
                    help="low resolution early: 'SIZE:FRACTION,...', e.g. '128:0.4,192:0.8' trains at 128 "
                         "for the first 40%% of the epochs, at 192 until 80%%, then at --img_size")
-    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
-    g.add_argument("--randaug_n", type=int, default=2, help="RandAugment operations per image (0 disables)")
-    g.add_argument("--randaug_m", type=int, default=9, help="RandAugment magnitude")
-    g.add_argument("--clip_grad", type=float, default=0.0, help="max grad norm (0 disables)")
-    g.add_argument("--ema", action="store_true", help="keep an EMA of the weights; validate and export it")
-    g.add_argument("--ema_decay", type=float, default=0.9998, help="per optimizer step")
+    utils.add_recipe_arguments(g, mixup=0.2, ema_decay=0.9998)
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation")
 
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda (each process takes cuda:LOCAL_RANK)")
-    g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="auto: bf16 on GPUs that support it, else fp16 with a GradScaler; off on CPU")
-    g.add_argument("--channels_last", default="auto", choices=("auto", "on", "off"), help="auto: on for CUDA")
+    utils.add_device_arguments(g)   # with torchrun, --device cuda means cuda:LOCAL_RANK in each process
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
@@ -170,235 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def explicit_flags(argv: list[str] | None) -> set[str]:
-    """Destinations of the options actually written on the command line."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
-def parse_progressive(spec: str, img_size: int) -> list[tuple[float, int]]:
-    """'128:0.4,192:0.8' -> [(0.4, 128), (0.8, 192)]: train at SIZE until FRACTION of the epochs."""
-    if not spec:
-        return []
-    phases = []
-    for part in spec.split(","):
-        try:
-            size, fraction = part.split(":")
-            phases.append((float(fraction), int(size)))
-        except ValueError:
-            raise SystemExit(f"--progressive: cannot read '{part}'; expected SIZE:FRACTION, e.g. 128:0.4") from None
-    ends = [f for f, _ in phases]
-    if ends != sorted(ends) or not all(0 < f < 1 for f in ends):
-        raise SystemExit(f"--progressive: fractions must rise within (0, 1), got {ends}")
-    if any(size > img_size or size < 16 for _, size in phases):
-        raise SystemExit(f"--progressive: sizes must lie in 16..--img_size ({img_size}), got {[s for _, s in phases]}")
-    return phases
-
-
-def train_size_for_epoch(epoch: int, epochs: int, phases: list[tuple[float, int]], img_size: int) -> int:
-    """Train crop of 0-based `epoch` under the progressive schedule."""
-    for end_fraction, size in phases:
-        if epoch < end_fraction * epochs:
-            return size
-    return img_size
-
-
-# --------------------------------------------------------------------------------------------
-# Processes
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistContext:
-    """Where this process sits in the job. A plain `python` launch is rank 0 of a world of 1."""
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    backend: str | None
-    cpu_group: Any = None     # gloo group for small host-side agreements when the backend is NCCL
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_flag: str, timeout_min: float) -> DistContext:
-    """Join the torchrun job if there is one: NCCL between GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_flag)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank if device.index is None or world > 1 else device.index)
-        torch.cuda.set_device(device)
-    if world == 1:
-        return DistContext(0, 0, 1, device, None)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    extra = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min), **extra)
-    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
-    return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device, backend, cpu_group)
-
-
-def all_agree_to_stop(requested: bool, ctx: DistContext) -> bool:
-    """True on every rank as soon as one rank was asked to stop, so all stop at the same step."""
-    if not ctx.distributed:
-        return requested
-    flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
-    return bool(flag.item())
-
-
-def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
-    totals = torch.tensor(values, dtype=torch.float64, device=ctx.device)
-    if ctx.distributed:
-        dist.all_reduce(totals)
-    return totals.tolist()
-
-
-def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
-    if not ctx.distributed:
-        return [obj]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_buffers(module: nn.Module, ctx: DistContext) -> None:
-    """Give every rank rank 0's BatchNorm statistics, so that all ranks validate the same model."""
-    if ctx.distributed:
-        for buf in module.buffers():
-            dist.broadcast(buf, src=0)
-
-
-class InterruptFlag(StopFlag):
-    """StopFlag that tolerates the duplicate signal of a Ctrl-C under torchrun.
-
-    A terminal Ctrl-C reaches each worker twice (once from the terminal, once forwarded by
-    torchrun's agent); only a second signal more than two seconds after the first exits at once.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._first_at = 0.0
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and time.monotonic() - self._first_at < 2.0:
-            return
-        self._first_at = self._first_at or time.monotonic()
-        super()._handle(signum, frame)
-
-
-def ignore_interrupts_in_worker(worker_id: int) -> None:
-    # DataLoader workers share the terminal's process group; left alone, a Ctrl-C would kill
-    # them mid-batch before the main process reaches a step boundary and saves.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class Console:
-    """Prints on rank 0 and appends the same lines to <checkpoint_dir>/train.log."""
-
-    def __init__(self, ctx: DistContext, log_file: Path | None) -> None:
-        self.enabled, self.log_file = ctx.is_main, log_file
-
-    def __call__(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self.log_file is not None:   # the file first: a closed console must not lose the record
-            with open(self.log_file, "a") as f:
-                f.write(message + "\n")
-        print(message, flush=True)
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 # --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BatchPlan:
-    """How one optimizer step's global batch is split over processes and micro-steps."""
-    per_rank: int
-    world_size: int
-    accum_steps: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.per_rank * self.world_size * self.accum_steps
-
-    def effective_lr(self, lr_per_256: float) -> float:
-        return lr_per_256 * self.global_batch / LR_REFERENCE_BATCH
-
-    def describe(self) -> str:
-        return (f"global batch {self.global_batch} = {self.per_rank} per process x {self.world_size} "
-                f"processes x {self.accum_steps} accumulation steps")
-
-
-def plan_for_resume(saved_global: int, per_rank: int, world: int, accum: int | None) -> BatchPlan:
-    """Keep the checkpoint's global batch in a new world size by changing accum_steps.
-
-    A global batch that cannot be kept is refused: the lr, the schedule length and the data
-    order all depend on it, so silently changing it would make a different run.
-    """
-    if accum is not None:
-        plan = BatchPlan(per_rank, world, accum)
-        if plan.global_batch != saved_global:
-            raise SystemExit(f"--resume: {plan.describe()} differs from the checkpoint's global batch "
-                             f"{saved_global}. Drop --accum_steps to have it chosen, or pick values whose "
-                             f"product is {saved_global}.")
-        return plan
-    if saved_global % (per_rank * world) == 0:
-        return BatchPlan(per_rank, world, saved_global // (per_rank * world))
-    fits = [b for b in range(1, saved_global // world + 1) if saved_global % (b * world) == 0]
-    raise SystemExit(
-        f"--resume: the checkpoint was trained with global batch {saved_global}; with {world} processes "
-        f"and --batch_size {per_rank} no whole number of accumulation steps keeps it. Per-process "
-        f"batch sizes that do: {', '.join(map(str, fits[-6:]))} (pass one as --batch_size), or resume "
-        f"with the original number of processes.")
-
-
-class ShardedEpochSampler(Sampler):
-    """Deterministic, sharded, resumable order of the training set.
-
-    Every epoch has one global order drawn from (seed, epoch); micro-step m covers global
-    positions [m*B*W, (m+1)*B*W) and rank r takes its r-th slice of B. So an optimizer step always
-    sees the same images for a given global batch, whatever the number of processes, and each
-    image carries an augmentation seed tied to its global position (see train.SeededSamples).
-    The tail that does not fill a global batch is dropped (a different tail every epoch).
-    Yields (index, sample_seed).
-    """
-
-    def __init__(self, size: int, seed: int, rank: int, world_size: int, batch_size: int,
-                 micro_batches: int) -> None:
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.batch_size, self.micro_batches = batch_size, micro_batches
-        self.epoch, self.skip_micro = 0, 0
-
-    def set_epoch(self, epoch: int, skip_micro: int = 0) -> None:
-        self.epoch, self.skip_micro = epoch, skip_micro
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g)
-        seeds = torch.randint(0, 2**31 - 1, (self.size,), generator=g)
-        block = self.batch_size * self.world_size
-        starts = torch.arange(self.skip_micro, self.micro_batches) * block + self.rank * self.batch_size
-        positions = (starts[:, None] + torch.arange(self.batch_size)).flatten()
-        return iter(zip(order[positions].tolist(), seeds[positions].tolist()))
-
-    def __len__(self) -> int:
-        return (self.micro_batches - self.skip_micro) * self.batch_size
-
-
 class SyntheticBatches:
     """One random batch made on the device and handed out `count` times: no files, no decoding."""
 
@@ -425,12 +183,12 @@ class TrainData:
         self.num_images, self.num_classes = num_images, num_classes
         self.steps_per_epoch = num_images // plan.global_batch
         if self.steps_per_epoch == 0:
-            raise SystemExit(f"The training set has {num_images} images, fewer than one global batch "
+            raise UserError(f"The training set has {num_images} images, fewer than one global batch "
                              f"({plan.describe()}). Lower --batch_size or --accum_steps.")
         self.micro_batches = self.steps_per_epoch * plan.accum_steps
         self._loader: DataLoader | None = None
         self._loader_size: int | None = None
-        self._sampler: ShardedEpochSampler | None = None
+        self._sampler: datasets.ShardedEpochSampler | None = None
 
     def batches(self, epoch: int, skip_steps: int, size: int) -> Iterable:
         skip_micro = skip_steps * self.plan.accum_steps
@@ -450,50 +208,42 @@ class TrainData:
         labels = torch.randint(0, self.num_classes, (self.plan.per_rank,), generator=g, device=self.ctx.device)
         return SyntheticBatches(images, labels, count)
 
-    def _folder_loader(self, size: int) -> tuple[DataLoader, ShardedEpochSampler]:
+    def _folder_loader(self, size: int) -> tuple[DataLoader, datasets.ShardedEpochSampler]:
         if self._first_set is not None and self._first_set[0] == size:
             train_set = self._first_set[1]
         else:
             train_set, _, _ = load_folder_splits(self.args, size)
         self._first_set = None
         if len(train_set) != self.num_images:
-            raise SystemExit(f"{self.args.data_dir}/train changed during the run: {len(train_set)} images, "
+            raise UserError(f"{self.args.data_dir}/train changed during the run: {len(train_set)} images, "
                              f"{self.num_images} before.")
-        sampler = ShardedEpochSampler(len(train_set), self.args.seed, self.ctx.rank, self.ctx.world_size,
-                                      self.plan.per_rank, self.micro_batches)
-        loader = DataLoader(SeededSamples(train_set), batch_size=self.plan.per_rank, sampler=sampler,
+        sampler = datasets.ShardedEpochSampler(len(train_set), self.args.seed, self.ctx.rank, self.ctx.world_size,
+                                               self.plan.per_rank, self.micro_batches)
+        loader = DataLoader(datasets.SeededSamples(train_set), batch_size=self.plan.per_rank, sampler=sampler,
                             drop_last=True, generator=torch.Generator().manual_seed(self.args.seed),
-                            **loader_options(self.args, self.ctx))
+                            **datasets.loader_options(self.args.workers, self.args.prefetch, self.ctx.device))
         return loader, sampler
-
-
-def loader_options(args: argparse.Namespace, ctx: DistContext) -> dict:
-    workers = args.workers
-    return dict(num_workers=workers, pin_memory=ctx.device.type == "cuda",
-                collate_fn=datasets.collate_skip_unreadable, persistent_workers=workers > 0,
-                prefetch_factor=args.prefetch if workers > 0 else None,
-                worker_init_fn=ignore_interrupts_in_worker if workers > 0 else None)
 
 
 def check_imagenet_layout(data_dir: str | None) -> Path:
     """Fail early, naming the path, on the usual ImageNet preparation mistakes."""
     if not data_dir:
-        raise SystemExit("--data_dir is required (or --data synthetic). Expected <data_dir>/train/<wnid>/*.JPEG "
+        raise UserError("--data_dir is required (or --data synthetic). Expected <data_dir>/train/<wnid>/*.JPEG "
                          "and <data_dir>/val/<wnid>/*.JPEG.")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise SystemExit(f"--data_dir {root} does not exist or is not a directory.")
+        raise UserError(f"--data_dir {root} does not exist or is not a directory.")
     for split in ("train", "val"):
         folder = root / split
         if not folder.is_dir():
-            raise SystemExit(f"{folder} is missing: expected {root}/{split}/<wnid>/*.JPEG "
+            raise UserError(f"{folder} is missing: expected {root}/{split}/<wnid>/*.JPEG "
                              f"(ImageNet layout, one folder per class).")
         with os.scandir(folder) as entries:
             has_class_dirs = any(e.is_dir() for e in entries)
         if not has_class_dirs:
             hint = (" The validation images must be sorted into class folders (e.g. with the "
                     "well-known valprep.sh script)." if split == "val" else "")
-            raise SystemExit(f"{folder} has no class folders: expected {folder}/<wnid>/*.JPEG.{hint}")
+            raise UserError(f"{folder} has no class folders: expected {folder}/<wnid>/*.JPEG.{hint}")
     return root
 
 
@@ -506,8 +256,8 @@ def load_folder_splits(args: argparse.Namespace, train_size: int) -> tuple[Any, 
     try:
         sets, classes = datasets.build_datasets("imagefolder", args.data_dir, 1, train_tf, eval_tf,
                                                 cache=False, cache_size=decode or None)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise SystemExit(f"Cannot use --data_dir {args.data_dir}: {exc}") from exc
+    except (datasets.DataNotFoundError, datasets.DataLayoutError) as exc:
+        raise UserError(f"Cannot use --data_dir {args.data_dir}: {exc}") from None
     return sets["train"], sets["val"], classes
 
 
@@ -525,7 +275,7 @@ class ValData:
             self.total = len(dataset)
             shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
             self.loader = DataLoader(shard, batch_size=self.batch_size, shuffle=False,
-                                     **loader_options(args, ctx))
+                                     **datasets.loader_options(args.workers, args.prefetch, ctx.device))
 
     def batches(self) -> Iterable:
         return self.loader if self.loader is not None else self._synthetic()
@@ -543,12 +293,6 @@ class ValData:
 # --------------------------------------------------------------------------------------------
 # Model and optimisation
 # --------------------------------------------------------------------------------------------
-def stci_param_count(model: nn.Module) -> int:
-    """Parameters of the STCI branches and their gates (0 for models without STCI)."""
-    return sum(p.numel() for name, p in model.named_parameters()
-               if ".stci." in f".{name}" or name.endswith(".gate"))
-
-
 def build_pretrain_model(args: argparse.Namespace, num_classes: int, ctx: DistContext,
                          console: Callable[[str], None], warm_start: bool) -> nn.Module:
     """The registry model, optionally warm-started from ResNet-18 (rank 0 loads; DDP broadcasts)."""
@@ -558,12 +302,6 @@ def build_pretrain_model(args: argparse.Namespace, num_classes: int, ctx: DistCo
         report = models.transfer_weights(model, source, policy=args.transfer_policy)
         console(report.summary(f"ResNet-18 -> {args.model} (policy '{args.transfer_policy}')"))
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under torch.compile and DDP wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
 
 
 class StepTimes(NamedTuple):
@@ -595,7 +333,7 @@ class Pretrainer:
                  num_classes: int, steps_per_epoch: int, console: Callable[[str], None]) -> None:
         self.args, self.ctx, self.plan, self.console = args, ctx, plan, console
         self.num_classes, self.steps_per_epoch = num_classes, steps_per_epoch
-        self.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and ctx.device.type == "cuda")
+        self.channels_last = utils.resolve_channels_last(args.channels_last, ctx.device)
         model.to(ctx.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -609,27 +347,14 @@ class Pretrainer:
         train_module = self.ddp if self.ddp is not None else model
         self.forward_model = torch.compile(train_module) if args.compile else train_module
 
-        self.base_lr = plan.effective_lr(args.lr)
-        self.optimizer = torch.optim.SGD(models.decay_param_groups(model, args.weight_decay), lr=self.base_lr,
-                                         momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
-        total = args.epochs * steps_per_epoch
-        warmup = int(round(args.warmup_epochs * steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total, warmup, self.base_lr, args.min_lr))
-        self.amp_dtype = resolve_amp(args.amp, ctx.device)
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = None
-        if args.ema:
-            from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(model, decay=args.ema_decay)
-        self.mixup = transforms.build_mixup(num_classes, args.mixup, args.cutmix, args.label_smoothing)
-        # Mixup's soft targets already carry the smoothing.
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if self.mixup else args.label_smoothing)
+        self.lr = plan.effective_lr(args.base_lr)
+        self.recipe = utils.build_recipe(model, args, self.lr, steps_per_epoch, num_classes, ctx.device)
+        self.amp_dtype, self.ema = self.recipe.amp_dtype, self.recipe.ema
 
         self.epoch = 0              # epochs completed
         self.step_in_epoch = 0      # optimizer steps done inside the current epoch
         self.global_step = 0
-        self.best_top1, self.best_epoch = -1.0, 0
+        self.best_acc, self.best_epoch = -1.0, 0
         self.totals = EpochTotals()
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         self.step_profile: list[StepTimes] = []
@@ -640,41 +365,35 @@ class Pretrainer:
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """Plain weights for downstream use (EMA weights with --ema), no wrapper prefixes."""
-        return {k: v.detach().cpu().clone() for k, v in unwrap(self.eval_model()).state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in models.unwrap_model(self.eval_model()).state_dict().items()}
 
     def checkpoint(self, config: dict) -> dict:
         """Everything to continue exactly. Collective: every rank must call it."""
         self.totals.loss_sum = float(self.loss_sum)
-        rank_states = gather_objects({"rng": rng_state(), "totals": self.totals.as_dict()}, self.ctx)
-        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+        rank_states = distributed.gather_objects({"rng": utils.rng_state(), "totals": self.totals.as_dict()}, self.ctx)
+        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), **self.recipe.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                "best_top1": self.best_acc, "best_epoch": self.best_epoch,
                 "world_size": self.ctx.world_size, "global_batch": self.plan.global_batch,
                 "steps_per_epoch": self.steps_per_epoch, "rank_states": rank_states, "config": config}
 
     def restore(self, ckpt: dict) -> None:
         if ckpt["steps_per_epoch"] != self.steps_per_epoch:
-            raise SystemExit(f"--resume: the checkpoint has {ckpt['steps_per_epoch']} steps per epoch, this "
+            raise UserError(f"--resume: the checkpoint has {ckpt['steps_per_epoch']} steps per epoch, this "
                              f"run {self.steps_per_epoch}: the training set or the global batch changed.")
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.load_state_dict(ckpt["ema"])
+        self.recipe.load_state_dict(ckpt)
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step = ckpt["global_step"]
-        self.best_top1, self.best_epoch = ckpt["best_top1"], ckpt["best_epoch"]
+        self.best_acc, self.best_epoch = ckpt["best_top1"], ckpt["best_epoch"]
         states = ckpt["rank_states"]
         if len(states) == self.ctx.world_size:
-            set_rng_state(states[self.ctx.rank]["rng"])
+            utils.set_rng_state(states[self.ctx.rank]["rng"])
             self.totals = EpochTotals(**states[self.ctx.rank]["totals"])
         else:
             # New world size: data order and schedule continue exactly; the per-rank random
             # streams (Mixup/CutMix draws) cannot, so they restart from a fresh seed.
-            seed_everything(self.args.seed * 1000 + self.global_step * 7 + self.ctx.rank + 1)
+            utils.seed_everything(self.args.seed * 1000 + self.global_step * 7 + self.ctx.rank + 1)
             self.totals = EpochTotals(start_lr=states[0]["totals"]["start_lr"])
             if self.ctx.is_main:   # rank 0 carries the epoch's running sums on
                 for key in ("loss_sum", "seen", "skipped", "data_wait_s", "train_time_s"):
@@ -693,43 +412,29 @@ class Pretrainer:
         if n == 0:
             images = torch.zeros((2, 3, size, size))
             labels = torch.zeros(2, dtype=torch.long)
-        images = images.to(self.ctx.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels.to(self.ctx.device, non_blocking=True), n
+        return (*utils.to_device(images, labels, self.ctx.device, self.channels_last), n)
 
     def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, n: int, sync: bool) -> None:
-        targets = labels
-        if self.mixup is not None:
-            images, targets = self.mixup(images, labels)
+        recipe, targets = self.recipe, labels
+        if recipe.mixup is not None:
+            images, targets = recipe.mixup(images, labels)
         no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
         with no_sync:
-            with autocast(self.ctx.device, self.amp_dtype):
-                loss = self.criterion(self.forward_model(images), targets)
+            with utils.autocast(self.ctx.device, self.amp_dtype):
+                loss = recipe.criterion(self.forward_model(images), targets)
             weight = (1.0 if n else 0.0) / self.plan.accum_steps
-            self.scaler.scale(loss * weight).backward()
+            recipe.scaler.scale(loss * weight).backward()
         self.loss_sum += loss.detach().double() * n
 
-    def _optimizer_step(self) -> None:
-        if self.args.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-
     def current_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return self.recipe.optimizer.param_groups[0]["lr"]
 
     def _check_finite(self) -> None:
         if not math.isfinite(float(self.loss_sum)):
-            raise FloatingPointError(f"training loss is not finite at epoch {self.epoch + 1}, step "
-                                     f"{self.step_in_epoch}: lower --lr, or use --amp bf16 / --amp off")
+            raise UserError(f"the training loss is not finite at epoch {self.epoch + 1}, step "
+                            f"{self.step_in_epoch}: lower --base_lr, or use --amp bf16 / --amp off")
 
-    def train_epoch(self, batches: Iterable, size: int, stop: StopFlag,
+    def train_epoch(self, batches: Iterable, size: int, stop: utils.StopFlag,
                     save_latest: Callable[[], None]) -> bool:
         """Train to the end of the epoch (True) or until a stop is agreed (False)."""
         self.model.train()
@@ -742,7 +447,7 @@ class Pretrainer:
         accum = self.plan.accum_steps
         while self.step_in_epoch < self.steps_per_epoch:
             limit = self.args.stop_after_steps
-            if all_agree_to_stop(stop.requested or (limit > 0 and self.global_step >= limit), self.ctx):
+            if distributed.all_agree_to_stop(stop.requested or (limit > 0 and self.global_step >= limit), self.ctx):
                 t.train_time_s = time.perf_counter() - started
                 return False
             step_wait = step_wait_cpu = 0.0
@@ -756,7 +461,7 @@ class Pretrainer:
                 images, labels, n = self._prepare(images, labels, size)
                 self._micro_step(images, labels, n, sync=micro == accum - 1)
                 t.seen += n
-            self._optimizer_step()
+            self.recipe.step(self.model, self.args.clip_grad)
             if self.args.profile:
                 if self.ctx.device.type == "cuda":
                     torch.cuda.synchronize(self.ctx.device)
@@ -787,8 +492,9 @@ class Pretrainer:
     def finish_epoch_totals(self) -> dict:
         """All-reduced statistics of the epoch just trained; resets the running sums."""
         t = self.totals
-        loss_sum, seen, skipped = all_reduce_sum([float(self.loss_sum), t.seen, t.skipped], self.ctx)
-        stats = dict(lr=t.start_lr, train_loss=loss_sum / max(1.0, seen), train_images=int(seen), train_skipped=int(skipped),
+        loss_sum, seen, skipped = distributed.all_reduce_sum([float(self.loss_sum), t.seen, t.skipped], self.ctx)
+        stats = dict(lr=t.start_lr, train_loss=loss_sum / max(1.0, seen), train_images=int(seen),
+                     skipped_images=int(skipped),
                      train_time_s=t.train_time_s, images_per_s=seen / max(t.train_time_s, 1e-9),
                      data_wait_share=t.data_wait_s / max(t.train_time_s, 1e-9))
         self.totals = EpochTotals()
@@ -810,31 +516,19 @@ class Pretrainer:
                     images_per_s=len(steps) * self.plan.global_batch / max(total, 1e-9))
 
     # ---------------------------------------------------------------------------------- eval
-    @torch.no_grad()
     def evaluate(self, val: ValData) -> dict:
         """Top-1/top-5 over every validation image once, summed across ranks."""
         model = self.eval_model()
-        broadcast_buffers(model, self.ctx)
-        model.eval()
-        loss_sum, top1, top5, seen, skipped = 0.0, 0, 0, 0, 0
-        for images, labels, n_bad in val.batches():
-            skipped += int(n_bad)
-            if images.shape[0] == 0:
-                continue
-            images = images.to(self.ctx.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(self.ctx.device, non_blocking=True)
-            with autocast(self.ctx.device, self.amp_dtype):
-                logits = model(images).float()
-            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            top1 += topk_correct(logits, labels, 1)
-            top5 += topk_correct(logits, labels, 5)
-            seen += labels.shape[0]
-        loss_sum, top1, top5, seen, skipped = all_reduce_sum([loss_sum, top1, top5, seen, skipped], self.ctx)
+        distributed.broadcast_buffers(model, self.ctx)
+        sums = utils.evaluate(model, val.batches(), self.num_classes, self.ctx.device, self.channels_last,
+                              self.amp_dtype)
+        top1 = int(sums["confusion"].diag().sum())
+        loss_sum, top1, top5, seen, skipped = distributed.all_reduce_sum(
+            [sums["loss_sum"], top1, sums["top5"], sums["seen"], sums["skipped"]], self.ctx)
         self.model.train()
-        return dict(val_loss=loss_sum / max(1.0, seen), val_top1=100 * top1 / max(1.0, seen),
-                    val_top5=100 * top5 / max(1.0, seen), val_images=int(seen), val_skipped=int(skipped))
+        seen_ = max(1.0, seen)
+        return dict(val_loss=loss_sum / seen_, val_acc=100 * top1 / seen_, val_top5=100 * top5 / seen_,
+                    val_images=int(seen), val_skipped=int(skipped))
 
 
 # --------------------------------------------------------------------------------------------
@@ -850,66 +544,50 @@ def resolve_resume_path(args: argparse.Namespace, explicit: set[str]) -> Path | 
     if args.resume:
         path = Path(args.resume)
         if not path.is_file():
-            raise SystemExit(f"--resume {path}: no such file. On several machines the checkpoint directory "
-                             f"must be on a filesystem every node sees.")
+            raise UserError(f"--resume {path}: no such file. On several machines the checkpoint directory "
+                            f"must be on a filesystem every node sees.")
         return path
     if latest.is_file():
-        raise SystemExit(f"{latest} exists: pass --resume {latest} (or --resume auto) to continue that run, "
-                         f"or choose another --checkpoint_dir.")
+        raise UserError(f"{latest} exists: pass --resume {latest} (or --resume auto) to continue that run, "
+                        f"or choose another --checkpoint_dir.")
     return None
 
 
-def merge_resume_config(args: argparse.Namespace, explicit: set[str], saved: dict) -> argparse.Namespace:
-    """The checkpoint's recipe, with this launch's explicit location/speed options on top."""
-    changed = {k: (saved.get(k), getattr(args, k)) for k in explicit
-               if k not in RESUME_SAFE_KEYS and k in saved and saved[k] != getattr(args, k)}
-    if changed:
-        diff = ", ".join(f"--{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise SystemExit(f"--resume: the checkpoint was trained with other settings ({diff}). Resume with "
-                         f"the original recipe, or start a new run in another --checkpoint_dir.")
-    merged = {**vars(args), **saved}
-    for key in explicit | PER_LAUNCH_KEYS:
-        merged[key] = getattr(args, key)
-    return argparse.Namespace(**merged)
-
-
-def truncate_log(path: Path, completed_epochs: int) -> None:
-    """Drop epoch records written after the checkpoint (they will be written again)."""
-    kept = [r for r in read_jsonl(path) if r.get("type") != "epoch" or r["epoch"] <= completed_epochs]
-    atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), path)
+def saved_config(ckpt: dict) -> dict:
+    """The checkpoint's recipe; checkpoints from before the --lr -> --base_lr rename are read too."""
+    config = dict(ckpt["config"])
+    if "base_lr" not in config and "lr" in config:
+        config["base_lr"] = config.pop("lr")
+    config["lr"] = None
+    return config
 
 
 # --------------------------------------------------------------------------------------------
 # Run
 # --------------------------------------------------------------------------------------------
 def validate_args(args: argparse.Namespace, ctx: DistContext) -> None:
-    try:
-        models.get_spec(args.model)
-    except ValueError as exc:
-        raise SystemExit(f"--model: {exc}") from None
+    models.get_spec(args.model)
     if args.sync_bn and ctx.distributed and ctx.device.type != "cuda":
-        raise SystemExit("--sync_bn needs GPUs (torch's SyncBatchNorm has no CPU kernel). Drop it on CPU.")
-    for name in ("epochs", "batch_size", "img_size"):
+        raise UserError("--sync_bn needs GPUs (torch's SyncBatchNorm has no CPU kernel). Drop it on CPU.")
+    for name in ("epochs", "batch_size", "img_size", "accum_steps"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be >= 1")
-    if args.accum_steps < 1:
-        raise SystemExit("--accum_steps must be >= 1")
+            raise UserError(f"--{name} must be >= 1")
 
 
 def header_record(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, trainer: Pretrainer,
                   train_data: TrainData, val_data: ValData, kind: str) -> dict:
     params = models.count_params(trainer.model)
-    stci = stci_param_count(trainer.model)
+    stci = models.stci_param_count(trainer.model)
     return {
         "type": kind, "time": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "argv": sys.argv[1:],
         "launcher": {k: os.environ[k] for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR")
                      if k in os.environ},
-        "git_commit": git_commit(), "versions": library_versions(),
+        "git_commit": utils.git_commit(), "versions": utils.library_versions(),
         "world_size": ctx.world_size, "device": str(ctx.device), "backend": ctx.backend,
-        "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "off",
+        "amp": utils.amp_label(trainer.amp_dtype),
         "per_process_batch": plan.per_rank, "accum_steps": plan.accum_steps, "global_batch": plan.global_batch,
-        "lr_per_256": args.lr, "effective_lr": plan.effective_lr(args.lr), "steps_per_epoch": trainer.steps_per_epoch,
+        "base_lr": args.base_lr, "lr": trainer.lr, "steps_per_epoch": trainer.steps_per_epoch,
         "train_images": train_data.num_images, "val_images": val_data.total, "num_classes": train_data.num_classes,
         "model": args.model, "params": params, "stci_params": stci, "stci_share": stci / params,
         "config": vars(args),
@@ -918,9 +596,10 @@ def header_record(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, t
 
 def epoch_line(r: dict, epochs: int) -> str:
     eta = datetime.timedelta(seconds=int(r["eta_s"]))
-    val = (f" | val top-1 {r['val_top1']:.2f}% top-5 {r['val_top5']:.2f}% ({r['val_images']} images)"
-           if "val_top1" in r else "")
-    skipped = f" | skipped {r['train_skipped']}+{r.get('val_skipped', 0)} unreadable" if r["train_skipped"] or r.get("val_skipped") else ""
+    val = (f" | val top-1 {r['val_acc']:.2f}% top-5 {r['val_top5']:.2f}% ({r['val_images']} images)"
+           if "val_acc" in r else "")
+    unreadable = r["skipped_images"] + r.get("val_skipped", 0)
+    skipped = f" | skipped {r['skipped_images']}+{r.get('val_skipped', 0)} unreadable" if unreadable else ""
     return (f"epoch {r['epoch']}/{epochs} | {r['img_size']}px | lr {r['lr']:.4g} | train loss {r['train_loss']:.4f}"
             f"{val} | {r['images_per_s']:.1f} img/s, data wait {100 * r['data_wait_share']:.0f}% | "
             f"{r['epoch_time_s']:.1f}s, ETA {eta}{skipped}")
@@ -938,14 +617,14 @@ def export_final_weights(trainer: Pretrainer, args: argparse.Namespace, ckpt_dir
     state = trainer.export_state_dict()
     name = f"{args.model}_imagenet.pt"
     final = ckpt_dir / name
-    atomic_save(state, final)
+    utils.atomic_save(state, final)
     if args.data == "synthetic":
         # Weights fitted to random tensors must never be auto-detected as ImageNet weights.
         console(f"Final weights: {final} (--data synthetic: not copied to {args.weights_dir})")
         return
     weights_dir = Path(args.weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save(state, weights_dir / name)
+    utils.atomic_save(state, weights_dir / name)
     console(f"Final weights{' (EMA)' if trainer.ema is not None else ''}: {final}\n"
             f"Copied to {weights_dir / name}: `train.py --pretrained` finds weights/{name} in the current "
             f"directory or beside models.py.")
@@ -953,13 +632,16 @@ def export_final_weights(trainer: Pretrainer, args: argparse.Namespace, ckpt_dir
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    explicit = explicit_flags(argv)
-    ctx = init_distributed(args.device, args.dist_timeout_min)
+    explicit = utils.explicit_flags(build_parser(), argv)
+    if "lr" in explicit:
+        raise UserError(f"--lr was renamed --base_lr in pretraining: the learning rate per "
+                        f"{distributed.LR_REFERENCE_BATCH} images, scaled by the global batch (use --base_lr "
+                        f"{args.lr:g} for what --lr {args.lr:g} meant; on a resume, leave it out).")
+    ctx = distributed.init_distributed(args.device, args.dist_timeout_min)
     try:
         return run(args, explicit, ctx)
     finally:
-        if ctx.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.close_distributed(ctx)
 
 
 def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
@@ -967,36 +649,37 @@ def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
     ckpt = None
     if resume_path is not None:
         ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
-        args = merge_resume_config(args, explicit, ckpt["config"])
-        plan = plan_for_resume(ckpt["global_batch"], args.batch_size, ctx.world_size,
-                               args.accum_steps if "accum_steps" in explicit else None)
+        args = distributed.merge_resume_config(args, explicit, saved_config(ckpt), RESUME_SAFE_KEYS, PER_LAUNCH_KEYS)
+        plan = distributed.plan_for_resume(ckpt["global_batch"], args.batch_size, ctx.world_size,
+                                     args.accum_steps if "accum_steps" in explicit else None)
         args.accum_steps = plan.accum_steps
     else:
         plan = BatchPlan(args.batch_size, ctx.world_size, args.accum_steps)
     validate_args(args, ctx)
-    phases = parse_progressive(args.progressive, args.img_size)
-    configure_kernels(args, ctx)
+    phases = utils.parse_progressive(args.progressive, args.img_size)
+    utils.configure_kernels(args.deterministic, ctx.device)
 
     ckpt_dir = Path(args.checkpoint_dir)
     if ctx.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    console = Console(ctx, ckpt_dir / "train.log")
+    console = utils.Console(ckpt_dir / "train.log", enabled=ctx.is_main)
 
     # Identical initial weights on every rank; afterwards each rank draws its own Mixup stream.
-    seed_everything(args.seed)
+    utils.seed_everything(args.seed)
     train_data, val_data = load_data(args, ctx, plan, phases, start_epoch=ckpt["epoch"] if ckpt else 0)
     model = build_pretrain_model(args, train_data.num_classes, ctx, console, warm_start=ckpt is None)
     trainer = Pretrainer(args, ctx, plan, model, train_data.num_classes, train_data.steps_per_epoch, console)
-    seed_everything(args.seed * 1000 + ctx.rank + 1)
+    utils.seed_everything(args.seed * 1000 + ctx.rank + 1)
     if ckpt is not None:
         resume_trainer(trainer, ckpt, resume_path, train_data, val_data, ckpt_dir / "log.jsonl")
         del ckpt
     elif ctx.is_main:
         header = header_record(args, ctx, plan, trainer, train_data, val_data, kind="header")
-        atomic_write_text(json.dumps(header) + "\n", ckpt_dir / "log.jsonl")
+        utils.write_jsonl(ckpt_dir / "log.jsonl", [header])
     console(start_line(trainer, train_data, val_data))
 
-    with InterruptFlag() as stop:
+    # A terminal Ctrl-C reaches each torchrun worker twice: a second signal within 2 s is that echo.
+    with utils.StopFlag(grace_s=2.0) as stop:
         if not train_epochs(trainer, train_data, val_data, phases, ckpt_dir, stop):
             console(f"Interrupted at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}/"
                     f"{trainer.steps_per_epoch}: saved {ckpt_dir / 'latest.pt'}. Continue with "
@@ -1004,22 +687,13 @@ def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
             return 130
     if ctx.is_main:
         export_final_weights(trainer, args, ckpt_dir, console)
-        append_jsonl(ckpt_dir / "log.jsonl", {"type": "final", "best_top1": trainer.best_top1,
-                                              "best_epoch": trainer.best_epoch,
-                                              "weights": str(ckpt_dir / f"{args.model}_imagenet.pt")})
-    console(f"done: best val top-1 {trainer.best_top1:.2f}% at epoch {trainer.best_epoch}")
+        utils.append_jsonl(ckpt_dir / "log.jsonl", {"type": "final", "best_val_acc": trainer.best_acc,
+                                                    "best_epoch": trainer.best_epoch,
+                                                    "weights": str(ckpt_dir / f"{args.model}_imagenet.pt")})
+    console(f"done: best val top-1 {trainer.best_acc:.2f}% at epoch {trainer.best_epoch}")
     if ctx.distributed:
         dist.barrier(group=ctx.cpu_group)
     return 0
-
-
-def configure_kernels(args: argparse.Namespace, ctx: DistContext) -> None:
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    elif ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
 
 
 def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phases: list[tuple[float, int]],
@@ -1028,7 +702,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phase
         return (TrainData(args, ctx, plan, args.synthetic_images, args.num_classes),
                 ValData(args, ctx, None, args.num_classes))
     check_imagenet_layout(args.data_dir)
-    size = train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
+    size = utils.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
     train_set, val_set, classes = load_folder_splits(args, size)
     return (TrainData(args, ctx, plan, len(train_set), len(classes), first_set=(size, train_set)),
             ValData(args, ctx, val_set, len(classes)))
@@ -1043,35 +717,35 @@ def resume_trainer(trainer: Pretrainer, ckpt: dict, path: Path, train_data: Trai
                 f"streams and BatchNorm statistics differ, so the run is equivalent but not bitwise identical.")
     trainer.restore(ckpt)
     if ctx.is_main:
-        truncate_log(log_path, trainer.epoch)
-        append_jsonl(log_path, header_record(trainer.args, ctx, trainer.plan, trainer, train_data, val_data,
-                                             kind="resume"))
+        distributed.truncate_log(log_path, trainer.epoch)
+        utils.append_jsonl(log_path, header_record(trainer.args, ctx, trainer.plan, trainer, train_data, val_data,
+                                                   kind="resume"))
     console(f"Resumed from {path}: epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}/"
-            f"{trainer.steps_per_epoch} (best val top-1 so far {trainer.best_top1:.2f}%)")
+            f"{trainer.steps_per_epoch} (best val top-1 so far {trainer.best_acc:.2f}%)")
 
 
 def start_line(trainer: Pretrainer, train_data: TrainData, val_data: ValData) -> str:
     args, params = trainer.args, models.count_params(trainer.model)
-    return (f"{args.model}: {params / 1e6:.2f}M params (STCI {100 * stci_param_count(trainer.model) / params:.2f}%) | "
-            f"{train_data.num_classes} classes | {train_data.num_images} train / {val_data.total} val images | "
-            f"{trainer.plan.describe()} | lr {trainer.base_lr:.4g} ({args.lr} per {LR_REFERENCE_BATCH}) | "
-            f"{trainer.steps_per_epoch} steps/epoch | {trainer.ctx.device} amp {amp_label(trainer.amp_dtype)} | "
+    return (f"{args.model}: {params / 1e6:.2f}M params (STCI {100 * models.stci_param_count(trainer.model) / params:.2f}%)"
+            f" | {train_data.num_classes} classes | {train_data.num_images} train / {val_data.total} val images | "
+            f"{trainer.plan.describe()} | lr {trainer.lr:.4g} ({args.base_lr} per {distributed.LR_REFERENCE_BATCH}) | "
+            f"{trainer.steps_per_epoch} steps/epoch | {trainer.ctx.device} amp {utils.amp_label(trainer.amp_dtype)} | "
             f"{trainer.ctx.world_size} process(es)")
 
 
 def train_epochs(trainer: Pretrainer, train_data: TrainData, val_data: ValData,
-                 phases: list[tuple[float, int]], ckpt_dir: Path, stop: StopFlag) -> bool:
+                 phases: list[tuple[float, int]], ckpt_dir: Path, stop: utils.StopFlag) -> bool:
     """Train the remaining epochs, validating, logging and checkpointing; False if stopped early."""
     args, ctx, console = trainer.args, trainer.ctx, trainer.console
 
     def save_latest() -> None:
         state = trainer.checkpoint(vars(args))
         if ctx.is_main:
-            atomic_save(state, ckpt_dir / "latest.pt")
+            utils.atomic_save(state, ckpt_dir / "latest.pt")
 
     epoch_times: list[float] = []
     while trainer.epoch < args.epochs:
-        size = train_size_for_epoch(trainer.epoch, args.epochs, phases, args.img_size)
+        size = utils.train_size_for_epoch(trainer.epoch, args.epochs, phases, args.img_size)
         start = time.perf_counter()
         batches = train_data.batches(trainer.epoch, trainer.step_in_epoch, size)
         if not trainer.train_epoch(batches, size, stop, save_latest):
@@ -1084,14 +758,14 @@ def train_epochs(trainer: Pretrainer, train_data: TrainData, val_data: ValData,
             record.update(validate_and_keep_best(trainer, val_data, ckpt_dir))
         epoch_times.append(time.perf_counter() - start)
         record.update(epoch_time_s=epoch_times[-1], eta_s=statistics.mean(epoch_times) * (args.epochs - trainer.epoch),
-                      best_top1=trainer.best_top1, gates=models.gate_values(trainer.model))
+                      best_val_acc=trainer.best_acc, gates=models.gate_values(trainer.model))
         if profile:
             record["profile"] = profile
             console(profile_line(profile, trainer.epoch, args.profile_warmup))
         # The record goes first: a crash between the two leaves the log ahead of latest.pt,
         # and resuming truncates it; the other order could lose the epoch's record.
         if ctx.is_main:
-            append_jsonl(ckpt_dir / "log.jsonl", record)
+            utils.append_jsonl(ckpt_dir / "log.jsonl", record)
         save_latest()
         console(epoch_line(record, args.epochs))
     return True
@@ -1101,14 +775,14 @@ def validate_and_keep_best(trainer: Pretrainer, val_data: ValData, ckpt_dir: Pat
     start = time.perf_counter()
     metrics = trainer.evaluate(val_data)
     metrics["val_time_s"] = time.perf_counter() - start
-    if metrics["val_top1"] > trainer.best_top1:
-        trainer.best_top1, trainer.best_epoch = metrics["val_top1"], trainer.epoch
+    if metrics["val_acc"] > trainer.best_acc:
+        trainer.best_acc, trainer.best_epoch = metrics["val_acc"], trainer.epoch
         if trainer.ctx.is_main:
-            atomic_save({"model": trainer.export_state_dict(), "epoch": trainer.epoch,
-                         "val_top1": metrics["val_top1"], "val_top5": metrics["val_top5"],
-                         "ema": trainer.ema is not None, "config": vars(trainer.args)}, ckpt_dir / "best.pt")
+            utils.atomic_save({"model": trainer.export_state_dict(), "epoch": trainer.epoch,
+                               "val_acc": metrics["val_acc"], "val_top5": metrics["val_top5"],
+                               "ema": trainer.ema is not None, "config": vars(trainer.args)}, ckpt_dir / "best.pt")
     return metrics
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(utils.run_main(main))

@@ -10,7 +10,7 @@ Usage:
                                                             # to every train.py unchanged
 
 Every run is its own `train.py` process writing <run_dir>/<dataset>_fold<k>_<model>[-<tag>]_seed<s>/
-(DESIGN.md section 2). Its stdout and stderr go to run_all.log in that directory. A run whose
+(README "The run directory"). Its stdout and stderr go to run_all.log in that directory. A run whose
 results.json exists is skipped without starting a process; one with only last.pt is resumed by
 train.py; a run that fails is reported and the sweep goes on. Running the same command again
 therefore finishes whatever is left. The plan goes fold by fold, seed by seed, all models for each,
@@ -42,6 +42,10 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
+import datasets
+import models
+import utils
+
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
 # train.py options that the sweep sets per run; passing them through would silently override it.
@@ -55,24 +59,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-def parse_int_list(text: str) -> list[int]:
-    """'1-3,5' -> [1, 2, 3, 5]; order kept, duplicates dropped."""
-    values: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        low, sep, high = part.partition("-")
-        try:
-            start = int(low)
-            stop = int(high) if sep else start
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not an integer or a range like 1-10") from None
-        if stop < start:
-            raise argparse.ArgumentTypeError(f"range {part!r} runs backwards")
-        values += [v for v in range(start, stop + 1) if v not in values]
-    if not values:
-        raise argparse.ArgumentTypeError("empty list")
-    return values
-
-
 def parse_name_list(text: str) -> list[str]:
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if not names:
@@ -91,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", required=True, help="dataset protocol (train.py --dataset)")
     g.add_argument("--data_dir", default=None, help="dataset root (not needed for synthtex)")
     g.add_argument("--models", required=True, type=parse_name_list, help="comma-separated model names")
-    g.add_argument("--folds", default=[1], type=parse_int_list, help="folds, e.g. 1-10 or 1-3,5")
-    g.add_argument("--seeds", default=[42], type=parse_int_list, help="seeds, e.g. 42,43,44 or 42-44")
+    g.add_argument("--folds", default=[1], type=utils.parse_int_list, help="folds, e.g. 1-10 or 1-3,5")
+    g.add_argument("--seeds", default=[42], type=utils.parse_int_list, help="seeds, e.g. 42,43,44 or 42-44")
     g.add_argument("--epochs", type=int, default=None, help="epochs per run (default: train.py's)")
     g.add_argument("--run_dir", default="runs", help="folder that receives one directory per run")
 
@@ -327,8 +313,7 @@ class Sweep:
     def execute(self) -> list[Outcome]:
         workers = [threading.Thread(target=self._work, args=(env,), daemon=True) for env in self.slots]
         results: list[Outcome] = []
-        with self._catch_signals(), tqdm(total=self.total, unit="run", desc="sweep",
-                                         dynamic_ncols=True, file=sys.stderr) as bar:
+        with self._catch_signals(), utils.progress(total=self.total, unit="run", desc="sweep") as bar:
             for worker in workers:
                 worker.start()
             while any(w.is_alive() for w in workers) or not self.outcomes.empty():
@@ -459,9 +444,9 @@ def exit_code(outcomes: Sequence[Outcome], interrupted: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args, passthrough, parser = parse_args(argv)
     train = import_train()
-    if args.dataset not in train.datasets.DATASET_NAMES:
-        parser.error(f"unknown dataset '{args.dataset}'. Known: {', '.join(train.datasets.DATASET_NAMES)}")
-    check_models(args.models, train.models.model_names(), parser)
+    if args.dataset not in datasets.DATASETS:
+        parser.error(f"unknown dataset '{args.dataset}'. Known: {', '.join(datasets.DATASETS)}")
+    check_models(args.models, models.model_names(), parser)
     options = parse_passthrough(passthrough, train, parser)
     runs = plan_runs(args, passthrough, options, train)
     if args.dry_run:

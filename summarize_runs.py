@@ -8,7 +8,7 @@ Usage:
     python summarize_runs.py --run_dir runs/main --models resnet18,twistnet18 --summary
     python summarize_runs.py --run_dir runs/main --ref twistnet18       # paired tests vs a reference
 
-Each --run_dir is a folder of run directories written by train.py (DESIGN.md section 2). A run
+Each --run_dir is a folder of run directories written by train.py (README "The run directory"). A run
 counts when its results.json exists; run directories without one are counted as incomplete and
 left out. A model's name is results["model"], plus "-<tag>" when the run had a tag.
 
@@ -39,41 +39,45 @@ import statistics
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import stats
 
+import datasets
+import models
+import utils
+from utils import UserError
+
 DAGGER = "†"
 STD_NOTE = "mean ± std over all fold x seed runs (sample std, ddof=1)"
-# Column order of the paper; datasets not listed follow alphabetically.
-DATASET_ORDER = ("dtd", "fmd", "kth_tips2", "cub200", "flowers102")
-DATASET_DISPLAY = {"dtd": "DTD", "fmd": "FMD", "kth_tips2": "KTH-TIPS2", "cub200": "CUB-200",
-                   "flowers102": "Flowers-102", "imagefolder": "ImageFolder", "synthtex": "SynthTex"}
-MODEL_DISPLAY = {
-    "twistnet18": "TwistNet-18", "twistnet18_no_spiral": "TwistNet-18 w/o spiral twist",
-    "twistnet18_no_ais": "TwistNet-18 w/o AIS", "twistnet18_first_order": "TwistNet-18 first-order only",
-    "resnet18": "ResNet-18", "seresnet18": "SE-ResNet-18", "convnextv2_nano": "ConvNeXtV2-Nano",
-    "fastvit_sa12": "FastViT-SA12", "efficientformerv2_s2": "EfficientFormerV2-S2",
-    "repvit_m1_5": "RepViT-M1.5", "convnext_tiny": "ConvNeXt-Tiny", "swin_tiny": "Swin-Tiny",
-}
 
 
 # --------------------------------------------------------------------------------------------
-# Reading runs
+# Reading runs: the one reader of results.json for tables, figures and the ablation table
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    label: str
     model: str
+    tag: str
     dataset: str
     fold: int
     seed: int
     test_acc: float
     params: int | None
     flops: float | None
-    path: Path
+    path: Path                           # the run directory
     img_size: int | None = None          # the run's input size: its FLOPs are counted at this size
+    classes: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """model[-tag]: a run made with train.py --tag is its own row."""
+        return models.run_label(self.model, self.tag)
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.classes) or None
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -88,11 +92,6 @@ class RunCollection:
     duplicates: list[tuple[Path, Path]]  # (ignored, kept): the same run found twice
 
 
-def model_label(results: Mapping) -> str:
-    tag = results.get("tag") or ""
-    return f"{results['model']}-{tag}" if tag else str(results["model"])
-
-
 def parse_results(path: Path) -> RunResult:
     """One results.json; ValueError says why it cannot be used."""
     try:
@@ -105,16 +104,17 @@ def parse_results(path: Path) -> RunResult:
     if fields["test_acc"] is None:
         raise ValueError("no test accuracy (the dataset has no test split)")
     config = results.get("config") or {}
-    return RunResult(model_label(results), str(fields["model"]), str(fields["dataset"]), int(fields["fold"]),
-                     int(fields["seed"]), float(fields["test_acc"]), results.get("params"),
-                     results.get("flops"), path.parent, results.get("img_size", config.get("img_size")))
+    return RunResult(str(fields["model"]), str(results.get("tag") or ""), str(fields["dataset"]),
+                     int(fields["fold"]), int(fields["seed"]), float(fields["test_acc"]), results.get("params"),
+                     results.get("flops"), path.parent, results.get("img_size", config.get("img_size")),
+                     tuple(str(c) for c in results.get("classes") or ()))
 
 
 def run_directories(root: Path) -> list[Path]:
     if (root / "results.json").is_file():
         return [root]  # a single run directory given directly
     if not root.is_dir():
-        raise FileNotFoundError(f"--run_dir {root} is not a directory")
+        raise UserError(f"--run_dir {root} is not a directory")
     return sorted(p for p in root.iterdir() if p.is_dir())
 
 
@@ -141,13 +141,20 @@ def load_runs(run_dirs: Iterable[str | Path]) -> RunCollection:
     return found
 
 
-# --------------------------------------------------------------------------------------------
-# Aggregation
-# --------------------------------------------------------------------------------------------
+def load_results(run_dirs: Iterable[str | Path]) -> list[RunResult]:
+    """The finished runs below `run_dirs`, warning about what was left out (figures, ablation)."""
+    found = load_runs(run_dirs)
+    for path, why in found.unusable:
+        warnings.warn(f"{path}: {why}; skipped")
+    for ignored, kept in found.duplicates:
+        warnings.warn(f"{ignored} repeats {kept}; counted once")
+    return found.runs
+
+
 @dataclasses.dataclass(frozen=True)
-class Cell:
+class Stats:
+    """Mean and sample std (ddof 1; None for a single value, where it is undefined) of some runs."""
     values: tuple[float, ...]
-    missing: tuple[tuple[int, int], ...]  # (fold, seed) pairs expected but absent
 
     @property
     def n(self) -> int:
@@ -160,6 +167,19 @@ class Cell:
     @property
     def std(self) -> float | None:
         return statistics.stdev(self.values) if self.n >= 2 else None
+
+    @property
+    def error_bar(self) -> float:
+        """The std for error bars: none drawn for a single run."""
+        return self.std or 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Cell(Stats):
+    missing: tuple[tuple[int, int], ...] = ()  # (fold, seed) pairs expected but absent
 
 
 @dataclasses.dataclass
@@ -191,10 +211,6 @@ class Table:
                 for dataset in self.datasets if (label, dataset) in self.cells and self.cells[label, dataset].missing]
 
 
-def dataset_sort_key(dataset: str) -> tuple:
-    return (DATASET_ORDER.index(dataset), "") if dataset in DATASET_ORDER else (len(DATASET_ORDER), dataset)
-
-
 def expected_runs(runs: Iterable[RunResult]) -> dict[str, set[tuple[int, int]]]:
     """Per dataset, every fold seen x every seed seen: the grid a complete sweep fills."""
     folds: dict[str, set[int]] = {}
@@ -211,7 +227,7 @@ def build_table(runs: Sequence[RunResult], labels: Sequence[str] | None = None) 
     expected = expected_runs(runs)
     labels = list(labels) if labels else sorted({r.label for r in runs})
     chosen = [r for r in runs if r.label in labels]
-    datasets = sorted({r.dataset for r in chosen}, key=dataset_sort_key)
+    names = sorted({r.dataset for r in chosen}, key=datasets.dataset_sort_key)
     groups: dict[tuple[str, str], dict[tuple[int, int], float]] = {}
     for run in chosen:
         groups.setdefault((run.label, run.dataset), {})[run.fold, run.seed] = run.test_acc
@@ -221,7 +237,7 @@ def build_table(runs: Sequence[RunResult], labels: Sequence[str] | None = None) 
     params = {label: [r.params for r in chosen if r.label == label and r.params is not None] for label in labels}
     flops = {label: [r.flops for r in chosen if r.label == label and r.flops is not None] for label in labels}
     img_sizes = frozenset(r.img_size for r in chosen if r.img_size is not None)
-    return Table(labels, datasets, cells, params, flops, img_sizes)
+    return Table(labels, names, cells, params, flops, img_sizes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +301,7 @@ def format_text(table: Table, found: RunCollection) -> str:
 def format_markdown(table: Table, found: RunCollection) -> str:
     header = ["Model", *table.datasets, "Params (M)", table.flops_header()]
     best = {d: table.best_labels(d) for d in table.datasets}
-    rows = [[label, *(cell_text(table.cells.get((label, d)), label in best[d], ("**", "**"))
+    rows = [[utils.markdown_escape(label), *(cell_text(table.cells.get((label, d)), label in best[d], ("**", "**"))
                       for d in table.datasets),
              complexity_text(table.params[label], 1e6), complexity_text(table.flops[label], 1e9)]
             for label in table.labels]
@@ -297,18 +313,6 @@ def format_markdown(table: Table, found: RunCollection) -> str:
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
 
 
-def tex_escape(text: str) -> str:
-    replacements = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                    "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-    return "".join(replacements.get(ch, ch) for ch in text)
-
-
-def display_model(label: str) -> str:
-    model, _, tag = label.partition("-")
-    name = MODEL_DISPLAY.get(model, model)
-    return f"{name} ({tag})" if tag else name
-
-
 def format_latex(table: Table, found: RunCollection) -> str:
     n_cols = 1 + len(table.datasets) + 2
     best = {d: table.best_labels(d) for d in table.datasets}
@@ -317,13 +321,13 @@ def format_latex(table: Table, found: RunCollection) -> str:
     lines = [f"% summarize_runs.py: test accuracy (%), {STD_NOTE}.",
              *(f"% {line}" for line in note_lines(table, found)),
              r"\begin{tabular}{l" + "c" * len(table.datasets) + "rr}", r"\toprule",
-             " & ".join(["Model", *(tex_escape(DATASET_DISPLAY.get(d, d)) for d in table.datasets),
+             " & ".join(["Model", *(utils.tex_escape(datasets.dataset_display_name(d)) for d in table.datasets),
                          "Params (M)", table.flops_header()]) + r" \\", r"\midrule"]
     for label in table.labels:
         cells = [cell_text(table.cells.get((label, d)), label in best[d], (r"\textbf{", "}"),
                            pm=r"$\pm$", dagger=r"$^\dagger$", with_n=False).replace("—", "--")
                  for d in table.datasets]
-        lines.append(" & ".join([tex_escape(display_model(label)), *cells,
+        lines.append(" & ".join([utils.tex_escape(models.display_name(label)), *cells,
                                  complexity_text(table.params[label], 1e6, "--", "--"),
                                  complexity_text(table.flops[label], 1e9, "--", "--")]) + r" \\")
     lines.append(r"\bottomrule")
@@ -331,7 +335,7 @@ def format_latex(table: Table, found: RunCollection) -> str:
                  rf"over all fold $\times$ seed runs ({runs_note}); best in bold.}} \\")
     flagged = table.flagged()
     if flagged:
-        short = "; ".join(f"{tex_escape(display_model(label))} on {tex_escape(DATASET_DISPLAY.get(d, d))} "
+        short = "; ".join(f"{utils.tex_escape(models.display_name(label))} on {utils.tex_escape(datasets.dataset_display_name(d))} "
                           f"{cell.n}/{cell.n + len(cell.missing)}" for label, d, cell in flagged)
         lines.append(rf"\multicolumn{{{n_cols}}}{{@{{}}l}}{{\footnotesize $^\dagger$ incomplete: {short}.}} \\")
     lines.append(r"\end{tabular}")
@@ -409,9 +413,9 @@ def paired_tests(runs: Sequence[RunResult], ref: str, labels: Sequence[str]) -> 
     for label in (l for l in labels if l != ref):
         pairs = [(d, by_key[(ref, d, f, s)], by_key[(label, d, f, s)])
                  for d, f, s in ref_keys if (label, d, f, s) in by_key]
-        datasets = sorted({d for d, _, _ in pairs}, key=dataset_sort_key)
-        groups = [(d, [p for p in pairs if p[0] == d]) for d in datasets]
-        if len(datasets) > 1:
+        names = sorted({d for d, _, _ in pairs}, key=datasets.dataset_sort_key)
+        groups = [(d, [p for p in pairs if p[0] == d]) for d in names]
+        if len(names) > 1:
             groups.append(("all", pairs))
         for dataset, group in groups:
             ref_values, other_values = [p[1] for p in group], [p[2] for p in group]
@@ -476,10 +480,7 @@ def chosen_labels(args: argparse.Namespace, runs: Sequence[RunResult]) -> list[s
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        found = load_runs(args.run_dir)
-    except FileNotFoundError as error:
-        parser.error(str(error))
+    found = load_runs(args.run_dir)
     if not found.runs:
         print(f"No finished runs (results.json) under {', '.join(args.run_dir)}; "
               f"{len(found.incomplete)} incomplete run directories.", file=sys.stderr)
@@ -510,4 +511,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(utils.run_main(main))

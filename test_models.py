@@ -1,5 +1,5 @@
 """Tests for models.py: TwistNet-18, its MH-STCI module, the registry, weight loading/transfer
-and introspection (contracts in DESIGN.md section 1).
+and introspection (the architecture as README "What STCI computes" describes it).
 
 Covered: every registry model builds offline and gives [B, num_classes] at 224 and 64 px;
 exact parameter counts (and the STCI formula 210*C + 16,445); gate initialisation; the batched
@@ -33,7 +33,7 @@ import models
 torch.set_num_threads(2)
 
 TWIST_BLOCKS = ("layer3.0", "layer3.1", "layer4.0", "layer4.1")
-# DESIGN.md section 1: the head directions 0, 45, 90, 135 degrees give these (dx, dy) offsets
+# README "What STCI computes": the head directions 0, 45, 90, 135 degrees give these (dx, dy) offsets
 # (round cos, round sin); written out by hand so the test does not reuse models.head_offset.
 EXPECTED_OFFSETS = [(1, 0), (1, 1), (0, 1), (-1, 1)]
 R, HEADS, HEAD_CH = 8, 4, 8 + 36          # r, heads, r + r(r+1)/2 channels per head
@@ -227,7 +227,7 @@ def _unit(v, eps=1e-6):
 
 @torch.no_grad()
 def _stci_reference(m: models.MultiHeadSTCI, x: torch.Tensor, spiral: bool, ais: bool) -> torch.Tensor:
-    """Per-head definition of DESIGN.md section 1, one head and one pair at a time, using slices of
+    """Per-head definition of STCI (README "What STCI computes"), one head and one pair at a time, using slices of
     the same module's weights. No batching tricks: loops over heads d and pairs i <= j."""
     r = m.r
     head_outputs = []

@@ -1,4 +1,4 @@
-"""Image transforms and batch mixing of the TwistNet-2D recipe (DESIGN.md §4).
+"""Image transforms and batch mixing of the TwistNet-2D recipe (README "Training one run").
 
 Usage:
     from transforms import build_train_transform, build_eval_transform, build_mixup, eval_resize_size
@@ -15,9 +15,12 @@ scales every crop: eval resizes the shorter side to round(img_size * 256 / 224) 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from torchvision.transforms import v2
@@ -52,6 +55,26 @@ def build_eval_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_M
     """Resize the shorter side to eval_resize_size(img_size), centre crop img_size, normalise."""
     return v2.Compose([v2.Resize(eval_resize_size(img_size), antialias=True), v2.CenterCrop(img_size),
                        *to_normalised_tensor(mean, std)])
+
+
+def load_image_tensor(path: str | Path, img_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """(input batch [1, 3, H, W] through the eval transform, the same crop as an RGB array in [0, 1])."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image not found: {path}")
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    tensor = build_eval_transform(img_size)(rgb)
+    return tensor.unsqueeze(0), denormalise(tensor).permute(1, 2, 0).numpy()
+
+
+def denormalise(tensor: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Undo the normalisation of a [3, H, W] (or [B, 3, H, W]) tensor: RGB values in [0, 1]."""
+    shape = (3, 1, 1) if tensor.ndim == 3 else (1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=tensor.dtype, device=tensor.device).view(shape)
+    std_t = torch.tensor(std, dtype=tensor.dtype, device=tensor.device).view(shape)
+    return (tensor * std_t + mean_t).clamp(0, 1)
 
 
 class OddBatchMixup(Mixup):

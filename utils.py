@@ -17,19 +17,13 @@ Entry scripts import from here, never from each other. Model things (unwrapping 
 forward hooks, FLOP counting) live in models.py, data things (samplers, loaders) in datasets.py,
 image things in transforms.py.
 
-Two resume policies, on purpose (README "Resuming"): a fine-tuning run (train.py) is one
-(model, fold, seed) cell of a table, so its command must not change between an interruption and
-its resumption (only where data lives and how fast it loads may); a pretraining run
-(pretrain_imagenet.py, pretrain_spark.py) takes days and moves between machines, so its recipe
-comes from the checkpoint and the new command may change only where things are and how fast
-they run (device, workers, per-process batch with the same global batch).
+The torch.distributed side of the two pretraining scripts is in distributed.py.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -46,13 +40,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import models
 import transforms
 
-LR_REFERENCE_BATCH = 256
 EXIT_USAGE = 2
 
 
@@ -409,6 +401,29 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], key
     return ", ".join(f"--{k}: {a!r} -> {b!r}" for k, a, b in changed)
 
 
+def split_list(text: str | None) -> list[str] | None:
+    """'a, b,c' -> ['a', 'b', 'c']; None for an empty or missing option."""
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def parse_int_list(text: str) -> list[int]:
+    """'1-3,5' -> [1, 2, 3, 5]; order kept, duplicates dropped."""
+    values: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, sep, high = part.partition("-")
+        try:
+            start = int(low)
+            stop = int(high) if sep else start
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not an integer or a range like 1-10") from None
+        if stop < start:
+            raise argparse.ArgumentTypeError(f"range {part!r} runs backwards")
+        values += [v for v in range(start, stop + 1) if v not in values]
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return values
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -499,6 +514,36 @@ class Recipe:
             self.ema.update(model)
 
 
+RECIPE_DEFAULTS: Mapping[str, Any] = {
+    "min_lr": 1e-6, "warmup_epochs": 5.0, "momentum": 0.9, "weight_decay": 1e-4, "label_smoothing": 0.1,
+    "hflip": 0.5, "randaug_n": 2, "randaug_m": 9, "mixup": 0.8, "cutmix": 1.0, "clip_grad": 0.0,
+    "ema_decay": 0.999,
+}
+
+
+def add_recipe_arguments(group: argparse._ActionsContainer, **defaults: Any) -> None:
+    """The recipe flags build_recipe reads, with one meaning in both trainers; `defaults` override
+    RECIPE_DEFAULTS (pretraining uses lighter Mixup and a slower EMA)."""
+    d = {**RECIPE_DEFAULTS, **defaults}
+    group.add_argument("--min_lr", type=float, default=d["min_lr"], help="end of the cosine schedule (absolute)")
+    group.add_argument("--warmup_epochs", type=float, default=d["warmup_epochs"],
+                       help="linear warm-up, per step, over this many epochs (fractions allowed)")
+    group.add_argument("--momentum", type=float, default=d["momentum"], help="SGD momentum")
+    group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
+    group.add_argument("--weight_decay", type=float, default=d["weight_decay"],
+                       help="on conv/linear weights only (none on norm weights, biases and gates)")
+    group.add_argument("--label_smoothing", type=float, default=d["label_smoothing"],
+                       help="label smoothing of the loss (inside the Mixup/CutMix targets when those are on)")
+    group.add_argument("--hflip", type=float, default=d["hflip"], help="horizontal flip probability")
+    group.add_argument("--randaug_n", type=int, default=d["randaug_n"], help="RandAugment operations per image (0 disables)")
+    group.add_argument("--randaug_m", type=int, default=d["randaug_m"], help="RandAugment magnitude")
+    group.add_argument("--mixup", type=float, default=d["mixup"], help="Mixup alpha (0 disables)")
+    group.add_argument("--cutmix", type=float, default=d["cutmix"], help="CutMix alpha (0 disables)")
+    group.add_argument("--clip_grad", type=float, default=d["clip_grad"], help="max gradient norm (0 disables)")
+    group.add_argument("--ema", action="store_true", help="keep an EMA of the weights; validate, select and export it")
+    group.add_argument("--ema_decay", type=float, default=d["ema_decay"], help="EMA decay per optimizer step")
+
+
 def build_recipe(model: nn.Module, args: argparse.Namespace, lr: float, steps_per_epoch: int,
                  num_classes: int, device: torch.device) -> Recipe:
     """SGD (Nesterov) with no decay on norms/biases/gates, warm-up + cosine per step, AMP scaler,
@@ -529,6 +574,29 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     return int((logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum())
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: torch.device,
+             channels_last: bool = False, amp_dtype: torch.dtype | None = None) -> dict:
+    """Sums over (images, labels, n_unreadable) batches: loss_sum, top5, seen, skipped and the
+    confusion matrix (rows: true class). The model is left in eval mode."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum, top5, seen, skipped = 0.0, 0, 0, 0
+    for images, labels, n_bad in batches:
+        skipped += int(n_bad)
+        if images.shape[0] == 0:
+            continue
+        images, labels = to_device(images, labels, device, channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(images).float()
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        top5 += topk_correct(logits, labels, 5)
+        seen += labels.shape[0]
+        pairs = labels.cpu() * num_classes + logits.argmax(dim=1).cpu()
+        confusion += torch.bincount(pairs, minlength=num_classes ** 2).view(num_classes, num_classes)
+    return dict(loss_sum=loss_sum, top5=top5, seen=seen, skipped=skipped, confusion=confusion)
+
+
 # --------------------------------------------------------------------------------------------
 # FLOPs (fvcore), counted the same way for results.json, compute_flops.py and prune.py
 # --------------------------------------------------------------------------------------------
@@ -540,10 +608,6 @@ class FlopReport:
     by_module_operator: dict[str, dict[str, int]]
     uncounted: dict[str, int]  # op -> how many calls had no handle
     img_size: int = 224
-
-    @property
-    def gflops(self) -> float:
-        return self.total / 1e9
 
     def uncounted_text(self) -> str:
         if not self.uncounted:
@@ -614,120 +678,3 @@ def count_flops(model: nn.Module, img_size: int = 224, extra_handles: bool = Tru
         return FlopReport(int(analysis.total()), {k: int(v) for k, v in analysis.by_module().items()},
                           {k: {op: int(n) for op, n in c.items()} for k, c in analysis.by_module_and_operator().items()},
                           dict(analysis.unsupported_ops()), img_size)
-
-
-# --------------------------------------------------------------------------------------------
-# torch.distributed (pretraining)
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class DistContext:
-    """Where this process sits in the job. A plain `python` launch is rank 0 of a world of 1."""
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    backend: str | None
-    cpu_group: Any = None     # gloo group for small host-side agreements when the backend is NCCL
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_flag: str, timeout_min: float) -> DistContext:
-    """Join the torchrun job if there is one: NCCL between GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_flag)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank if device.index is None or world > 1 else device.index)
-        torch.cuda.set_device(device)
-    if world == 1:
-        return DistContext(0, 0, 1, device, None)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    extra = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min), **extra)
-    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
-    return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device, backend, cpu_group)
-
-
-def close_distributed(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def all_agree_to_stop(requested: bool, ctx: DistContext) -> bool:
-    """True on every rank as soon as one rank was asked to stop, so all stop at the same step."""
-    if not ctx.distributed:
-        return requested
-    flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
-    return bool(flag.item())
-
-
-def all_reduce_sum(values: Sequence[float], ctx: DistContext) -> list[float]:
-    totals = torch.tensor(list(values), dtype=torch.float64, device=ctx.device)
-    if ctx.distributed:
-        dist.all_reduce(totals)
-    return totals.tolist()
-
-
-def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
-    if not ctx.distributed:
-        return [obj]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_buffers(module: nn.Module, ctx: DistContext) -> None:
-    """Give every rank rank 0's BatchNorm statistics, so that all ranks validate the same model."""
-    if ctx.distributed:
-        for buf in module.buffers():
-            dist.broadcast(buf, src=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchPlan:
-    """How one optimizer step's global batch is split over processes and micro-steps."""
-    per_rank: int
-    world_size: int
-    accum_steps: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.per_rank * self.world_size * self.accum_steps
-
-    def effective_lr(self, lr_per_256: float) -> float:
-        return lr_per_256 * self.global_batch / LR_REFERENCE_BATCH
-
-    def describe(self) -> str:
-        return (f"global batch {self.global_batch} = {self.per_rank} per process x {self.world_size} "
-                f"processes x {self.accum_steps} accumulation steps")
-
-
-def plan_for_resume(saved_global: int, per_rank: int, world: int, accum: int | None) -> BatchPlan:
-    """Keep the checkpoint's global batch in a new world size by changing accum_steps.
-
-    A global batch that cannot be kept is refused: the lr, the schedule length and the data
-    order all depend on it, so silently changing it would make a different run.
-    """
-    if accum is not None:
-        plan = BatchPlan(per_rank, world, accum)
-        if plan.global_batch != saved_global:
-            raise UserError(f"--resume: {plan.describe()} differs from the checkpoint's global batch "
-                            f"{saved_global}. Drop --accum_steps to have it chosen, or pick values whose "
-                            f"product is {saved_global}.")
-        return plan
-    if saved_global % (per_rank * world) == 0:
-        return BatchPlan(per_rank, world, saved_global // (per_rank * world))
-    fits = [b for b in range(1, saved_global // world + 1) if saved_global % (b * world) == 0]
-    raise UserError(
-        f"--resume: the checkpoint was trained with global batch {saved_global}; with {world} processes "
-        f"and --batch_size {per_rank} no whole number of accumulation steps keeps it. Per-process "
-        f"batch sizes that do: {', '.join(map(str, fits[-6:]))} (pass one as --batch_size), or resume "
-        f"with the original number of processes.")

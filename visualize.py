@@ -34,9 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import figures  # first: it selects matplotlib's Agg backend
 import models
-import plot_results as pr  # first: it selects matplotlib's Agg backend
 import seaborn as sns
+import transforms
+import utils
 from matplotlib.figure import Figure, SubFigure
 
 
@@ -51,25 +53,15 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str = "layer4",
     channel weights are the spatial mean of d score / d activation; the map is the ReLU of the
     weighted channel sum, scaled to a maximum of 1 (all zeros if nothing is positive).
     """
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        raise ValueError(f"No layer '{layer}' in {type(model).__name__}")
-    captured: dict[str, torch.Tensor] = {}
-    handle = modules[layer].register_forward_hook(lambda m, a, out: captured.__setitem__("act", out))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            logits = model(x[:1])
-            target = int(logits[0].argmax()) if target is None else int(target)
-            if not 0 <= target < logits.shape[1]:
-                raise ValueError(f"--target_class {target} is outside 0..{logits.shape[1] - 1}")
-            # autograd.grad, not backward(): the parameters' .grad stay untouched
-            (grad,) = torch.autograd.grad(logits[0, target], captured["act"])
-    finally:
-        handle.remove()
-        model.train(was_training)
-    act = captured["act"].detach()[0]
+    watched = models.submodules(model, [layer])
+    with models.evaluating(model), models.capture(watched, detach=False) as captured, torch.enable_grad():
+        logits = model(x[:1])
+        target = int(logits[0].argmax()) if target is None else int(target)
+        if not 0 <= target < logits.shape[1]:
+            raise utils.UserError(f"--target_class {target} is outside 0..{logits.shape[1] - 1}")
+        # autograd.grad, not backward(): the parameters' .grad stay untouched
+        (grad,) = torch.autograd.grad(logits[0, target], captured[layer])
+    act = captured[layer].detach()[0]
     weights = grad[0].mean(dim=(1, 2))
     cam = F.relu((weights[:, None, None] * act).sum(dim=0))
     peak = cam.max()
@@ -169,10 +161,10 @@ def draw_block_row(sub: SubFigure, name: str, block: dict) -> None:
     matrices = np.asarray(block["interaction"], dtype=float)
     heads = matrices.shape[0]
     axes = sub.subplots(1, heads + 1, width_ratios=[1] * heads + [1.3])
-    norm, cmap = pr.interaction_colour_scale(float(matrices.min()), float(matrices.max()))
+    norm, cmap = figures.interaction_colour_scale(float(matrices.min()), float(matrices.max()))
     image = None
     for d in range(heads):
-        image = pr.draw_interaction(axes[d], matrices[d], norm, cmap)
+        image = figures.draw_interaction(axes[d], matrices[d], norm, cmap)
         axes[d].set_title(f"{models.HEAD_ANGLES[d]}°")
         axes[d].set_xlabel("j")
         if d:
@@ -203,7 +195,7 @@ def visualization_figure(image: np.ndarray, cam: np.ndarray, report: dict, block
                          gate_init: float | None = None, title: str = "") -> Figure:
     """The full 7 in figure: overview row plus one row per shown block."""
     heights = [1.0] + [0.85] * len(blocks)
-    fig = pr.new_figure(pr.PAGE_WIDTH_IN, 2.0 + 1.7 * len(blocks))
+    fig = figures.new_figure(figures.PAGE_WIDTH_IN, 2.0 + 1.7 * len(blocks))
     subs = fig.subfigures(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0]
     draw_overview(subs[0], image, cam, report, gate_init)
     for sub, name in zip(subs[1:], blocks):
@@ -242,35 +234,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def class_names_for(checkpoint: str | Path, num_classes: int) -> list[str]:
+    """Class names from the results.json beside a checkpoint, else 'class k'."""
+    results = Path(checkpoint).resolve().parent / "results.json"
+    if results.is_file():
+        classes = json.loads(results.read_text()).get("classes")
+        if classes and len(classes) == num_classes:
+            return [str(c) for c in classes]
+    return [f"class {k}" for k in range(num_classes)]
+
+
+def explain(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse the command line, write the figure and its JSON; the report."""
     args = build_parser().parse_args(argv)
-    model, config = pr.load_checkpoint_model(args.checkpoint, args.weights)
+    model, config = models.load_checkpoint_model(args.checkpoint, args.weights)
     img_size = args.img_size or int(config.get("img_size") or 224)
-    x, image = pr.load_image_tensor(args.image, img_size)
-    classes = pr.class_names_for(args.checkpoint, pr.classifier_size(model.state_dict()))
+    x, image = transforms.load_image_tensor(args.image, img_size)
+    classes = class_names_for(args.checkpoint, models.classifier_size(model.state_dict()))
     report, cam = build_report(model, x, classes, args.layer, args.target_class)
     report = {"checkpoint": str(args.checkpoint), "image": str(args.image), "img_size": img_size,
               "model": config.get("model"), "model_kwargs": config.get("model_kwargs") or {}, **report}
 
-    stem = args.name or f"{Path(args.image).stem}_{pr.run_name_of(args.checkpoint)}"
+    stem = args.name or f"{Path(args.image).stem}_{Path(args.checkpoint).resolve().parent.name}"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(report, indent=1))
-    gate_init = pr.gate_init_from_config(config) if report["gates"] else None
-    label = pr.display_name(pr.run_label(config.get("model", "?"), config.get("tag", "")))
+    utils.atomic_write_text(json.dumps(report, indent=1), json_path)
+    gate_init = models.gate_init_of_config(config) if report["gates"] else None
+    label = models.display_name(models.run_label(config.get("model", "?"), config.get("tag", "")), short=True)
     title = f"{label} | {Path(args.image).name} | predicted {report['prediction']['name']} ({report['prediction']['prob']:.2f})"
-    with pr.paper_style():
+    with figures.paper_style():
         fig = visualization_figure(image, upsample_cam(cam, image.shape[:2]), report,
                                    blocks_to_show(report, args.blocks), gate_init, title)
-        written = pr.save_figure(fig, out_dir, stem, pr.split_list(args.formats) or ["png"])
+        written = figures.save_figure(fig, out_dir, stem, utils.split_list(args.formats) or ["png"])
     for path in [*written, json_path]:
         print(f"wrote {path}")
     return report
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    explain(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    sys.exit(utils.run_main(main))

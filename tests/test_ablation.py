@@ -14,6 +14,8 @@ import pytest
 
 import ablation  # the repository root is on sys.path through tests/conftest.py
 import models
+import summarize_runs
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +48,7 @@ def test_sweep_selection_and_custom_values() -> None:
     variants = ablation.plan_variants(["heads", "r"], {"r": [2]})
     assert [v.label for v in variants] == CORE + ["twistnet18-heads1", "twistnet18-heads2", "twistnet18-r2"]
     assert [v.label for v in ablation.plan_variants([])] == CORE
-    with pytest.raises(ValueError, match="Unknown sweep 'width'"):
+    with pytest.raises(utils.UserError, match="Unknown sweep 'width'"):
         ablation.plan_variants(["width"])
     assert ablation.parse_stage_sets("4;2,3,4") == [(4,), (2, 3, 4)]
 
@@ -94,9 +96,9 @@ def test_dry_run_prints_commands_and_touches_nothing(tmp_path: Path, capsys: pyt
 
 
 def test_options_the_plan_sets_cannot_be_passed_through() -> None:
-    with pytest.raises(SystemExit, match="--tag"):
+    with pytest.raises(utils.UserError, match="--tag"):
         ablation.main(["--dry_run", "--tag", "x"])
-    with pytest.raises(SystemExit, match="--seed"):
+    with pytest.raises(utils.UserError, match="--seed"):
         ablation.main(["--dry_run", "--seed", "1"])
 
 
@@ -187,8 +189,7 @@ def test_table_means_stds_and_deltas(finished_runs: Path, capsys: pytest.Capture
 
 
 def test_rows_hold_exact_numbers(finished_runs: Path) -> None:
-    import plot_results
-    runs = plot_results.load_results([finished_runs])
+    runs = summarize_runs.load_results([finished_runs])
     variants = ablation.plan_variants(["r"])
     rows = {r.variant.label: r for r in ablation.ablation_rows(variants, runs, "synthtex", FOLDS, SEEDS)}
     full_mean, _ = expected_stats("twistnet18")

@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 import datasets
 import fixtures
 import transforms
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_32 = transforms.build_eval_transform(32)
@@ -334,10 +335,10 @@ def test_describe_prints_sizes_and_flags_corrupt_files(tmp_path: Path, capsys) -
 
 
 def test_describe_layout_error_exits_2_without_traceback(tmp_path: Path, capsys) -> None:
-    assert datasets.main(["--dataset", "dtd", "--data_dir", str(tmp_path / "nowhere"), "--fold", "1"]) == 2
+    assert utils.run_main(datasets.main, ["--dataset", "dtd", "--data_dir", str(tmp_path / "nowhere"), "--fold", "1"]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
-    assert datasets.main(["--dataset", "kth_tips2", "--data_dir", str(tmp_path), "--fold", "9"]) == 2
+    assert utils.run_main(datasets.main, ["--dataset", "kth_tips2", "--data_dir", str(tmp_path), "--fold", "9"]) == 2
 
 
 def test_describe_synthtex_in_process(capsys) -> None:

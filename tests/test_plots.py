@@ -18,8 +18,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import figures
 import models  # the repository root is on sys.path through tests/conftest.py
 import plot_results
+import transforms
+import utils
 import visualize
 
 DPI = 300
@@ -136,7 +139,9 @@ def test_loader_groups_runs_by_label_and_dataset(run_dir: Path) -> None:
             assert s.n == 4
             assert s.mean == pytest.approx(statistics.mean(values))
             assert s.std == pytest.approx(statistics.stdev(values))
-    assert stats[("twistnet18-r4", "dtd")] == plot_results.Stats(70.0, 0.0, 1)
+    # One run: the mean, no sample std (undefined, as in the tables) and no error bar.
+    single = stats[("twistnet18-r4", "dtd")]
+    assert (single.mean, single.std, single.n, single.error_bar) == (70.0, None, 1, 0.0)
     by_fold = plot_results.accuracy_stats(runs, group_by="dataset_fold")
     assert by_fold[("resnet18", "fmd/2")].mean == pytest.approx(
         statistics.mean(known_accuracy("resnet18", "fmd", 2, s) for s in SEEDS))
@@ -164,17 +169,17 @@ def test_display_names_read_sweep_tags() -> None:
 ])
 def test_aggregate_plots_write_png_and_pdf(run_dir: Path, tmp_path: Path, argv: list[str],
                                            stem: str, width: float) -> None:
-    written = plot_results.main([*argv, "--run_dir", str(run_dir), "--save_dir", str(tmp_path)])
+    written = plot_results.make_plots([*argv, "--run_dir", str(run_dir), "--save_dir", str(tmp_path)])
     assert sorted(p.name for p in written) == [f"{stem}.pdf", f"{stem}.png"]
     assert_figure(written, width)
 
 
 def test_radar_needs_three_axes(run_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="at least 3 axes"):
-        plot_results.main(["--plot", "radar", "--run_dir", str(run_dir), "--datasets", "dtd,fmd",
+    with pytest.raises(utils.UserError, match="at least 3 axes"):
+        plot_results.make_plots(["--plot", "radar", "--run_dir", str(run_dir), "--datasets", "dtd,fmd",
                            "--save_dir", str(tmp_path)])
     # per-fold axes make a radar chart out of one dataset's folds (here 2 datasets x 2 folds)
-    written = plot_results.main(["--plot", "radar", "--run_dir", str(run_dir), "--datasets", "dtd,fmd",
+    written = plot_results.make_plots(["--plot", "radar", "--run_dir", str(run_dir), "--datasets", "dtd,fmd",
                                  "--group_by", "dataset_fold", "--models", "resnet18,twistnet18",
                                  "--save_dir", str(tmp_path)])
     assert_figure(written, 3.5)
@@ -185,7 +190,7 @@ def test_ablation_annotates_deltas_to_the_full_model(run_dir: Path) -> None:
     runs = plot_results.filter_runs(runs, datasets=["dtd"])
     stats = plot_results.accuracy_stats(runs)
     labels = plot_results.ordered_labels(runs)
-    with plot_results.paper_style():
+    with figures.paper_style():
         fig = plot_results.ablation_figure(stats, labels, ["dtd"])
         fig.canvas.draw()
     texts = [t.get_text() for t in fig.axes[0].texts]
@@ -198,29 +203,29 @@ def test_ablation_annotates_deltas_to_the_full_model(run_dir: Path) -> None:
 # Per-run plots
 # --------------------------------------------------------------------------------------------
 def test_curves_and_gate_plots(log_file: Path, tmp_path: Path) -> None:
-    curves = plot_results.main(["--plot", "curves", "--log_file", str(log_file), "--save_dir", str(tmp_path)])
+    curves = plot_results.make_plots(["--plot", "curves", "--log_file", str(log_file), "--save_dir", str(tmp_path)])
     assert {p.name for p in curves} == {"curves_synthtex_fold1_twistnet18_seed42.png",
                                         "curves_synthtex_fold1_twistnet18_seed42.pdf"}
     assert_figure(curves, 7.0)
-    gate = plot_results.main(["--plot", "gate", "--log_file", str(log_file), "--save_dir", str(tmp_path),
+    gate = plot_results.make_plots(["--plot", "gate", "--log_file", str(log_file), "--save_dir", str(tmp_path),
                               "--name", "gate"])
     assert_figure(gate, 3.5)
 
 
 def test_gate_figure_draws_logged_values(log_file: Path) -> None:
     records = plot_results.read_log(log_file)
-    with plot_results.paper_style():
+    with figures.paper_style():
         fig = plot_results.gate_figure(records, gate_init=-2.0)
     lines = {line.get_label(): line for line in fig.axes[0].lines}
     np.testing.assert_allclose(lines["layer3.1"].get_ydata(), [r["gates"]["layer3.1"] for r in records])
     assert lines["init (-2)"].get_ydata()[0] == pytest.approx(1 / (1 + np.exp(2.0)))
-    with pytest.raises(ValueError, match="no TwistBlock gates"):
+    with pytest.raises(utils.UserError, match="no TwistBlock gates"):
         plot_results.gate_figure([{"epoch": 1, "gates": {}}])
 
 
 def test_confusion_plot(run_dir: Path, tmp_path: Path) -> None:
     results = next(run_dir.glob("dtd_fold1_twistnet18_seed42/results.json"))
-    written = plot_results.main(["--plot", "confusion", "--results", str(results), "--save_dir", str(tmp_path),
+    written = plot_results.make_plots(["--plot", "confusion", "--results", str(results), "--save_dir", str(tmp_path),
                                  "--name", "confusion"])
     assert_figure(written, 3.5)
 
@@ -229,7 +234,7 @@ def test_confusion_thins_labels_for_many_classes() -> None:
     n = 120
     confusion = np.eye(n, dtype=int) * 5 + 1
     classes = [f"texture_{k:03d}" for k in range(n)]
-    with plot_results.paper_style():
+    with figures.paper_style():
         fig = plot_results.confusion_figure(confusion, classes)
     ax = fig.axes[0]
     shown = [t.get_text() for t in ax.get_xticklabels()]
@@ -240,22 +245,22 @@ def test_confusion_thins_labels_for_many_classes() -> None:
 
 
 def test_interaction_plot(checkpoint: Path, image: Path, tmp_path: Path) -> None:
-    written = plot_results.main(["--plot", "interaction", "--checkpoint", str(checkpoint), "--image", str(image),
+    written = plot_results.make_plots(["--plot", "interaction", "--checkpoint", str(checkpoint), "--image", str(image),
                                  "--save_dir", str(tmp_path), "--name", "interaction"])
     assert_figure(written, 7.0)
 
 
 def test_interaction_colour_scale_diverges_only_for_clear_negatives() -> None:
-    assert plot_results.interaction_colour_scale(-0.001, 0.5)[1] == "magma"
-    norm, cmap = plot_results.interaction_colour_scale(-0.3, 0.5)
+    assert figures.interaction_colour_scale(-0.001, 0.5)[1] == "magma"
+    norm, cmap = figures.interaction_colour_scale(-0.3, 0.5)
     assert cmap == "RdBu_r" and (norm.vmin, norm.vmax) == (-0.5, 0.5)
 
 
 def test_interaction_figure_titles_heads_by_direction(checkpoint: Path, image: Path) -> None:
-    model, _ = plot_results.load_checkpoint_model(checkpoint)
-    x, _ = plot_results.load_image_tensor(image, 64)
+    model, _ = models.load_checkpoint_model(checkpoint)
+    x, _ = transforms.load_image_tensor(image, 64)
     internals = models.stci_internals(model, x)
-    with plot_results.paper_style():
+    with figures.paper_style():
         fig = plot_results.interaction_figure(internals)
     heatmaps = [ax for ax in fig.axes if ax.images]
     assert len(heatmaps) == 4 * len(internals)
@@ -274,8 +279,8 @@ def reference_input(image: Path, img_size: int) -> torch.Tensor:
 
 
 def test_visualize_json_equals_model_introspection(checkpoint: Path, image: Path, tmp_path: Path) -> None:
-    visualize.main(["--checkpoint", str(checkpoint), "--image", str(image), "--out_dir", str(tmp_path),
-                    "--blocks", "all", "--name", "vis"])
+    visualize.explain(["--checkpoint", str(checkpoint), "--image", str(image), "--out_dir", str(tmp_path),
+                       "--blocks", "all", "--name", "vis"])
     assert_figure([tmp_path / "vis.png", tmp_path / "vis.pdf"], 7.0)
     report = json.loads((tmp_path / "vis.json").read_text())
 
@@ -317,7 +322,7 @@ def manual_grad_cam(model: torch.nn.Module, x: torch.Tensor, target: int) -> tor
 
 
 def test_grad_cam_matches_a_hand_computation(checkpoint: Path, image: Path) -> None:
-    model, _ = plot_results.load_checkpoint_model(checkpoint)
+    model, _ = models.load_checkpoint_model(checkpoint)
     x = reference_input(image, 64)
     for target in (None, 3):
         cam, logits, chosen = visualize.grad_cam(model, x, "layer4", target)
@@ -334,7 +339,7 @@ def test_visualize_handles_variants_without_ais(tmp_path: Path, image: Path) -> 
     path = tmp_path / "best.pt"
     torch.save({"model": model.state_dict(), "ema": None, "epoch": 1,
                 "config": {"model": "twistnet18_no_ais", "img_size": 64, "model_kwargs": {}}}, path)
-    report = visualize.main(["--checkpoint", str(path), "--image", str(image), "--out_dir", str(tmp_path),
-                             "--formats", "png"])
+    report = visualize.explain(["--checkpoint", str(path), "--image", str(image), "--out_dir", str(tmp_path),
+                                "--formats", "png"])
     assert all("ais" not in block for block in report["blocks"].values())
     assert (tmp_path / f"{image.stem}_{tmp_path.name}.png").is_file()

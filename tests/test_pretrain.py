@@ -26,8 +26,12 @@ import torch
 from fixtures import corrupt, make_imagenet_folder
 
 import datasets
+import distributed
+import figures
 import models
+import plot_results
 import pretrain_imagenet as pretrain
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "pretrain_imagenet.py")
@@ -36,7 +40,7 @@ SCRIPT = str(ROOT / "pretrain_imagenet.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = ["--device", "cpu", "--workers", "0", "--img_size", "32", "--batch_size", "4", "--print_freq", "0"]
 TRAIN_PER_CLASS, VAL_PER_CLASS, CLASSES = 8, 3, 3     # 24 train images = 3 steps of 8; 9 val images
-EPOCH_METRICS = ("lr", "train_loss", "train_images", "val_loss", "val_top1", "val_top5", "val_images", "gates")
+EPOCH_METRICS = ("lr", "train_loss", "train_images", "val_loss", "val_acc", "val_top5", "val_images", "gates")
 
 
 def free_port() -> int:
@@ -113,7 +117,7 @@ def test_two_process_run_writes_every_file(straight: tuple[Path, Path]) -> None:
 
     header, = records(ckpt, "header")
     assert header["world_size"] == 2 and header["global_batch"] == 8 and header["backend"] == "gloo"
-    assert header["effective_lr"] == pytest.approx(0.1 * 8 / 256)
+    assert header["base_lr"] == 0.1 and header["lr"] == pytest.approx(0.1 * 8 / 256)
     assert header["train_images"] == CLASSES * TRAIN_PER_CLASS and header["num_classes"] == CLASSES
     for key in ("command", "git_commit", "versions", "config", "stci_share"):
         assert key in header, key
@@ -122,7 +126,7 @@ def test_two_process_run_writes_every_file(straight: tuple[Path, Path]) -> None:
     for r in epochs:
         # 9 validation images over 2 processes: each counted exactly once, no padding duplicate
         assert r["val_images"] == CLASSES * VAL_PER_CLASS == 9
-        assert 0 <= r["val_top1"] <= r["val_top5"] <= 100
+        assert 0 <= r["val_acc"] <= r["val_top5"] <= 100
         assert r["train_images"] == 24 and r["images_per_s"] > 0 and r["eta_s"] >= 0
         for key in ("train_loss", "lr", "epoch_time_s", "data_wait_share"):
             assert key in r, key
@@ -135,9 +139,25 @@ def test_two_process_run_writes_every_file(straight: tuple[Path, Path]) -> None:
     assert latest["epoch"] == 2 and latest["world_size"] == 2 and len(latest["rank_states"]) == 2
     assert all(torch.equal(final[k], latest["model"][k]) for k in final)   # no EMA: last weights
     best = load(ckpt / "best.pt")
-    assert best["val_top1"] == max(r["val_top1"] for r in epochs)
+    assert best["val_acc"] == max(r["val_acc"] for r in epochs)
     model = models.build_model("twistnet18", CLASSES, verbose=False)
     model.load_state_dict(final)   # strict: every tensor, plain names
+
+
+def test_curves_plot_reads_a_pretraining_log(straight: tuple[Path, Path], tmp_path: Path) -> None:
+    """One log vocabulary: the accuracy panel of --plot curves shows the pretraining val accuracy."""
+    ckpt, _ = straight
+    log = ckpt / "log.jsonl"
+    records_ = plot_results.read_log(log)   # the header, resume and final records are left out
+    assert [r["epoch"] for r in records_] == [1, 2]
+    with figures.paper_style():
+        fig = plot_results.curves_figure(records_)
+    loss_axis, acc_axis = fig.axes[:2]
+    val = [line for line in acc_axis.get_lines() if line.get_label() == "val"]
+    assert len(val) == 1 and list(val[0].get_ydata()) == [r["val_acc"] for r in records_]
+    assert [line.get_label() for line in loss_axis.get_lines()] == ["train", "val"]
+    written = plot_results.make_plots(["--plot", "curves", "--log_file", str(log), "--save_dir", str(tmp_path)])
+    assert sorted(p.suffix for p in written) == [".pdf", ".png"]
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(
@@ -244,9 +264,12 @@ def test_train_py_pretrained_finds_and_loads_the_weights(straight: tuple[Path, P
 def test_resume_refuses_a_changed_recipe(straight: tuple[Path, Path], tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight[0], ckpt)
-    with pytest.raises(SystemExit, match="--lr: 0.1 -> 0.5"):
+    with pytest.raises(utils.UserError, match="--base_lr: 0.1 -> 0.5"):
+        run_inline("--resume", str(ckpt / "latest.pt"), "--base_lr", "0.5")
+    # --lr was the per-256 rate before it was renamed --base_lr: an old command says so.
+    with pytest.raises(utils.UserError, match="--lr was renamed --base_lr"):
         run_inline("--resume", str(ckpt / "latest.pt"), "--lr", "0.5")
-    with pytest.raises(SystemExit, match="exists: pass --resume"):
+    with pytest.raises(utils.UserError, match="exists: pass --resume"):
         run_inline("--data_dir", str(tmp_path), "--checkpoint_dir", str(ckpt))
 
 
@@ -271,14 +294,14 @@ def test_bad_layout_is_a_clear_error(imagenet: Path, tmp_path: Path, damage: str
             jpeg.rename(root / "val" / jpeg.name)
         for folder in [p for p in (root / "val").iterdir() if p.is_dir()]:
             folder.rmdir()
-    with pytest.raises(SystemExit, match=expected):
+    with pytest.raises(utils.UserError, match=expected):
         run_inline("--data_dir", str(root), "--checkpoint_dir", str(tmp_path / "ckpt"))
 
 
 def test_empty_class_is_a_clear_error(imagenet: Path, tmp_path: Path) -> None:
     root = copy_folder(imagenet, tmp_path / "data")
     (root / "train" / "n99999999").mkdir()
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(utils.UserError) as err:
         run_inline("--data_dir", str(root), "--checkpoint_dir", str(tmp_path / "ckpt"))
     assert "n99999999" in str(err.value)
 
@@ -295,7 +318,7 @@ def test_corrupt_jpegs_are_skipped_and_counted(imagenet: Path, tmp_path: Path) -
     assert "n01440764_0.JPEG" in named and "ILSVRC2012_val_00000001.JPEG" in named
     epoch, = records(ckpt, "epoch")
     assert epoch["val_images"] == 8 and epoch["val_skipped"] == 1
-    assert epoch["train_skipped"] == 1 and epoch["train_images"] == 23
+    assert epoch["skipped_images"] == 1 and epoch["train_images"] == 23
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +329,7 @@ def positions_per_step(world: int, accum: int, batch: int, size: int = 50) -> li
     steps = size // (batch * world * accum)
     shards = []
     for rank in range(world):
-        sampler = pretrain.ShardedEpochSampler(size, seed=3, rank=rank, world_size=world, batch_size=batch,
+        sampler = datasets.ShardedEpochSampler(size, seed=3, rank=rank, world_size=world, batch_size=batch,
                                                micro_batches=steps * accum)
         sampler.set_epoch(5)
         shards.append([i for i, _ in sampler])
@@ -320,26 +343,26 @@ def test_sampler_gives_each_step_the_same_images_whatever_the_world_size() -> No
     assert two_procs == one_proc and len(two_procs) == 6
     flat = [i for step in two_procs for i in step]
     assert len(flat) == len(set(flat)) == 48    # no image twice; the tail of 2 is dropped
-    sampler = pretrain.ShardedEpochSampler(50, 3, 1, 2, 4, 6)
+    sampler = datasets.ShardedEpochSampler(50, 3, 1, 2, 4, 6)
     sampler.set_epoch(5, skip_micro=2)
     assert len(list(sampler)) == len(sampler) == 16
 
 
 def test_batch_plan_for_a_new_world_size() -> None:
-    assert pretrain.plan_for_resume(1024, 128, 4, None).accum_steps == 2
-    assert pretrain.plan_for_resume(1024, 128, 8, None).accum_steps == 1
-    with pytest.raises(SystemExit, match="no whole number of accumulation steps"):
-        pretrain.plan_for_resume(1024, 96, 8, None)
-    with pytest.raises(SystemExit, match="differs from the checkpoint's global batch"):
-        pretrain.plan_for_resume(1024, 128, 8, 2)
+    assert distributed.plan_for_resume(1024, 128, 4, None).accum_steps == 2
+    assert distributed.plan_for_resume(1024, 128, 8, None).accum_steps == 1
+    with pytest.raises(utils.UserError, match="no whole number of accumulation steps"):
+        distributed.plan_for_resume(1024, 96, 8, None)
+    with pytest.raises(utils.UserError, match="differs from the checkpoint's global batch"):
+        distributed.plan_for_resume(1024, 128, 8, 2)
 
 
 def test_progressive_schedule_and_weight_decay_groups() -> None:
-    phases = pretrain.parse_progressive("128:0.4,192:0.8", 224)
-    sizes = [pretrain.train_size_for_epoch(e, 10, phases, 224) for e in range(10)]
+    phases = utils.parse_progressive("128:0.4,192:0.8", 224)
+    sizes = [utils.train_size_for_epoch(e, 10, phases, 224) for e in range(10)]
     assert sizes == [128] * 4 + [192] * 4 + [224] * 2
-    with pytest.raises(SystemExit):
-        pretrain.parse_progressive("192:0.8,128:0.4", 224)
+    with pytest.raises(utils.UserError):
+        utils.parse_progressive("192:0.8,128:0.4", 224)
     model = models.build_model("twistnet18", 10, verbose=False)
     decay, no_decay = models.decay_param_groups(model, 1e-4)
     gates = {id(b.gate) for b in model.twist_blocks().values()}

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import run_all  # noqa: E402
+import utils  # noqa: E402
 
 # Small and fast: 32 px crops, no workers, no heavy augmentation.
 TRAIN_ARGS = ["--img_size", "32", "--batch_size", "16", "--workers", "0",
@@ -137,11 +138,11 @@ def test_bad_pass_through_options_are_refused(tmp_path: Path, capsys, extra: lis
 
 
 def test_int_lists_and_gpu_slots(monkeypatch) -> None:
-    assert run_all.parse_int_list("1-3,5") == [1, 2, 3, 5]
-    assert run_all.parse_int_list("42,43,42") == [42, 43]
+    assert utils.parse_int_list("1-3,5") == [1, 2, 3, 5]
+    assert utils.parse_int_list("42,43,42") == [42, 43]
     for bad in ("3-1", "a", ""):
         with pytest.raises(Exception):
-            run_all.parse_int_list(bad)
+            utils.parse_int_list(bad)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(run_all, "available_cpus", lambda: 16)
     slots = run_all.slot_environments(["0", "1"], runs_per_gpu=2, jobs=1)

@@ -156,7 +156,8 @@ def test_latex_is_a_sound_booktabs_tabular(run_dirs: list[Path], capsys) -> None
     n_columns = re.match(r"\\begin\{tabular\}\{([lcr]+)\}", body[0]).group(1)
     assert len(n_columns) == len(header)
     rows = [split_latex_row(l) for l in body[mid + 1:bottom]]
-    assert [r[0] for r in rows] == ["ResNet-18", "SE-ResNet-18", "TwistNet-18", "TwistNet-18 (r4)"]
+    # Tags are read as the figures read them (one display grammar in models.py).
+    assert [r[0] for r in rows] == ["ResNet-18", "SE-ResNet-18", "TwistNet-18", "TwistNet-18 (r = 4)"]
     assert all(len(r) == len(header) for r in rows)
     for column in (1, 2):
         means = [float(re.search(r"(\d+\.\d\d)", r[column]).group(1)) for r in rows]
@@ -226,7 +227,7 @@ def test_duplicate_runs_count_once(run_dirs: list[Path], capsys) -> None:
 def test_flops_header_names_a_non_default_input_size(tmp_path: Path) -> None:
     """FLOPs in results.json are counted at the run's --img_size; a 32-px sweep must not pass for 224 px."""
     def run(model: str, img_size: int | None) -> summarize_runs.RunResult:
-        return summarize_runs.RunResult(model, model, "synthtex", 1, 42, 50.0, 11_000_000, 4e7,
+        return summarize_runs.RunResult(model, "", "synthtex", 1, 42, 50.0, 11_000_000, 4e7,
                                         tmp_path, img_size)
 
     assert summarize_runs.build_table([run("a", 32), run("b", 32)]).flops_header() == "FLOPs (G, 32 px)"

@@ -1,0 +1,167 @@
+"""The shared plumbing: user errors end in one `error:` line, progress bars stay quiet in logs, the
+device flags mean the same in every script, and the scripts' import map has one home per concern.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import compute_flops
+import models
+import pretrain_imagenet
+import train
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+PRODUCTION = sorted(p.name for p in ROOT.glob("*.py") if not p.name.startswith("test_"))
+# summarize_runs.py is also the one reader of run directories (figures and the ablation table use it).
+ENTRY_SCRIPTS_NOT_TO_IMPORT = {"train", "plot_results", "compute_flops", "run_all", "ablation", "visualize",
+                               "pretrain_imagenet", "pretrain_spark", "prune"}
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+def test_run_main_turns_user_errors_into_one_line_and_status_2(capsys: pytest.CaptureFixture) -> None:
+    def bad_input(argv: list[str] | None) -> int:
+        raise utils.UserError("the folder x does not exist")
+
+    assert utils.run_main(bad_input, []) == 2
+    assert capsys.readouterr().err == "error: the folder x does not exist\n"
+    assert utils.run_main(lambda argv: models.get_spec("nosuch"), []) == 2   # models.py's own errors too
+    assert capsys.readouterr().err.startswith("error: Unknown model 'nosuch'")
+
+    def bug(argv: list[str] | None) -> int:
+        raise KeyError("a bug keeps its traceback")
+
+    with pytest.raises(KeyError):
+        utils.run_main(bug, [])
+
+
+def run_script(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_train_py_user_errors_are_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nonexistent"
+    assert_one_error_line(run_script("train.py", "--dataset", "dtd", "--data_dir", str(missing),
+                                     "--run_dir", str(tmp_path / "runs")),
+                          str(missing), "images/<class>/*.jpg")
+    assert not (tmp_path / "runs").exists()  # nothing is written before the data is found
+    assert_one_error_line(run_script("train.py", "--model", "twistnet_18", "--run_dir", str(tmp_path)),
+                          "Unknown model 'twistnet_18'", "Did you mean 'twistnet18'?")
+    assert_one_error_line(run_script("train.py", "--dataset", "kth_tips2", "--data_dir", str(tmp_path),
+                                     "--fold", "5", "--run_dir", str(tmp_path)), "folds 1-4", "fold 5")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, foreign)
+    assert_one_error_line(run_script("train.py", "--pretrained", str(foreign), "--epochs", "1", "--img_size", "32",
+                                     "--workers", "0", "--run_dir", str(tmp_path / "r2")),
+                          str(foreign), "incompatible")
+
+
+def test_other_scripts_report_user_errors_the_same_way(tmp_path: Path) -> None:
+    assert_one_error_line(run_script("compute_flops.py", "--model", "nosuch"), "Unknown model 'nosuch'")
+    assert_one_error_line(run_script("summarize_runs.py", "--run_dir", str(tmp_path / "none")), "is not a directory")
+    assert_one_error_line(run_script("plot_results.py", "--plot", "curves", "--log_file", str(tmp_path / "x.jsonl")),
+                          "Log file not found")
+    assert_one_error_line(run_script("datasets.py", "--dataset", "fmd", "--data_dir", str(tmp_path / "none")),
+                          "fmd data folder not found")
+
+
+# --------------------------------------------------------------------------------------------
+# Progress bars
+# --------------------------------------------------------------------------------------------
+def test_progress_is_throttled_to_whole_lines_off_a_terminal() -> None:
+    log = io.StringIO()
+    bar = utils.progress(range(5000), file=log, desc="steps")
+    for _ in bar:
+        pass
+    bar.close()
+    text = log.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert 1 <= len(lines) <= 3, lines   # the first frame, the final one: not a frame per step
+    assert "5000/5000" in lines[-1]
+
+
+def test_progress_disable_writes_nothing() -> None:
+    log = io.StringIO()
+    for _ in utils.progress(range(10), file=log, disable=True):
+        pass
+    assert log.getvalue() == ""
+
+
+# --------------------------------------------------------------------------------------------
+# One meaning per flag
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--device", "--amp", "--channels_last"])
+def test_device_flags_are_the_same_in_every_script(flag: str) -> None:
+    parsers = {"train.py": train.build_parser(), "pretrain_imagenet.py": pretrain_imagenet.build_parser(),
+               "compute_flops.py": compute_flops.build_parser()}
+    actions = {name: next(a for a in p._actions if flag in a.option_strings) for name, p in parsers.items()}
+    described = {name: (a.choices, a.default, a.nargs, a.const, a.help) for name, a in actions.items()}
+    assert len(set(described.values())) == 1, described
+
+
+def test_device_flag_values() -> None:
+    cpu = torch.device("cpu")
+    assert utils.resolve_device("cpu") == cpu
+    assert utils.resolve_amp("auto", cpu) is None and utils.resolve_amp("off", cpu) is None
+    assert utils.resolve_amp("bf16", cpu) == torch.bfloat16 and utils.resolve_amp("fp16", cpu) == torch.float16
+    assert not utils.resolve_channels_last("auto", cpu) and utils.resolve_channels_last("on", cpu)
+    parsed = train.build_parser().parse_args(["--channels_last"])
+    assert parsed.channels_last == "on"   # the bare switch of earlier versions still means on
+    if not torch.cuda.is_available():
+        with pytest.raises(utils.UserError, match="no CUDA GPU"):
+            utils.resolve_device("cuda")
+    with pytest.raises(utils.UserError, match="not a device"):
+        utils.resolve_device("gpu0")
+
+
+# --------------------------------------------------------------------------------------------
+# One home per concern
+# --------------------------------------------------------------------------------------------
+def project_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    return {n for n in names if (ROOT / f"{n}.py").is_file()}
+
+
+def test_no_script_imports_an_entry_script_for_helpers() -> None:
+    assert project_imports(ROOT / "models.py") == set()
+    for name in PRODUCTION:
+        imported = project_imports(ROOT / name) - {name[:-3]}
+        allowed = {"train"} if name == "run_all.py" else set()   # train.py's parser and run names: a CLI contract
+        assert not (imported & ENTRY_SCRIPTS_NOT_TO_IMPORT) - allowed, (name, imported)
+
+
+def test_atomic_files_leave_no_temp_file_behind(tmp_path: Path) -> None:
+    utils.atomic_write_text("a", tmp_path / "x.txt")
+    utils.atomic_save({"w": torch.ones(2)}, tmp_path / "x.pt")
+    with pytest.raises(Exception, match="pickle"):
+        utils.atomic_save({"f": lambda: 0}, tmp_path / "y.pt")    # cannot be pickled: fails mid-write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt", "x.txt"]
+    utils.append_jsonl(tmp_path / "log.jsonl", {"epoch": 1})
+    assert utils.read_jsonl(tmp_path / "log.jsonl") == [{"epoch": 1}]
+    (tmp_path / "bad.jsonl").write_text('{"epoch": 1}\nnot json\n')
+    with pytest.raises(utils.UserError, match="bad.jsonl, line 2"):
+        utils.read_jsonl(tmp_path / "bad.jsonl")
