@@ -280,8 +280,12 @@ class TwistNet(nn.Module):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        return pooled if pre_logits else self.fc(pooled)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x).mean(dim=(2, 3)))
+        return self.forward_head(self.forward_features(x))
 
     def get_classifier(self) -> nn.Module:
         return self.fc
@@ -721,6 +725,12 @@ def twist_blocks(model: nn.Module) -> dict[str, TwistBlock]:
 def gate_values(model: nn.Module) -> dict[str, float]:
     """sigmoid(gate) of every TwistBlock, by block name."""
     return {name: float(torch.sigmoid(m.gate.detach())) for name, m in twist_blocks(model).items()}
+
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled features the classifier reads (timm's pre-logits; TwistNet follows timm's API)."""
+    inner = unwrap_model(model)
+    return inner.forward_head(inner.forward_features(x), pre_logits=True)
 
 
 def stci_param_count(model: nn.Module) -> int:

@@ -4,22 +4,28 @@ Usage:
     python plot_results.py --plot bar     --run_dir runs/main [runs/extra ...] --save_dir figures
     python plot_results.py --plot radar   --run_dir runs/main --models resnet18,seresnet18,twistnet18
     python plot_results.py --plot scatter --run_dir runs/main --x flops
+    python compute_flops.py --speed --json --models resnet18,twistnet18 > speed.json
+    python plot_results.py --plot efficiency --run_dir runs/main --speed_json speed.json
     python plot_results.py --plot ablation --run_dir runs/ablation
     python plot_results.py --plot curves  --log_file runs/main/dtd_fold1_twistnet18_seed42/log.jsonl
     python plot_results.py --plot gate    --log_file runs/main/dtd_fold1_twistnet18_seed42/log.jsonl
     python plot_results.py --plot confusion --results runs/main/dtd_fold1_twistnet18_seed42/results.json
     python plot_results.py --plot interaction \\
         --checkpoint runs/main/dtd_fold1_twistnet18_seed42/best.pt --image data/dtd/images/banded/banded_0001.jpg
+    python plot_results.py --plot tsne --checkpoint runs/main/dtd_fold1_twistnet18_seed42/best.pt --split test
 
 Kinds:
     bar          test accuracy per model per dataset, error bars = std over the fold x seed runs
     radar        one polygon per model over the datasets (needs >= 3 axes; see --group_by)
     scatter      accuracy vs parameters or FLOPs (--x), one panel per dataset
+    efficiency   accuracy vs measured images/s (--speed_json from compute_flops.py --speed --json)
     ablation     ablation variants as horizontal bars, delta to the full model (--baseline) annotated
     curves       train/val loss and accuracy over epochs from a log.jsonl
     gate         sigmoid(gate) of every TwistBlock over epochs from a log.jsonl
     confusion    row-normalised confusion matrix from a results.json, class names on the axes
     interaction  per-head r x r STCI interaction matrices of --image under --checkpoint
+    tsne         t-SNE (scikit-learn) of the penultimate features of a split (--split) under --checkpoint,
+                 one colour per class; the data come from the checkpoint's config (or --data_dir)
 
 Runs are the run directories inside each --run_dir that hold a results.json with a test accuracy
 (read with summarize_runs.py's loader, so tables and figures count the same runs), grouped by
@@ -40,7 +46,7 @@ import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import seaborn as sns
@@ -56,7 +62,8 @@ from figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, paper_style, sav
 from summarize_runs import RunResult, Stats, load_results
 from utils import UserError
 
-PLOT_KINDS = ("bar", "radar", "scatter", "ablation", "curves", "gate", "confusion", "interaction")
+AGGREGATE_KINDS = ("bar", "radar", "scatter", "efficiency", "ablation")
+PLOT_KINDS = (*AGGREGATE_KINDS, "curves", "gate", "confusion", "interaction", "tsne")
 DEFAULT_BASELINE = "twistnet18"
 MAX_POINT_LABELS = 6
 LOG_SCALE_RATIO = 30.0     # loss curves spanning more than this factor get a log axis
@@ -249,8 +256,8 @@ def radar_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], 
 
 
 def scatter_figure(runs: Sequence[RunResult], labels: Sequence[str], groups: Sequence[str],
-                   x_metric: str, group_by: str = "dataset") -> Figure:
-    """Mean accuracy (± std) against parameters or FLOPs, one point per model.
+                   cost: Callable[[RunResult], float | None], unit: str, group_by: str = "dataset") -> Figure:
+    """Mean accuracy (± std) against a cost of each run (params, FLOPs, img/s), one point per model.
 
     Points are labelled in place for a few models; beyond MAX_POINT_LABELS the names would
     collide, so a shared legend names them instead.
@@ -263,28 +270,24 @@ def scatter_figure(runs: Sequence[RunResult], labels: Sequence[str], groups: Seq
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[len(groups):]:
         ax.set_visible(False)
-    scale, unit = (1e6, "Parameters (M)") if x_metric == "params" else (1e9, "GFLOPs")
-    sizes = {r.img_size for r in runs if r.img_size}
-    if x_metric == "flops" and len(sizes) == 1:
-        unit += f" at {sizes.pop()} px"
     for ax, group in zip(axes, groups):
         drawn = 0
         for label in labels:
             chosen = [r for r in runs if r.label == label and group_key(r, group_by) == group]
-            costs = [getattr(r, x_metric) for r in chosen if getattr(r, x_metric)]
+            costs = [c for c in map(cost, chosen) if c]
             if not chosen or not costs:
                 continue
             s = Stats(tuple(r.test_acc for r in chosen))
-            cost = float(np.median(costs)) / scale
-            ax.errorbar(cost, s.mean, yerr=s.error_bar, fmt="o", color=palette[label], markersize=4,
+            x = float(np.median(costs))
+            ax.errorbar(x, s.mean, yerr=s.error_bar, fmt="o", color=palette[label], markersize=4,
                         markeredgecolor="black", markeredgewidth=0.4, elinewidth=0.8,
                         label=display_name(label))
             if annotate:
-                ax.annotate(display_name(label), (cost, s.mean), xytext=(4, 3),
+                ax.annotate(display_name(label), (x, s.mean), xytext=(4, 3),
                             textcoords="offset points", fontsize=6)
             drawn += 1
         if drawn == 0:
-            warnings.warn(f"No {x_metric} recorded for any run of {group}")
+            warnings.warn(f"No {unit} known for any run of {group}")
         ax.set_title(dataset_display_name(group))
         ax.set_xlabel(unit)
         ax.set_ylabel("Test accuracy (%)")
@@ -298,6 +301,30 @@ def scatter_figure(runs: Sequence[RunResult], labels: Sequence[str], groups: Seq
                    ncol=min(3, len(entries)), handletextpad=0.2)
         fig.set_figheight(fig.get_figheight() + 0.16 * math.ceil(len(entries) / 3))
     return fig
+
+
+def complexity_axis(runs: Sequence[RunResult], metric: str) -> tuple[Callable[[RunResult], float | None], str]:
+    """(cost of a run, axis label) for --x params or flops, in M and G."""
+    if metric == "params":
+        return (lambda r: r.params / 1e6 if r.params else None), "Parameters (M)"
+    sizes = {r.img_size for r in runs if r.img_size}
+    unit = "GFLOPs" + (f" at {next(iter(sizes))} px" if len(sizes) == 1 else "")
+    return (lambda r: r.flops / 1e9 if r.flops else None), unit
+
+
+def speed_axis(speed_file: str | Path, metric: str) -> tuple[Callable[[RunResult], float | None], str]:
+    """(measured img/s of a run's model, axis label) from `compute_flops.py --speed --json` output."""
+    path = Path(speed_file)
+    if not path.is_file():
+        raise UserError(f"--speed_json {path} not found: make it with "
+                        f"python compute_flops.py --speed --json --models ... > {path}")
+    try:
+        rows = json.loads(path.read_text())
+        rates = {row["name"]: float(row[f"{metric}_img_s"]) for row in rows}
+        device = rows[0]["device"]
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as error:
+        raise UserError(f"{path} is not the JSON of compute_flops.py --speed --json ({error})") from None
+    return (lambda r: rates.get(r.model)), f"{metric} images/s ({device})"
 
 
 def ablation_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], groups: Sequence[str],
@@ -490,10 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_HelpFormatter)
     p.add_argument("--plot", required=True, choices=PLOT_KINDS)
     p.add_argument("--run_dir", nargs="+", default=None,
-                   help="folders of run directories (bar, radar, scatter, ablation)")
+                   help="folders of run directories (bar, radar, scatter, efficiency, ablation)")
     p.add_argument("--log_file", nargs="+", default=None, help="log.jsonl file(s) (curves, gate)")
     p.add_argument("--results", nargs="+", default=None, help="results.json file(s) (confusion)")
-    p.add_argument("--checkpoint", default=None, help="best.pt (interaction)")
+    p.add_argument("--checkpoint", default=None, help="best.pt (interaction, tsne)")
     p.add_argument("--image", default=None, help="input image (interaction)")
     p.add_argument("--img_size", type=int, default=None, help="eval size (default: the checkpoint's)")
     p.add_argument("--weights", default="auto", choices=("auto", "model", "ema"),
@@ -506,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group_by", default="dataset", choices=("dataset", "dataset_fold"),
                    help="bar/radar/scatter/ablation axes: datasets, or each dataset fold separately")
     p.add_argument("--x", default="params", choices=("params", "flops"), help="scatter x axis")
+    p.add_argument("--speed_json", default=None, help="compute_flops.py --speed --json output (efficiency)")
+    p.add_argument("--speed_metric", default="infer", choices=("infer", "train"), help="efficiency x axis")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="images of the t-SNE (tsne)")
+    p.add_argument("--data_dir", default=None, help="dataset root for tsne (default: the checkpoint's)")
+    p.add_argument("--max_images", type=int, default=2000, help="t-SNE of at most this many images (tsne)")
+    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (capped below the image count)")
+    p.add_argument("--seed", type=int, default=0, help="t-SNE initialisation and the image subset (tsne)")
     p.add_argument("--baseline", default=DEFAULT_BASELINE, help="full model of the ablation plot")
     return p
 
@@ -530,7 +564,11 @@ def aggregate_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
     if args.plot == "radar":
         return [(args.name or "radar", radar_figure(stats, labels, groups))]
     if args.plot == "scatter":
-        return [(args.name or f"scatter_{args.x}", scatter_figure(runs, labels, groups, args.x, args.group_by))]
+        cost, unit = complexity_axis(runs, args.x)
+        return [(args.name or f"scatter_{args.x}", scatter_figure(runs, labels, groups, cost, unit, args.group_by))]
+    if args.plot == "efficiency":
+        cost, unit = speed_axis(require(args.speed_json, "--speed_json", "efficiency"), args.speed_metric)
+        return [(args.name or "efficiency", scatter_figure(runs, labels, groups, cost, unit, args.group_by))]
     return [(args.name or "ablation", ablation_figure(stats, labels, groups, args.baseline))]
 
 
@@ -562,6 +600,8 @@ def per_run_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
                      f"{dataset_display_name(data['dataset'])} f{data['fold']}: {data['test_acc']:.1f}%")
             figures.append((per_file_stem(args, path, len(files)),
                             confusion_figure(data["confusion"], classes, title)))
+    elif args.plot == "tsne":
+        figures.append(tsne_from_checkpoint(args))
     else:
         figures.append(interaction_from_checkpoint(args))
     return figures
@@ -579,9 +619,75 @@ def interaction_from_checkpoint(args: argparse.Namespace) -> tuple[str, Figure]:
     return stem, interaction_figure(internals, title)
 
 
+def tsne_from_checkpoint(args: argparse.Namespace) -> tuple[str, Figure]:
+    """Penultimate features of a split under --checkpoint, embedded in 2-D by scikit-learn's TSNE."""
+    checkpoint = require(args.checkpoint, "--checkpoint", "tsne")
+    model, config = models.load_checkpoint_model(checkpoint, args.weights)
+    dataset = config.get("dataset")
+    if not dataset:
+        raise UserError(f"{checkpoint} has no training config (dataset, fold): t-SNE needs a train.py checkpoint")
+    img_size = args.img_size or int(config.get("img_size") or 224)
+    eval_tf = transforms.build_eval_transform(img_size)
+    sets, classes = datasets.build_datasets(dataset, args.data_dir or config.get("data_dir"), int(config.get("fold", 1)),
+                                            eval_tf, eval_tf, synthtex_size=transforms.eval_resize_size(img_size))
+    features, labels = penultimate_features(model, sets[args.split], args.max_images, args.seed)
+    embedding = tsne_embedding(features, args.perplexity, args.seed)
+    label = models.run_label(config.get("model", "twistnet18"), config.get("tag", ""))
+    title = f"{display_name(label)}: {dataset_display_name(dataset)} f{config.get('fold', 1)} {args.split} ({len(labels)} images)"
+    stem = args.name or f"tsne_{run_name_of(checkpoint)}"
+    return stem, tsne_figure(embedding, labels, classes, title)
+
+
+def penultimate_features(model: Any, dataset: Any, max_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, D], labels [N]) of at most max_images images of `dataset` (a seeded subset)."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    if len(dataset) == 0:
+        raise UserError("the chosen split has no images")
+    order = np.random.default_rng(seed).permutation(len(dataset))[:max_images]
+    loader = DataLoader(Subset(dataset, sorted(order.tolist())), batch_size=64,
+                        collate_fn=datasets.collate_skip_unreadable)
+    features, labels = [], []
+    with models.evaluating(model), torch.no_grad():
+        for images, targets, _ in loader:
+            if len(images):
+                features.append(models.penultimate(model, images).numpy())
+                labels.append(targets.numpy())
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def tsne_embedding(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    # TSNE requires perplexity < n_samples; small test splits need a smaller one.
+    perplexity = min(perplexity, max(1.0, (len(features) - 1) / 3))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+
+
+def tsne_figure(embedding: np.ndarray, labels: np.ndarray, classes: Sequence[str], title: str = "") -> Figure:
+    """One point per image, one colour per class; a legend names up to 20 classes."""
+    present = sorted(set(labels.tolist()))
+    fig = new_figure(COLUMN_WIDTH_IN if len(present) <= 10 else PAGE_WIDTH_IN, 3.2)
+    ax = fig.add_subplot()
+    colours = sns.color_palette("colorblind" if len(present) <= 10 else "husl", len(present))
+    for colour, label in zip(colours, present):
+        points = embedding[labels == label]
+        ax.scatter(points[:, 0], points[:, 1], s=6, color=colour, label=str(classes[label]), linewidths=0)
+    if len(present) <= 20:
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=2, handletextpad=0.1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
 def make_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
     """(file stem, figure) pairs for the requested plot kind."""
-    if args.plot in ("bar", "radar", "scatter", "ablation"):
+    if args.plot in AGGREGATE_KINDS:
         return aggregate_figures(args)
     return per_run_figures(args)
 

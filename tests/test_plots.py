@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import datasets
 import figures
 import models  # the repository root is on sys.path through tests/conftest.py
 import plot_results
@@ -343,3 +344,52 @@ def test_visualize_handles_variants_without_ais(tmp_path: Path, image: Path) -> 
                                 "--formats", "png"])
     assert all("ais" not in block for block in report["blocks"].values())
     assert (tmp_path / f"{image.stem}_{tmp_path.name}.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# efficiency and t-SNE
+# --------------------------------------------------------------------------------------------
+def test_efficiency_puts_each_model_at_its_measured_speed(run_dir: Path, tmp_path: Path) -> None:
+    rates = {"resnet18": 120.0, "seresnet18": 110.0, "twistnet18": 100.0}
+    speed = tmp_path / "speed.json"    # the shape of compute_flops.py --speed --json
+    speed.write_text(json.dumps([{"name": n, "train_img_s": r / 3, "infer_img_s": r, "device": "CPU: test"}
+                                 for n, r in rates.items()]))
+    runs = plot_results.filter_runs(plot_results.load_results([run_dir]), list(rates), ["dtd"])
+    cost, unit = plot_results.speed_axis(speed, "infer")
+    assert unit == "infer images/s (CPU: test)"
+    with figures.paper_style():
+        fig = plot_results.scatter_figure(runs, list(rates), ["dtd"], cost, unit)
+    points = {bars.get_label(): (bars.lines[0].get_xdata()[0], bars.lines[0].get_ydata()[0])
+              for bars in fig.axes[0].containers}
+    for name, rate in rates.items():
+        values = [known_accuracy(name, "dtd", f, s) for f in FOLDS for s in SEEDS]
+        assert points[plot_results.display_name(name)] == pytest.approx((rate, statistics.mean(values)))
+    written = plot_results.make_plots(["--plot", "efficiency", "--run_dir", str(run_dir), "--speed_json", str(speed),
+                                       "--save_dir", str(tmp_path)])
+    assert_figure(written, 7.0)
+    with pytest.raises(utils.UserError, match="compute_flops.py --speed --json"):
+        plot_results.make_plots(["--plot", "efficiency", "--run_dir", str(run_dir), "--speed_json",
+                                 str(tmp_path / "missing.json"), "--save_dir", str(tmp_path)])
+
+
+def test_tsne_embeds_every_image_of_the_split(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = models.build_model("twistnet18", 8, verbose=False)
+    path = tmp_path / "synthtex_fold1_twistnet18_seed42" / "best.pt"
+    path.parent.mkdir()
+    torch.save({"model": model.state_dict(), "ema": None, "epoch": 1,
+                "config": {"model": "twistnet18", "dataset": "synthtex", "fold": 1, "img_size": 32}}, path)
+    written = plot_results.make_plots(["--plot", "tsne", "--checkpoint", str(path), "--split", "val",
+                                       "--save_dir", str(tmp_path), "--name", "tsne"])
+    assert_figure(written, 3.5)
+    sets, classes = datasets.build_datasets("synthtex", None, 1, transforms.build_eval_transform(32),
+                                            transforms.build_eval_transform(32), synthtex_size=37)
+    features, labels = plot_results.penultimate_features(model, sets["val"], max_images=100, seed=0)
+    assert features.shape == (100, 512) and set(labels.tolist()) <= set(range(8))
+    with torch.no_grad():   # the features the classifier reads: fc of them gives the model's logits
+        x = torch.stack([sets["val"][i][0] for i in range(4)])
+        model.eval()
+        np.testing.assert_allclose(model.fc(models.penultimate(model, x)).numpy(), model(x).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    embedding = plot_results.tsne_embedding(features, perplexity=30, seed=0)
+    assert embedding.shape == (100, 2) and np.isfinite(embedding).all()
