@@ -188,6 +188,18 @@ def _downsample(inplanes: int, planes: int, stride: int) -> nn.Module | None:
     )
 
 
+def _drop_path(rate: float) -> nn.Module:
+    from timm.layers import DropPath
+    return DropPath(rate) if rate > 0 else nn.Identity()
+
+
+def _blur_pool(stride: int) -> nn.Module:
+    # channels=None: the binomial filter is expanded to the input's width at run time, so the
+    # layer has no per-channel state (nothing in the state_dict, nothing to fix after pruning).
+    from timm.layers import BlurPool2d
+    return BlurPool2d(channels=None, filt_size=3, stride=stride)
+
+
 class TwistBlock(nn.Module):
     """ResNet BasicBlock with an optional gated STCI branch fed by the first conv's output."""
 
@@ -198,10 +210,16 @@ class TwistBlock(nn.Module):
         stride: int = 1,
         stci: Mapping[str, Any] | None = None,
         gate_init: float = -2.0,
+        drop_path: float = 0.0,
+        blurpool: bool = False,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        # Anti-aliased (timm's convention): a stride-1 conv, then a blur-and-subsample of h, so STCI
+        # reads the downsampled h. The shortcut's 1x1 conv stays strided, as in timm's ResNet.
+        blur = blurpool and stride > 1
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=1 if blur else stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
+        self.aa = _blur_pool(stride) if blur else nn.Identity()
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = _downsample(inplanes, planes, stride)
@@ -211,21 +229,30 @@ class TwistBlock(nn.Module):
         else:
             self.stci = None
             self.register_parameter("gate", None)
+        self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         # In-place ReLU and adds on fresh BN outputs (BN's backward does not need its output), as in
         # torchvision's BasicBlock: on CPU the out-of-place copies cost as much as STCI's products.
-        h = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        h = self.aa(F.relu(self.bn1(self.conv1(x)), inplace=True))
         out = self.bn2(self.conv2(h))
         if self.stci is not None:
             out.addcmul_(self.stci(h), torch.sigmoid(self.gate))
+        # Stochastic depth drops the whole residual branch (convs and gated STCI) per sample.
+        out = self.drop_path(out)
         out += shortcut
         return F.relu(out, inplace=True)
 
 
 class TwistNet(nn.Module):
-    """ResNet-18 layout with TwistBlocks in `stages` (1-based stage numbers)."""
+    """ResNet-18 layout with TwistBlocks in `stages` (1-based stage numbers).
+
+    drop_path: stochastic depth; block k of the N blocks gets drop_path * k / (N - 1) (timm's ResNet
+    rule: the first block never drops, the last one at the full rate). blurpool: anti-aliased
+    downsampling (timm's BlurPool2d in the stem pool and the strided blocks); neither changes a
+    weight name or shape, so every checkpoint and ResNet-18 transfer still maps.
+    """
 
     def __init__(
         self,
@@ -237,9 +264,13 @@ class TwistNet(nn.Module):
         use_ais: bool = True,
         spiral: bool = True,
         gate_init: float = -2.0,
+        drop_path: float = 0.0,
+        blurpool: bool = False,
     ) -> None:
         super().__init__()
         stages = tuple(sorted(set(stages)))
+        if not 0.0 <= drop_path < 1.0:
+            raise ModelConfigError(f"drop_path must be in [0, 1), got {drop_path}")
         if any(s not in (1, 2, 3, 4) for s in stages):
             raise ModelConfigError(f"stages must be drawn from 1..4, got {stages}")
         self.twisted_stages = stages
@@ -248,15 +279,17 @@ class TwistNet(nn.Module):
 
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        inplanes = 64
+        self.maxpool = (nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), _blur_pool(2)) if blurpool
+                        else nn.MaxPool2d(3, stride=2, padding=1))
+        inplanes, total, k = 64, sum(layers), 0
         for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers), start=1):
             cfg = stci_cfg if index in stages else None
             stride = 1 if index == 1 else 2
             stage = []
             for b in range(blocks):
-                stage.append(TwistBlock(inplanes, planes, stride if b == 0 else 1, cfg, gate_init))
-                inplanes = planes
+                rate = drop_path * k / max(total - 1, 1)
+                stage.append(TwistBlock(inplanes, planes, stride if b == 0 else 1, cfg, gate_init, rate, blurpool))
+                inplanes, k = planes, k + 1
             self.add_module(f"layer{index}", nn.Sequential(*stage))
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes)
@@ -314,7 +347,10 @@ def _twistnet_builder(**fixed: Any) -> Callable[..., nn.Module]:
 def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         import timm
-        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        try:
+            return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        except TypeError as error:  # a hyper-parameter this architecture does not have
+            raise ModelConfigError(f"{timm_name} does not take {', '.join(sorted(kwargs))}: {error}") from None
     return build
 
 
@@ -429,7 +465,9 @@ def build_model(
     auto-detect weights/<name>_imagenet.pt, else ResNet-18 transfer; baselines: timm weights).
     transfer_policy: 'all' or 'stem+layer1+layer2', for the ResNet-18 fallback.
     resnet18_weights: a local timm/torchvision ResNet-18 state_dict used instead of timm's hub.
-    model_kwargs: TwistNet hyper-parameters (r, heads, stages, use_ais, spiral, gate_init).
+    model_kwargs: TwistNet hyper-parameters (r, heads, stages, use_ais, spiral, gate_init, drop_path,
+    blurpool); the timm baselines take drop_path (timm's drop_path_rate) and, resnet18/seresnet18
+    only, blurpool (timm's aa_layer=BlurPool2d).
     """
     spec = get_spec(name)
     log = print if verbose else (lambda *a, **k: None)
@@ -440,7 +478,7 @@ def build_model(
         model = spec.builder(num_classes, **model_kwargs)
     except TypeError as error:  # an unknown hyper-parameter name in model_kwargs
         raise ModelConfigError(f"{name}: {error}. TwistNet hyper-parameters are r, heads, stages, "
-                               f"use_ais, spiral and gate_init.") from None
+                               f"use_ais, spiral, gate_init, drop_path and blurpool.") from None
     if pretrained is False or pretrained is None:
         return model
     if pretrained is True:
@@ -458,8 +496,27 @@ def build_model(
     return model
 
 
-def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any,
-                    resnet18_weights: Any, log: Callable, **kwargs: Any) -> nn.Module:
+def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any, resnet18_weights: Any, log: Callable,
+                    drop_path: float = 0.0, blurpool: bool = False, **kwargs: Any) -> nn.Module:
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path  # timm's ResNet spreads it over the blocks as TwistNet does
+    if blurpool:
+        if spec.name not in ("resnet18", "seresnet18"):
+            raise ModelConfigError(f"blurpool is available for the TwistNet models, resnet18 and seresnet18, "
+                                   f"not for {spec.name}")
+        from timm.layers import BlurPool2d
+        kwargs["aa_layer"] = BlurPool2d
+    model = _build_timm(spec, num_classes, pretrained, resnet18_weights, log, **kwargs)
+    # timm sizes each blur filter to its input width; the 1-channel filter expanded at run time
+    # computes the same and stays valid when pruning narrows the input.
+    for m in model.modules():
+        if type(m).__name__ == "BlurPool2d" and m.channels is not None:
+            m.channels, m.filt = None, m.filt[:1].clone()
+    return model
+
+
+def _build_timm(spec: ModelSpec, num_classes: int, pretrained: Any,
+                resnet18_weights: Any, log: Callable, **kwargs: Any) -> nn.Module:
     if pretrained not in (True, False, None):
         model = spec.builder(num_classes, pretrained=False, **kwargs)
         state = extract_state_dict(_load_file(pretrained))
@@ -482,6 +539,8 @@ def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any,
         return model
     try:
         return spec.builder(num_classes, pretrained=True, **kwargs)
+    except ModelConfigError:
+        raise
     except Exception as exc:  # offline hub, missing cache, ...
         raise CheckpointReadError(
             f"Could not fetch timm's pretrained weights for '{spec.name}' ({spec.timm_name}): "
