@@ -519,7 +519,7 @@ def _build_timm(spec: ModelSpec, num_classes: int, pretrained: Any,
                 resnet18_weights: Any, log: Callable, **kwargs: Any) -> nn.Module:
     if pretrained not in (True, False, None):
         model = spec.builder(num_classes, pretrained=False, **kwargs)
-        state = extract_state_dict(_load_file(pretrained))
+        state = _pretrained_state(pretrained)
         report = transfer_weights(model, state, policy="all")
         log(report.summary(f"{pretrained} -> {spec.name}"))
         return model
@@ -611,6 +611,14 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
+def _pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    raw = _load_file(path)
+    if isinstance(raw, Mapping) and raw.get("pruned_channels"):
+        raise ModelConfigError(f"{path} is a pruned model (prune.py), not pretrained weights: fine-tune it with "
+                               f"train.py --refine, or load it with models.load_checkpoint_model")
+    return extract_state_dict(raw)
+
+
 def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
                              log: Callable = print) -> int:
     """Load a TwistNet checkpoint into `model`; the classifier is skipped when its shape differs.
@@ -618,7 +626,7 @@ def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
     Any other missing, unexpected or mis-shaped tensor makes the checkpoint incompatible: a
     ModelConfigError says which, because a half-loaded model would silently train from a wrong start.
     """
-    state = extract_state_dict(_load_file(path))
+    state = _pretrained_state(path)
     own = model.state_dict()
     classifier = ("fc.weight", "fc.bias")
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape and k not in classifier]
@@ -809,6 +817,89 @@ def feature_maps(model: nn.Module, x: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------
+# Network slimming (Liu et al., ICCV 2017): BN-scale sparsity, and pruned models rebuilt from
+# their channel configuration (prune.py does the pruning itself, with torch-pruning)
+# --------------------------------------------------------------------------------------------
+_WIDTH_ATTRS = ((nn.Conv2d, ("in_channels", "out_channels", "groups")), (nn.Linear, ("in_features", "out_features")),
+                (nn.modules.batchnorm._BatchNorm, ("num_features",)), (nn.GroupNorm, ("num_groups", "num_channels")))
+
+
+def slimming_exempt(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """(modules whose output channels pruning keeps, parameters it leaves alone).
+
+    The classifier keeps its classes. Inside STCI only the output projection (proj, proj_bn) is
+    prunable, with the residual stream it is added to; the reduced width (r per head) feeds pairwise
+    products, per-head normalisation and a GroupNorm over the interaction channels, so removing one
+    reduced channel removes r + 1 features and changes the GroupNorm statistics of the rest.
+    """
+    model = unwrap_model(model)
+    modules = [model.get_classifier()] if hasattr(model, "get_classifier") else []
+    params: list[nn.Parameter] = []
+    for block in twist_blocks(model).values():
+        modules += [m for m in block.stci.modules() if m not in (block.stci, block.stci.proj, block.stci.proj_bn)]
+        params += [p for p in (block.gate, block.stci.twist_scale) if p is not None]
+    return modules, params
+
+
+def slimming_bns(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """The BatchNorm2d layers whose scales rank prunable channels, by name (not STCI's reduce_bn)."""
+    exempt = set(slimming_exempt(model)[0])
+    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, nn.BatchNorm2d) and m not in exempt}
+
+
+def bn_l1_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of |BN scale| over slimming_bns: add sparsity_reg * this to the loss for sparsity training."""
+    weights = [m.weight for m in slimming_bns(model).values() if m.weight is not None]
+    if not weights:
+        raise ModelConfigError(f"{type(unwrap_model(model)).__name__} has no BatchNorm2d scales to sparsify")
+    return torch.stack([w.abs().sum() for w in weights]).sum()
+
+
+@torch.no_grad()
+def bn_sparsity(model: nn.Module, threshold: float = 1e-2) -> float:
+    """Share of the slimming BN scales with |scale| < threshold."""
+    weights = [m.weight.detach().abs().flatten() for m in slimming_bns(model).values() if m.weight is not None]
+    return float((torch.cat(weights) < threshold).float().mean()) if weights else 0.0
+
+
+def channel_config(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Width attributes of every Conv2d, Linear, BatchNorm and GroupNorm, by module name."""
+    config = {}
+    for name, module in unwrap_model(model).named_modules():
+        attrs = next((a for kind, a in _WIDTH_ATTRS if isinstance(module, kind)), None)
+        if attrs is not None:
+            config[name] = {a: int(getattr(module, a)) for a in attrs}
+    return config
+
+
+def apply_channel_config(model: nn.Module, channels: Mapping[str, Mapping[str, int]],
+                         state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Resize the named modules of a freshly built model to a pruned configuration, in place.
+
+    Width attributes come from `channels`; every parameter and buffer of a resized module takes the
+    shape its state_dict entry has (the values are loaded afterwards, strictly). Only ints and
+    tensors are read, so a pruned checkpoint loads with torch.load(weights_only=True).
+    """
+    found = dict(unwrap_model(model).named_modules())
+    for name, attrs in channels.items():
+        module = found.get(name)
+        allowed = next((a for kind, a in _WIDTH_ATTRS if isinstance(module, kind)), ()) if module else ()
+        if not allowed or not set(attrs) <= set(allowed):
+            raise ModelConfigError(f"Pruned channel configuration does not fit the model at '{name}': {dict(attrs)}")
+        for attr, value in attrs.items():
+            setattr(module, attr, int(value))
+        for slots, make in ((module._parameters, nn.Parameter), (module._buffers, lambda t: t)):
+            for key, tensor in slots.items():
+                entry = state.get(f"{name}.{key}")
+                if tensor is not None and entry is not None and entry.shape != tensor.shape:
+                    slots[key] = make(tensor.new_empty(entry.shape))
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(getattr(model, "num_features", None), int) and isinstance(classifier, nn.Linear):
+        model.num_features = classifier.in_features
+    return model
+
+
+# --------------------------------------------------------------------------------------------
 # The registry table and trained checkpoints
 # --------------------------------------------------------------------------------------------
 def list_models(num_classes: int = 1000, file: Any = None) -> list[dict]:
@@ -829,20 +920,27 @@ def load_checkpoint_model(path: str | os.PathLike, weights: str = "auto") -> tup
     weights: 'auto' takes the EMA weights when the checkpoint has them (those are what train.py
     selected and tested), 'model' or 'ema' force one. A plain state_dict is taken for twistnet18.
     """
-    ckpt = _load_file(path)
+    return model_from_checkpoint(_load_file(path), weights, label=str(path))
+
+
+def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkpoint") -> tuple[nn.Module, dict]:
+    """load_checkpoint_model for an already loaded object; a pruned file (prune.py: its
+    'pruned_channels') is rebuilt from the registry model resized to the stored widths."""
     config = dict(ckpt.get("config") or {}) if isinstance(ckpt, dict) else {}
     has_ema = isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and bool(ckpt["ema"])
     if weights == "ema" and not has_ema:
-        raise ModelConfigError(f"{path} holds no EMA weights")
+        raise ModelConfigError(f"{label} holds no EMA weights")
     source = ckpt["ema"] if (weights == "ema" or (weights == "auto" and has_ema)) else ckpt
     state = extract_state_dict(source)
     name = config.get("model", "twistnet18")
     model = build_model(name, classifier_size(state), pretrained=False, verbose=False,
                         **(config.get("model_kwargs") or {}))
+    if isinstance(ckpt, dict) and ckpt.get("pruned_channels"):
+        apply_channel_config(model, ckpt["pruned_channels"], state)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ModelConfigError(f"{path} does not fit {name}: {str(error).splitlines()[0]}") from None
+        raise ModelConfigError(f"{label} does not fit {name}: {str(error).splitlines()[0]}") from None
     return model.eval(), config
 
 
