@@ -15,6 +15,7 @@ that must be removed together: a residual stream (the stem, every block's bn2 an
 stage, and in stages 3-4 the STCI output projection added to it), and each block's inner width h
 (bn1 with conv2's and STCI's reduce inputs). A group's importance per channel is the mean |scale|
 of the BatchNorms in it; groups without a BatchNorm (the classifier, SE's hidden layer) are kept.
+`percent` is a share of the channels of these groups (a residual stream's channel counts once).
   --scope global  one threshold over all groups' channels (the paper's): the `percent` least
                   important channels of the network go, so layers lose different shares.
   --scope layer   every group loses `percent` of its own channels.
@@ -51,8 +52,8 @@ import utils
 
 SCOPES = ("global", "layer")
 TRACE_SIZE = 64
-PRUNABLE_MODELS = ("twistnet18", "twistnet18_no_spiral", "twistnet18_no_ais", "twistnet18_first_order",
-                   "resnet18", "seresnet18")
+# TwistNet variants (every registry model that is not a timm baseline) and the timm ResNets.
+PRUNABLE_MODELS = tuple([n for n, s in models.MODEL_SPECS.items() if s.timm_name is None] + ["resnet18", "seresnet18"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ def plan_pruning(model: nn.Module, percent: float, scope: str = "global") -> lis
     if scope not in SCOPES:
         raise utils.UserError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
     exempt_modules, exempt_params = models.slimming_exempt(model)
-    example = torch.randn(1, 3, TRACE_SIZE, TRACE_SIZE, device=next(model.parameters()).device)
+    example = torch.zeros(1, 3, TRACE_SIZE, TRACE_SIZE, device=next(model.parameters()).device)
     with models.evaluating(model), torch.enable_grad():
         graph = tp.DependencyGraph().build_dependency(model, example, ignored_params=exempt_params, verbose=False)
     importance = tp.importance.BNScaleImportance(normalizer=None)  # raw |scale|: comparable across groups
@@ -101,7 +102,7 @@ def mask_planned_channels(plan: list) -> None:
     """Zero the BatchNorm scale and shift of every channel the plan removes (they then output 0)."""
     for group in plan:
         for dep, idxs in group:
-            if isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm) and dep.target.module.affine:
                 dep.target.module.weight[idxs] = 0.0
                 dep.target.module.bias[idxs] = 0.0
 

@@ -215,6 +215,15 @@ def test_stci_keeps_its_width_and_follows_h_and_the_residual_stream(pruned):
     assert model.layer4[0].conv2.out_channels < 512
 
 
+@pytest.mark.parametrize("name", ["twistnet18_no_spiral", "twistnet18_no_ais", "seresnet18"])
+def test_surgery_on_the_other_prunable_models(name):
+    model = slimmed_model(name)
+    params = models.count_params(model)
+    plan = prune.plan_pruning(model, 0.4, "global")
+    assert prune.prune_checked(model, plan) < 1e-5
+    assert models.count_params(model) < 0.75 * params
+
+
 def test_layer_scope_prunes_every_group_by_the_same_share():
     model = slimmed_model("twistnet18_first_order")
     plan = prune.plan_pruning(model, 0.5, "layer")
