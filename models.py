@@ -190,6 +190,18 @@ def _downsample(inplanes: int, planes: int, stride: int) -> nn.Module | None:
     )
 
 
+def _drop_path(rate: float) -> nn.Module:
+    from timm.layers import DropPath
+    return DropPath(rate) if rate > 0 else nn.Identity()
+
+
+def _blur_pool(stride: int) -> nn.Module:
+    # channels=None: the binomial filter is expanded to the input's width at run time, so the
+    # layer has no per-channel state (nothing in the state_dict, nothing to fix after pruning).
+    from timm.layers import BlurPool2d
+    return BlurPool2d(channels=None, filt_size=3, stride=stride)
+
+
 class TwistBlock(nn.Module):
     """ResNet BasicBlock with an optional gated STCI branch fed by the first conv's output."""
 
@@ -200,10 +212,16 @@ class TwistBlock(nn.Module):
         stride: int = 1,
         stci: Mapping[str, Any] | None = None,
         gate_init: float = DEFAULT_GATE_INIT,
+        drop_path: float = 0.0,
+        blurpool: bool = False,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        # Anti-aliased (timm's convention): a stride-1 conv, then a blur-and-subsample of h, so STCI
+        # reads the downsampled h. The shortcut's 1x1 conv stays strided, as in timm's ResNet.
+        blur = blurpool and stride > 1
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=1 if blur else stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
+        self.aa = _blur_pool(stride) if blur else nn.Identity()
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = _downsample(inplanes, planes, stride)
@@ -213,21 +231,30 @@ class TwistBlock(nn.Module):
         else:
             self.stci = None
             self.register_parameter("gate", None)
+        self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         # In-place ReLU and adds on fresh BN outputs (BN's backward does not need its output), as in
         # torchvision's BasicBlock: on CPU the out-of-place copies cost as much as STCI's products.
-        h = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        h = self.aa(F.relu(self.bn1(self.conv1(x)), inplace=True))
         out = self.bn2(self.conv2(h))
         if self.stci is not None:
             out.addcmul_(self.stci(h), torch.sigmoid(self.gate))
+        # Stochastic depth drops the whole residual branch (convs and gated STCI) per sample.
+        out = self.drop_path(out)
         out += shortcut
         return F.relu(out, inplace=True)
 
 
 class TwistNet(nn.Module):
-    """ResNet-18 layout with TwistBlocks in `stages` (1-based stage numbers)."""
+    """ResNet-18 layout with TwistBlocks in `stages` (1-based stage numbers).
+
+    drop_path: stochastic depth; block k of the N blocks gets drop_path * k / (N - 1) (timm's ResNet
+    rule: the first block never drops, the last one at the full rate). blurpool: anti-aliased
+    downsampling (timm's BlurPool2d in the stem pool and the strided blocks); neither changes a
+    weight name or shape, so every checkpoint and ResNet-18 transfer still maps.
+    """
 
     def __init__(
         self,
@@ -239,9 +266,13 @@ class TwistNet(nn.Module):
         use_ais: bool = True,
         spiral: bool = True,
         gate_init: float = DEFAULT_GATE_INIT,
+        drop_path: float = 0.0,
+        blurpool: bool = False,
     ) -> None:
         super().__init__()
         stages = tuple(sorted(set(stages)))
+        if not 0.0 <= drop_path < 1.0:
+            raise ModelConfigError(f"drop_path must be in [0, 1), got {drop_path}")
         if any(s not in (1, 2, 3, 4) for s in stages):
             raise ModelConfigError(f"stages must be drawn from 1..4, got {stages}")
         self.twisted_stages = stages
@@ -250,15 +281,17 @@ class TwistNet(nn.Module):
 
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        inplanes = 64
+        self.maxpool = (nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), _blur_pool(2)) if blurpool
+                        else nn.MaxPool2d(3, stride=2, padding=1))
+        inplanes, total, k = 64, sum(layers), 0
         for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers), start=1):
             cfg = stci_cfg if index in stages else None
             stride = 1 if index == 1 else 2
             stage = []
             for b in range(blocks):
-                stage.append(TwistBlock(inplanes, planes, stride if b == 0 else 1, cfg, gate_init))
-                inplanes = planes
+                rate = drop_path * k / max(total - 1, 1)
+                stage.append(TwistBlock(inplanes, planes, stride if b == 0 else 1, cfg, gate_init, rate, blurpool))
+                inplanes, k = planes, k + 1
             self.add_module(f"layer{index}", nn.Sequential(*stage))
         self.num_features = inplanes
         self.fc = nn.Linear(inplanes, num_classes)
@@ -320,7 +353,10 @@ def _twistnet_builder(**fixed: Any) -> Callable[..., nn.Module]:
 def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         import timm
-        return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        try:
+            return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        except TypeError as error:  # a hyper-parameter this architecture does not have
+            raise ModelConfigError(f"{timm_name} does not take {', '.join(sorted(kwargs))}: {error}") from None
     return build
 
 
@@ -448,7 +484,9 @@ def build_model(
     transfer_policy: 'all' or 'stem+layer1+layer2', for the ResNet-18 fallback.
     resnet18_weights: a local timm/torchvision ResNet-18 state_dict used instead of timm's hub.
     verbose / log: what is loaded and transferred is reported with `log` (default: print when verbose).
-    model_kwargs: TwistNet hyper-parameters (r, heads, stages, use_ais, spiral, gate_init).
+    model_kwargs: TwistNet hyper-parameters (r, heads, stages, use_ais, spiral, gate_init, drop_path,
+    blurpool); the timm baselines take drop_path (timm's drop_path_rate) and, resnet18/seresnet18
+    only, blurpool (timm's aa_layer=BlurPool2d).
     """
     spec = get_spec(name)
     log = log or (print if verbose else (lambda *a, **k: None))
@@ -459,7 +497,7 @@ def build_model(
         model = spec.builder(num_classes, **model_kwargs)
     except TypeError as error:  # an unknown hyper-parameter name in model_kwargs
         raise ModelConfigError(f"{name}: {error}. TwistNet hyper-parameters are r, heads, stages, "
-                               f"use_ais, spiral and gate_init.") from None
+                               f"use_ais, spiral, gate_init, drop_path and blurpool.") from None
     if pretrained is False or pretrained is None:
         return model
     if pretrained is True:
@@ -477,11 +515,30 @@ def build_model(
     return model
 
 
-def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any,
-                    resnet18_weights: Any, log: Callable, **kwargs: Any) -> nn.Module:
+def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any, resnet18_weights: Any, log: Callable,
+                    drop_path: float = 0.0, blurpool: bool = False, **kwargs: Any) -> nn.Module:
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path  # timm's ResNet spreads it over the blocks as TwistNet does
+    if blurpool:
+        if spec.name not in ("resnet18", "seresnet18"):
+            raise ModelConfigError(f"blurpool is available for the TwistNet models, resnet18 and seresnet18, "
+                                   f"not for {spec.name}")
+        from timm.layers import BlurPool2d
+        kwargs["aa_layer"] = BlurPool2d
+    model = _build_timm(spec, num_classes, pretrained, resnet18_weights, log, **kwargs)
+    # timm sizes each blur filter to its input width; the 1-channel filter expanded at run time
+    # computes the same and stays valid when pruning narrows the input.
+    for m in model.modules():
+        if type(m).__name__ == "BlurPool2d" and m.channels is not None:
+            m.channels, m.filt = None, m.filt[:1].clone()
+    return model
+
+
+def _build_timm(spec: ModelSpec, num_classes: int, pretrained: Any,
+                resnet18_weights: Any, log: Callable, **kwargs: Any) -> nn.Module:
     if pretrained not in (True, False, None):
         model = spec.builder(num_classes, pretrained=False, **kwargs)
-        state = extract_state_dict(_load_file(pretrained))
+        state = _pretrained_state(pretrained)
         report = transfer_weights(model, state, policy="all")
         log(report.summary(f"{pretrained} -> {spec.name}"))
         return model
@@ -501,6 +558,8 @@ def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any,
         return model
     try:
         return spec.builder(num_classes, pretrained=True, **kwargs)
+    except ModelConfigError:
+        raise
     except Exception as exc:  # offline hub, missing cache, ...
         raise CheckpointReadError(
             f"Could not fetch timm's pretrained weights for '{spec.name}' ({spec.timm_name}): "
@@ -571,6 +630,14 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
+def _pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    raw = _load_file(path)
+    if isinstance(raw, Mapping) and raw.get("pruned_channels"):
+        raise ModelConfigError(f"{path} is a pruned model (prune.py), not pretrained weights: fine-tune it with "
+                               f"train.py --refine, or load it with models.load_checkpoint_model")
+    return extract_state_dict(raw)
+
+
 def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
                              log: Callable = print) -> int:
     """Load a TwistNet checkpoint into `model`; the classifier is skipped when its shape differs.
@@ -578,7 +645,7 @@ def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
     Any other missing, unexpected or mis-shaped tensor makes the checkpoint incompatible: a
     ModelConfigError says which, because a half-loaded model would silently train from a wrong start.
     """
-    state = extract_state_dict(_load_file(path))
+    state = _pretrained_state(path)
     own = model.state_dict()
     classifier = ("fc.weight", "fc.bias")
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape and k not in classifier]
@@ -775,6 +842,89 @@ def feature_maps(model: nn.Module, x: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------
+# Network slimming (Liu et al., ICCV 2017): BN-scale sparsity, and pruned models rebuilt from
+# their channel configuration (prune.py does the pruning itself, with torch-pruning)
+# --------------------------------------------------------------------------------------------
+_WIDTH_ATTRS = ((nn.Conv2d, ("in_channels", "out_channels", "groups")), (nn.Linear, ("in_features", "out_features")),
+                (nn.modules.batchnorm._BatchNorm, ("num_features",)), (nn.GroupNorm, ("num_groups", "num_channels")))
+
+
+def slimming_exempt(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """(modules whose output channels pruning keeps, parameters it leaves alone).
+
+    The classifier keeps its classes. Inside STCI only the output projection (proj, proj_bn) is
+    prunable, with the residual stream it is added to; the reduced width (r per head) feeds pairwise
+    products, per-head normalisation and a GroupNorm over the interaction channels, so removing one
+    reduced channel removes r + 1 features and changes the GroupNorm statistics of the rest.
+    """
+    model = unwrap_model(model)
+    modules = [model.get_classifier()] if hasattr(model, "get_classifier") else []
+    params: list[nn.Parameter] = []
+    for block in twist_blocks(model).values():
+        modules += [m for m in block.stci.modules() if m not in (block.stci, block.stci.proj, block.stci.proj_bn)]
+        params += [p for p in (block.gate, block.stci.twist_scale) if p is not None]
+    return modules, params
+
+
+def slimming_bns(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """The BatchNorm2d layers whose scales rank prunable channels, by name (not STCI's reduce_bn)."""
+    exempt = set(slimming_exempt(model)[0])
+    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, nn.BatchNorm2d) and m not in exempt}
+
+
+def bn_l1_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of |BN scale| over slimming_bns: add sparsity_reg * this to the loss for sparsity training."""
+    weights = [m.weight for m in slimming_bns(model).values() if m.weight is not None]
+    if not weights:
+        raise ModelConfigError(f"{type(unwrap_model(model)).__name__} has no BatchNorm2d scales to sparsify")
+    return torch.stack([w.abs().sum() for w in weights]).sum()
+
+
+@torch.no_grad()
+def bn_sparsity(model: nn.Module, threshold: float = 1e-2) -> float:
+    """Share of the slimming BN scales with |scale| < threshold."""
+    weights = [m.weight.detach().abs().flatten() for m in slimming_bns(model).values() if m.weight is not None]
+    return float((torch.cat(weights) < threshold).float().mean()) if weights else 0.0
+
+
+def channel_config(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Width attributes of every Conv2d, Linear, BatchNorm and GroupNorm, by module name."""
+    config = {}
+    for name, module in unwrap_model(model).named_modules():
+        attrs = next((a for kind, a in _WIDTH_ATTRS if isinstance(module, kind)), None)
+        if attrs is not None:
+            config[name] = {a: int(getattr(module, a)) for a in attrs}
+    return config
+
+
+def apply_channel_config(model: nn.Module, channels: Mapping[str, Mapping[str, int]],
+                         state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Resize the named modules of a freshly built model to a pruned configuration, in place.
+
+    Width attributes come from `channels`; every parameter and buffer of a resized module takes the
+    shape its state_dict entry has (the values are loaded afterwards, strictly). Only ints and
+    tensors are read, so a pruned checkpoint loads with torch.load(weights_only=True).
+    """
+    found = dict(unwrap_model(model).named_modules())
+    for name, attrs in channels.items():
+        module = found.get(name)
+        allowed = next((a for kind, a in _WIDTH_ATTRS if isinstance(module, kind)), ()) if module else ()
+        if not allowed or not set(attrs) <= set(allowed):
+            raise ModelConfigError(f"Pruned channel configuration does not fit the model at '{name}': {dict(attrs)}")
+        for attr, value in attrs.items():
+            setattr(module, attr, int(value))
+        for slots, make in ((module._parameters, nn.Parameter), (module._buffers, lambda t: t)):
+            for key, tensor in slots.items():
+                entry = state.get(f"{name}.{key}")
+                if tensor is not None and entry is not None and entry.shape != tensor.shape:
+                    slots[key] = make(tensor.new_empty(entry.shape))
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(getattr(model, "num_features", None), int) and isinstance(classifier, nn.Linear):
+        model.num_features = classifier.in_features
+    return model
+
+
+# --------------------------------------------------------------------------------------------
 # The registry table and trained checkpoints
 # --------------------------------------------------------------------------------------------
 def list_models(num_classes: int = 1000, file: Any = None) -> list[dict]:
@@ -795,20 +945,27 @@ def load_checkpoint_model(path: str | os.PathLike, weights: str = "auto") -> tup
     weights: 'auto' takes the EMA weights when the checkpoint has them (those are what train.py
     selected and tested), 'model' or 'ema' force one. A plain state_dict is taken for twistnet18.
     """
-    ckpt = _load_file(path)
+    return model_from_checkpoint(_load_file(path), weights, label=str(path))
+
+
+def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkpoint") -> tuple[nn.Module, dict]:
+    """load_checkpoint_model for an already loaded object; a pruned file (prune.py: its
+    'pruned_channels') is rebuilt from the registry model resized to the stored widths."""
     config = dict(ckpt.get("config") or {}) if isinstance(ckpt, dict) else {}
     has_ema = isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and bool(ckpt["ema"])
     if weights == "ema" and not has_ema:
-        raise ModelConfigError(f"{path} holds no EMA weights")
+        raise ModelConfigError(f"{label} holds no EMA weights")
     source = ckpt["ema"] if (weights == "ema" or (weights == "auto" and has_ema)) else ckpt
     state = extract_state_dict(source)
     name = config.get("model", "twistnet18")
     model = build_model(name, classifier_size(state), pretrained=False, verbose=False,
                         **(config.get("model_kwargs") or {}))
+    if isinstance(ckpt, dict) and ckpt.get("pruned_channels"):
+        apply_channel_config(model, ckpt["pruned_channels"], state)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ModelConfigError(f"{path} does not fit {name}: {str(error).splitlines()[0]}") from None
+        raise ModelConfigError(f"{label} does not fit {name}: {str(error).splitlines()[0]}") from None
     return model.eval(), config
 
 
