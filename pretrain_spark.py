@@ -129,8 +129,8 @@ def batch_norm_visible(x: torch.Tensor, active: torch.Tensor, norm: nn.BatchNorm
 
     The running statistics are updated as nn.BatchNorm2d does (momentum, or a cumulative average
     with momentum=None; unbiased variance). In eval mode they normalise every position alike.
-    Written with dense masked moments rather than a gather of the visible positions: no host
-    sync, any memory format, and on CPU ~3x faster than BatchNorm over gathered rows.
+    Written with dense masked moments rather than BatchNorm over the gathered visible positions
+    (SparK's way): no host sync, any memory format, and 1.6-3x faster on CPU (measured at 32 x 64 x 32 x 32).
     """
     if not (norm.training or norm.running_mean is None):
         return nn.BatchNorm2d.forward(norm, x) * active
