@@ -674,6 +674,48 @@ def collate_skip_unreadable(batch: Sequence[tuple[Any, int] | None]) -> tuple[to
 
 
 # --------------------------------------------------------------------------------------------
+# Unlabelled images (self-supervised pretraining)
+# --------------------------------------------------------------------------------------------
+def list_images_recursive(folder: str | Path) -> list[Path]:
+    """Every image file under `folder`, at any depth, in a deterministic order (folders sorted,
+    files sorted within each); hidden files and folders are skipped.
+
+    Symlinked folders are followed, each real folder once, so a folder of links (say to an
+    ImageNet train/ and a DTD images/) lists their union.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataNotFoundError(f"Image folder not found: {root}")
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:        # a link loop, or a second link to a folder already listed
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(path for path in (Path(dirpath, name) for name in sorted(filenames)) if is_image_file(path))
+    return found
+
+
+def unlabelled_dataset(folders: str | Path | Sequence[str | Path], transform: Callable | None,
+                       cache: bool = False, image_size: int | None = None) -> ImageListDataset:
+    """Every image under the folder(s), searched recursively, as (image, 0) items; labels (class
+    folders) are ignored. An unreadable image gives None, which collate_skip_unreadable skips
+    and counts. A folder without any image is a DataNotFoundError."""
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    paths: list[Path] = []
+    for folder in folders:
+        images = list_images_recursive(folder)
+        if not images:
+            raise DataNotFoundError(f"No images under {folder} (searched recursively for "
+                                    f"{', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        paths += images
+    return ImageListDataset([(str(path), 0) for path in paths], transform, cache, image_size)
+
+
+# --------------------------------------------------------------------------------------------
 # Sample order: deterministic per (seed, epoch), resumable mid-epoch, sharded across processes
 # --------------------------------------------------------------------------------------------
 class SeededSamples(Dataset):
