@@ -6,7 +6,8 @@ Usage:
     python datasets.py --dataset cub200 --data_dir data/CUB_200_2011 --fold 3 --no_open_check
 
     from datasets import build_datasets, collate_skip_unreadable
-    sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, cache=True, cache_size=256)
+    sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, cache=True)   # native resolution
+    sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, decode_size=256)  # fast path
     loader = DataLoader(sets["train"], batch_size=32, collate_fn=collate_skip_unreadable)
     for images, labels, n_skipped in loader: ...
 
@@ -50,6 +51,11 @@ import utils
 
 from synthtex import SYNTHTEX_CLASSES, SYNTHTEX_PER_CLASS, render_synthtex, synthtex_label, synthtex_samples_per_fold
 
+# Shorter side (px) above which a cached image is shrunk: 2x the eval resize of 256. It keeps every
+# image of FMD (384), KTH-TIPS2-b (200), CUB-200 and Flowers-102 (<= 500) and most of DTD (300-640)
+# at native resolution, and a 224 px RandomResizedCrop is upsampled from a capped image only when
+# it covers less than (224 / 512)^2 = 19% of it.
+CACHE_MAX_SHORT = 512
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -511,10 +517,10 @@ class UnreadableImageWarning(UserWarning):
 
 
 def resized_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is `size`, computing the long side exactly as torchvision's Resize.
+    """Resize (bicubic) so the shorter side is `size`, the long side rounded as torchvision's Resize.
 
-    Matching torchvision's rounding makes the eval Resize a no-op on a cached image, so cached
-    and uncached pipelines give identical tensors.
+    Matching torchvision's rounding makes the eval Resize a no-op on an image decoded at the eval
+    resize size (decode_size), so it is not resampled twice.
     """
     width, height = image.size
     short, long = min(width, height), max(width, height)
@@ -522,7 +528,7 @@ def resized_shorter_side(image: Image.Image, size: int) -> Image.Image:
         return image
     new_long = int(size * long / short)
     new_size = (size, new_long) if width <= height else (new_long, size)
-    return image.resize(new_size, Image.Resampling.BILINEAR)
+    return image.resize(new_size, Image.Resampling.BICUBIC)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -534,38 +540,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def decode_image(path: str, target_short: int | None) -> Image.Image:
-    """Decode to RGB, resized so the shorter side is target_short (None: native size).
+def decode_image(path: str, decode_size: int | None = None) -> Image.Image:
+    """Decode to RGB at native resolution, or resized so the shorter side is decode_size.
 
-    JPEGs much larger than needed are decoded at a reduced DCT scale (PIL's draft), which is
-    several times faster and, since the result is downsampled anyway, loses nothing visible.
+    Native resolution is the default: crops are then cut from the full image, as in the paper's
+    code. decode_size is the fast path for large images (ImageNet): JPEGs much larger than needed
+    are decoded at a reduced DCT scale (PIL's draft) before the resize. Every later crop is then
+    taken from that smaller copy, so small crops are upsampled more often.
     """
     with Image.open(path) as image:
-        if target_short and image.format == "JPEG" and min(image.size) > 2 * target_short:
-            image.draft("RGB", (target_short, target_short))
+        if decode_size and image.format == "JPEG" and min(image.size) > 2 * decode_size:
+            image.draft("RGB", (decode_size, decode_size))
         image.load()
         image = to_rgb(image)
-    return resized_shorter_side(image, target_short) if target_short else image
+    return resized_shorter_side(image, decode_size) if decode_size else image
 
 
 class ImageListDataset(Dataset):
     """(path, label) samples decoded with PIL; an unreadable image yields None (and one warning).
 
-    Every image is resized on decode so its shorter side is `image_size` (None: native size), and
-    with `cache=True` that decoded image is kept in memory, so after the first epoch no file is
-    read again; since the cached image is exactly what would be decoded, caching changes speed,
-    never results. The cache is filled lazily, so with DataLoader workers each worker fills its
-    own copy: memory grows to (workers x dataset) at worst, an image may be decoded once per
-    worker, and only persistent_workers=True keeps the caches across epochs (without it every
-    epoch starts cold). With workers=0 the one cache is full after the first epoch.
+    Images are decoded at native resolution, or with `decode_size` resized so the shorter side is
+    decode_size (see decode_image). With `cache=True` the decoded image is kept in memory, so after
+    the first epoch no file is read again; an image whose shorter side exceeds `cache_max_short`
+    (default CACHE_MAX_SHORT = 512, None: no cap) is first shrunk to it (bicubic), on every epoch
+    alike. Below the cap caching changes speed, never results; above it crops come from the
+    512 px copy.
+
+    Memory: PIL keeps an RGB image as 4 bytes per pixel, so a cached image takes about
+    4 * w * h bytes at its cached size, e.g. 1.23 MB for 640 x 480 (measured: 1.20 MB of RSS per
+    image over 100 such images), 4 * 512 * 682 = 1.4 MB at most for a 4:3 image at the cap,
+    0.16 MB for KTH-TIPS2-b's 200 x 200. A split of n images takes n times that. The cache is
+    filled lazily, so with DataLoader workers each worker fills its own copy: memory grows to
+    (workers x dataset) at worst, an image may be decoded once per worker, and only
+    persistent_workers=True keeps the caches across epochs (without it every epoch starts
+    cold). With workers=0 the one cache is full after the first epoch.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None,
-                 cache: bool = False, image_size: int | None = None) -> None:
+                 cache: bool = False, decode_size: int | None = None,
+                 cache_max_short: int | None = CACHE_MAX_SHORT) -> None:
         self.samples = list(samples)
         self.targets = [label for _, label in self.samples]
         self.transform = transform
-        self.image_size = image_size
+        self.decode_size = decode_size
+        self.cache_max_short = cache_max_short
         self.cache: dict[int, Image.Image] | None = {} if cache else None
         self.warned: set[str] = set()
 
@@ -577,11 +595,13 @@ class ImageListDataset(Dataset):
             return self.cache[index]
         path = self.samples[index][0]
         try:
-            image = decode_image(path, self.image_size)
+            image = decode_image(path, self.decode_size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             self.warn_unreadable(path, error)
             return None
         if self.cache is not None:
+            if self.cache_max_short and min(image.size) > self.cache_max_short:
+                image = resized_shorter_side(image, self.cache_max_short)
             self.cache[index] = image
         return image
 
@@ -631,14 +651,20 @@ class SynthTexDataset(Dataset):
 
 def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_transform: Callable | None,
                    eval_transform: Callable | None, cache: bool = False, cache_size: int | None = None,
-                   synthtex_size: int = 128) -> tuple[dict[str, Dataset], list[str]]:
+                   synthtex_size: int = 128, decode_size: int | None = None,
+                   cache_max_short: int | None = CACHE_MAX_SHORT) -> tuple[dict[str, Dataset], list[str]]:
     """({"train", "val", "test"} datasets, class names) of one fold; items are (image, label) or None.
 
-    cache_size is the shorter side every image is resized to when decoded (the eval resize size,
-    round(img_size * 256 / 224)); cache=True keeps those decoded images in memory, per
-    DataLoader worker (see ImageListDataset). synthtex renders at synthtex_size instead and is
-    always cached. The test dataset is empty for an imagefolder without test/.
+    Images are decoded at native resolution unless decode_size is given: then every image is
+    resized on decode so its shorter side is decode_size (the fast path; cache_size is its
+    former name, still accepted). cache=True keeps the decoded images in memory, per DataLoader
+    worker, shrunk to a shorter side of cache_max_short if larger (see ImageListDataset for the
+    memory it takes). synthtex renders at synthtex_size instead and is always cached. The test
+    dataset is empty for an imagefolder without test/.
     """
+    if cache_size is not None and decode_size is not None and cache_size != decode_size:
+        raise ValueError(f"cache_size ({cache_size}) is the former name of decode_size ({decode_size}); give one.")
+    decode_size = decode_size if decode_size is not None else cache_size
     splits = load_splits(dataset, data_dir, fold)
     sets: dict[str, Dataset] = {}
     for split in SPLIT_NAMES:
@@ -648,7 +674,7 @@ def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_t
             # 125 MB at 256 px).
             sets[split] = SynthTexDataset(splits.split(split), transform, synthtex_size, cache=True)
         else:
-            sets[split] = ImageListDataset(splits.split(split), transform, cache, cache_size)
+            sets[split] = ImageListDataset(splits.split(split), transform, cache, decode_size, cache_max_short)
     return sets, splits.classes
 
 

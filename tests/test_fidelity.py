@@ -186,3 +186,119 @@ def test_variant_with_other_hyper_parameters_skips_mismatched_stci(twistnet18_we
     # Per block: reduce conv, its BN (4), twist kernel and scale, GroupNorm (2), projection conv.
     assert len(mismatched) == 4 * 10
     assert _report_counts(capsys.readouterr().out) == (len(own) - len(mismatched), len(mismatched), 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Native-resolution bicubic crops, the decode_size fast path, the cache cap
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big_image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """imagefolder with one 512 x 512 PNG of per-pixel noise in every split: detail at the pixel
+    scale, which a 256 px copy cannot hold, so a crop shows which copy it was cut from."""
+    root = tmp_path_factory.mktemp("big")
+    noise = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    for split in ("train", "val", "test"):
+        (root / split / "a").mkdir(parents=True)
+        Image.fromarray(noise).save(root / split / "a" / "noise.png")
+    return root
+
+
+def _normalised(image: Image.Image) -> torch.Tensor:
+    return v2.Compose(transforms.to_normalised_tensor(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD))(image)
+
+
+def _train_crop(sets: dict, transform: v2.Compose, seed: int) -> tuple[torch.Tensor, dict]:
+    """The train item under `seed`, and the crop box RandomResizedCrop drew for it."""
+    torch.manual_seed(seed)
+    out, _ = sets["train"][0]
+    source = sets["train"].load(0)
+    torch.manual_seed(seed)
+    return out, transform.transforms[0].make_params([source])
+
+
+def test_train_crop_is_bicubic_from_the_native_image(big_image_root: Path) -> None:
+    native = Image.open(big_image_root / "train" / "a" / "noise.png").convert("RGB")
+    train_tf = transforms.build_train_transform(128, hflip=0, randaug_n=0, scale=(0.08, 0.08))
+    sets, _ = datasets.build_datasets("imagefolder", big_image_root, 1, train_tf, None)
+    assert sets["train"].load(0).size == (512, 512)          # decoded at native resolution
+    half = native.resize((256, 256), Image.Resampling.BICUBIC)
+    for seed in range(3):
+        out, box = _train_crop(sets, train_tf, seed)
+        top, left, h, w = box["top"], box["left"], box["height"], box["width"]
+        assert 0.07 < h * w / 512 ** 2 < 0.09                 # scale 0.08: a ~145 px region
+        region = (left, top, left + w, top + h)
+        expected = _normalised(native.crop(region).resize((128, 128), Image.Resampling.BICUBIC))
+        assert torch.equal(out, expected)
+        # The same region of a 256 px copy is ~72 px, upsampled 1.8x: the pixel noise is gone.
+        # Measured: std 0.93 (native) vs 0.47 (copy) in normalised units, mean difference 0.6-0.7.
+        from_copy = _normalised(half.crop(tuple(c // 2 for c in region)).resize((128, 128), Image.Resampling.BICUBIC))
+        assert out.std() > 1.6 * from_copy.std()
+        assert (out - from_copy).abs().mean() > 0.4
+        # Bilinear from the native image differs too: bicubic is what the default does.
+        bilinear = _normalised(native.crop(region).resize((128, 128), Image.Resampling.BILINEAR))
+        assert not torch.equal(out, bilinear)
+
+
+def test_eval_crop_is_bicubic_from_the_native_image(big_image_root: Path) -> None:
+    native = Image.open(big_image_root / "val" / "a" / "noise.png").convert("RGB")
+    eval_tf = transforms.build_eval_transform(64)
+    sets, _ = datasets.build_datasets("imagefolder", big_image_root, 1, None, eval_tf)
+    out, _ = sets["val"][0]
+    resized = native.resize((73, 73), Image.Resampling.BICUBIC)          # eval_resize_size(64) = 73
+    assert torch.equal(out, _normalised(v2.CenterCrop(64)(resized)))
+    # What the former default did: shrink to the 73 px eval size on decode (bilinear), then crop.
+    # Both average ~7 x 7 pixels, so they differ little (measured 0.026 mean), but they differ.
+    old = native.resize((73, 73), Image.Resampling.BILINEAR)
+    assert (out - _normalised(v2.CenterCrop(64)(old))).abs().mean() > 0.01
+    # At 448 px the eval resize is 512, the native size: the crop is the image's own pixels.
+    sets, _ = datasets.build_datasets("imagefolder", big_image_root, 1, None, transforms.build_eval_transform(448))
+    out, _ = sets["val"][0]
+    assert torch.equal(out, _normalised(native.crop((32, 32, 480, 480))))
+
+
+def test_decode_size_keeps_the_fast_path(big_image_root: Path, tmp_path: Path) -> None:
+    train_tf = transforms.build_train_transform(64, hflip=0, randaug_n=0, scale=(0.08, 0.08))
+    sets, _ = datasets.build_datasets("imagefolder", big_image_root, 1, train_tf, None, decode_size=256)
+    small = sets["train"].load(0)
+    assert small.size == (256, 256)
+    out, box = _train_crop(sets, train_tf, seed=0)
+    region = (box["left"], box["top"], box["left"] + box["width"], box["top"] + box["height"])
+    assert torch.equal(out, _normalised(small.crop(region).resize((64, 64), Image.Resampling.BICUBIC)))
+    # cache_size, the parameter's former name, still selects it.
+    legacy, _ = datasets.build_datasets("imagefolder", big_image_root, 1, None, None, cache_size=256)
+    assert legacy["train"].load(0).size == (256, 256)
+    # A JPEG over twice decode_size is decoded at a reduced DCT scale (PIL's draft), then resized.
+    jpeg = tmp_path / "big.jpg"
+    Image.open(big_image_root / "train" / "a" / "noise.png").save(jpeg)
+    with Image.open(jpeg) as image:
+        image.draft("RGB", (64, 64))
+        assert image.size == (64, 64)                         # 1/8 scale: what decode_image reads
+    assert datasets.decode_image(str(jpeg), 64).size == (64, 64)
+    assert datasets.decode_image(str(jpeg)).size == (512, 512)
+
+
+def test_cache_keeps_native_resolution_up_to_the_cap(tmp_path: Path) -> None:
+    sizes = {"small.png": (640, 480), "large.png": (800, 600)}
+    for name, size in sizes.items():
+        fixtures.class_image(1, 0, 64).resize(size).save(tmp_path / name)
+    samples = [(str(tmp_path / name), 0) for name in sizes]
+    capped = datasets.ImageListDataset(samples, None, cache=True)
+    assert datasets.CACHE_MAX_SHORT == 512
+    first = [capped[i][0] for i in range(2)]
+    assert [im.size for im in first] == [(640, 480), (682, 512)]   # 800 * 512 / 600 = 682.7, as Resize rounds
+    assert [capped[i][0] for i in range(2)] == first               # the same image on every epoch
+    assert capped[0][0].tobytes() == Image.open(samples[0][0]).convert("RGB").tobytes()
+    uncapped = datasets.ImageListDataset(samples, None, cache=True, cache_max_short=None)
+    assert uncapped[1][0].size == (800, 600)
+    uncached = datasets.ImageListDataset(samples, None)
+    assert uncached[1][0].size == (800, 600) and uncached.cache is None
+
+
+def test_interpolation_option() -> None:
+    crop = transforms.build_train_transform(32).transforms[0]
+    assert isinstance(crop, v2.RandomResizedCrop) and crop.interpolation == v2.InterpolationMode.BICUBIC
+    assert transforms.build_eval_transform(32).transforms[0].interpolation == v2.InterpolationMode.BICUBIC
+    assert transforms.build_eval_transform(32, interpolation="bilinear").transforms[0].interpolation \
+        == v2.InterpolationMode.BILINEAR
+    with pytest.raises(ValueError, match="bicubic, bilinear"):
+        transforms.build_train_transform(32, interpolation="nearest")
