@@ -4,14 +4,20 @@ Usage:
     python datasets.py --dataset dtd --data_dir data/dtd --fold 1      # describe and check a fold
     python datasets.py --dataset synthtex                                # the built-in textures
     python datasets.py --dataset cub200 --data_dir data/CUB_200_2011 --fold 3 --no_open_check
+    python datasets.py --download dtd --data_dir data/dtd    # fetch, verify, unpack, check (also fmd,
+                                                             # kth_tips2, cub200, flowers102)
 
     from datasets import build_datasets, collate_skip_unreadable
-    sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, cache=True, cache_size=256)
+    sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, cache=True)   # native resolution
+    sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, decode_size=256)  # fast path
     loader = DataLoader(sets["train"], batch_size=32, collate_fn=collate_skip_unreadable)
     for images, labels, n_skipped in loader: ...
 
 The describe entry point prints the class count, the split sizes, the per-class balance of each
 split, and opens every image (exit 1 if any is unreadable, 2 if the layout itself is wrong).
+--download fetches the official release (resuming a cut download, checking size and checksums),
+unpacks it into exactly the layout below and ends with the same layout check and table; any
+failure is one `error:` line, exit 2, and leaves no half-unpacked --data_dir.
 
 Protocols (`--data_dir` points at the data as its authors distribute it):
     dtd          images/<class>/*.jpg, labels/{train,val,test}{k}.txt    the 10 official splits
@@ -30,15 +36,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import os
 import random
+import shutil
 import sys
+import tarfile
 import types
+import urllib.error
+import urllib.request
 import warnings
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -50,6 +62,11 @@ import utils
 
 from synthtex import SYNTHTEX_CLASSES, SYNTHTEX_PER_CLASS, render_synthtex, synthtex_label, synthtex_samples_per_fold
 
+# Shorter side (px) above which a cached image is shrunk: 2x the eval resize of 256. It keeps every
+# image of FMD (384), KTH-TIPS2-b (200), CUB-200 and Flowers-102 (<= 500) and most of DTD (300-640)
+# at native resolution, and a 224 px RandomResizedCrop is upsampled from a capped image only when
+# it covers less than (224 / 512)^2 = 19% of it.
+CACHE_MAX_SHORT = 512
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -511,10 +528,10 @@ class UnreadableImageWarning(UserWarning):
 
 
 def resized_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is `size`, computing the long side exactly as torchvision's Resize.
+    """Resize (bicubic) so the shorter side is `size`, the long side rounded as torchvision's Resize.
 
-    Matching torchvision's rounding makes the eval Resize a no-op on a cached image, so cached
-    and uncached pipelines give identical tensors.
+    Matching torchvision's rounding makes the eval Resize a no-op on an image decoded at the eval
+    resize size (decode_size), so it is not resampled twice.
     """
     width, height = image.size
     short, long = min(width, height), max(width, height)
@@ -522,7 +539,7 @@ def resized_shorter_side(image: Image.Image, size: int) -> Image.Image:
         return image
     new_long = int(size * long / short)
     new_size = (size, new_long) if width <= height else (new_long, size)
-    return image.resize(new_size, Image.Resampling.BILINEAR)
+    return image.resize(new_size, Image.Resampling.BICUBIC)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -534,38 +551,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def decode_image(path: str, target_short: int | None) -> Image.Image:
-    """Decode to RGB, resized so the shorter side is target_short (None: native size).
+def decode_image(path: str, decode_size: int | None = None) -> Image.Image:
+    """Decode to RGB at native resolution, or resized so the shorter side is decode_size.
 
-    JPEGs much larger than needed are decoded at a reduced DCT scale (PIL's draft), which is
-    several times faster and, since the result is downsampled anyway, loses nothing visible.
+    Native resolution is the default: crops are then cut from the full image, as in the paper's
+    code. decode_size is the fast path for large images (ImageNet): JPEGs much larger than needed
+    are decoded at a reduced DCT scale (PIL's draft) before the resize. Every later crop is then
+    taken from that smaller copy, so small crops are upsampled more often.
     """
     with Image.open(path) as image:
-        if target_short and image.format == "JPEG" and min(image.size) > 2 * target_short:
-            image.draft("RGB", (target_short, target_short))
+        if decode_size and image.format == "JPEG" and min(image.size) > 2 * decode_size:
+            image.draft("RGB", (decode_size, decode_size))
         image.load()
         image = to_rgb(image)
-    return resized_shorter_side(image, target_short) if target_short else image
+    return resized_shorter_side(image, decode_size) if decode_size else image
 
 
 class ImageListDataset(Dataset):
     """(path, label) samples decoded with PIL; an unreadable image yields None (and one warning).
 
-    Every image is resized on decode so its shorter side is `image_size` (None: native size), and
-    with `cache=True` that decoded image is kept in memory, so after the first epoch no file is
-    read again; since the cached image is exactly what would be decoded, caching changes speed,
-    never results. The cache is filled lazily, so with DataLoader workers each worker fills its
-    own copy: memory grows to (workers x dataset) at worst, an image may be decoded once per
-    worker, and only persistent_workers=True keeps the caches across epochs (without it every
-    epoch starts cold). With workers=0 the one cache is full after the first epoch.
+    Images are decoded at native resolution, or with `decode_size` resized so the shorter side is
+    decode_size (see decode_image). With `cache=True` the decoded image is kept in memory, so after
+    the first epoch no file is read again; an image whose shorter side exceeds `cache_max_short`
+    (default CACHE_MAX_SHORT = 512, None: no cap) is first shrunk to it (bicubic), on every epoch
+    alike. Below the cap caching changes speed, never results; above it crops come from the
+    512 px copy.
+
+    Memory: PIL keeps an RGB image as 4 bytes per pixel, so a cached image takes about
+    4 * w * h bytes at its cached size, e.g. 1.23 MB for 640 x 480 (measured: 1.20 MB of RSS per
+    image over 100 such images), 4 * 512 * 682 = 1.4 MB at most for a 4:3 image at the cap,
+    0.16 MB for KTH-TIPS2-b's 200 x 200. A split of n images takes n times that. The cache is
+    filled lazily, so with DataLoader workers each worker fills its own copy: memory grows to
+    (workers x dataset) at worst, an image may be decoded once per worker, and only
+    persistent_workers=True keeps the caches across epochs (without it every epoch starts
+    cold). With workers=0 the one cache is full after the first epoch.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None,
-                 cache: bool = False, image_size: int | None = None) -> None:
+                 cache: bool = False, decode_size: int | None = None,
+                 cache_max_short: int | None = CACHE_MAX_SHORT) -> None:
         self.samples = list(samples)
         self.targets = [label for _, label in self.samples]
         self.transform = transform
-        self.image_size = image_size
+        self.decode_size = decode_size
+        self.cache_max_short = cache_max_short
         self.cache: dict[int, Image.Image] | None = {} if cache else None
         self.warned: set[str] = set()
 
@@ -577,11 +606,13 @@ class ImageListDataset(Dataset):
             return self.cache[index]
         path = self.samples[index][0]
         try:
-            image = decode_image(path, self.image_size)
+            image = decode_image(path, self.decode_size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             self.warn_unreadable(path, error)
             return None
         if self.cache is not None:
+            if self.cache_max_short and min(image.size) > self.cache_max_short:
+                image = resized_shorter_side(image, self.cache_max_short)
             self.cache[index] = image
         return image
 
@@ -631,14 +662,20 @@ class SynthTexDataset(Dataset):
 
 def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_transform: Callable | None,
                    eval_transform: Callable | None, cache: bool = False, cache_size: int | None = None,
-                   synthtex_size: int = 128) -> tuple[dict[str, Dataset], list[str]]:
+                   synthtex_size: int = 128, decode_size: int | None = None,
+                   cache_max_short: int | None = CACHE_MAX_SHORT) -> tuple[dict[str, Dataset], list[str]]:
     """({"train", "val", "test"} datasets, class names) of one fold; items are (image, label) or None.
 
-    cache_size is the shorter side every image is resized to when decoded (the eval resize size,
-    round(img_size * 256 / 224)); cache=True keeps those decoded images in memory, per
-    DataLoader worker (see ImageListDataset). synthtex renders at synthtex_size instead and is
-    always cached. The test dataset is empty for an imagefolder without test/.
+    Images are decoded at native resolution unless decode_size is given: then every image is
+    resized on decode so its shorter side is decode_size (the fast path; cache_size is its
+    former name, still accepted). cache=True keeps the decoded images in memory, per DataLoader
+    worker, shrunk to a shorter side of cache_max_short if larger (see ImageListDataset for the
+    memory it takes). synthtex renders at synthtex_size instead and is always cached. The test
+    dataset is empty for an imagefolder without test/.
     """
+    if cache_size is not None and decode_size is not None and cache_size != decode_size:
+        raise ValueError(f"cache_size ({cache_size}) is the former name of decode_size ({decode_size}); give one.")
+    decode_size = decode_size if decode_size is not None else cache_size
     splits = load_splits(dataset, data_dir, fold)
     sets: dict[str, Dataset] = {}
     for split in SPLIT_NAMES:
@@ -648,7 +685,7 @@ def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_t
             # 125 MB at 256 px).
             sets[split] = SynthTexDataset(splits.split(split), transform, synthtex_size, cache=True)
         else:
-            sets[split] = ImageListDataset(splits.split(split), transform, cache, cache_size)
+            sets[split] = ImageListDataset(splits.split(split), transform, cache, decode_size, cache_max_short)
     return sets, splits.classes
 
 
@@ -794,6 +831,204 @@ class ShardedEpochSampler(Sampler):
 
 
 # --------------------------------------------------------------------------------------------
+# Download: the official archives, resumed, verified and unpacked into the layout read above
+# --------------------------------------------------------------------------------------------
+DOWNLOAD_BASE_URL_ENV = "TWISTNET_DOWNLOAD_BASE_URL"
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+
+
+class DownloadError(utils.UserError):
+    """A download that failed, or a file that does not match its published size or checksum."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a dataset's release. None: no value known (then it is not checked)."""
+    url: str
+    size: int | None
+    md5: str | None
+    sha256: str | None
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+# The publishers' pages list no checksums except CaltechDATA (CUB's md5). The md5s below are those
+# torchvision (DTD, Flowers-102) and DeepMind's NEVIS'22 loaders (FMD, KTH-TIPS2-b) check; sizes and
+# sha256 are TensorFlow Datasets' records (CUB's for its mirror of the same file, md5 equal).
+# None of them can be checked from here; where a value is unknown it is None, never guessed.
+# subdir: the folder inside the unpacked release that becomes --data_dir ("" = the release itself).
+DOWNLOADS: dict[str, tuple[tuple[RemoteFile, ...], str]] = {
+    "dtd": ((RemoteFile("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz", 625239812,
+                        "fff73e5086ae6bdbea199a49dfb8a4c1",
+                        "e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205"),), "dtd"),
+    "fmd": ((RemoteFile("https://people.csail.mit.edu/celiu/CVPR2010/FMD/FMD.zip", None,
+                        "0721ba72cd981aa9599a81bbfaaebd75", None),), ""),
+    "kth_tips2": ((RemoteFile("https://www.csc.kth.se/cvap/databases/kth-tips/kth-tips2-b_col_200x200.tar", None,
+                              "00470a104a57f5a5be22cc8a0f234c4e", None),), ""),
+    "cub200": ((RemoteFile("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", 1150585339,
+                           "97eceeb196236b17998738112f37df78",
+                           "0c685df5597a8b24909f6a7c9db6d11e008733779a671760afef78feb49bf081"),), ""),
+    "flowers102": ((RemoteFile("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz", 344862509,
+                               "52808999861908f626f3c1f4e79d11fa",
+                               "2d01ecc807db462958cfe3d92f57a8c252b4abd240eb955770201e45f783b246"),
+                    RemoteFile("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/imagelabels.mat", 502,
+                               "e0620be6f572b9609742df49c70aed4d",
+                               "4903e94206bac23bf772aadf06451916df56b58fc483a62db32a97b82656651d"),
+                    RemoteFile("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/setid.mat", 14989,
+                               "a5357ecc9cb78c4bef273ce3793fc85c",
+                               "46b8678f91fd95d3c8f4feab80d271a6c834a1dd896fe29fd3e6ad9ce5c8dccd")), ""),
+}
+
+
+def download_dataset(dataset: str, data_dir: str | Path, base_url: str | None = None, keep_archives: bool = False,
+                     attempts: int = 3, log: Callable[[str], None] = print) -> Path:
+    """Fetch a dataset's release into data_dir, in the layout load_splits reads; returns data_dir.
+
+    Files go to <data_dir>.download/ (a cut download resumes from its .part file with an HTTP
+    Range request, here and on a re-run), are checked against the sizes and checksums above, and
+    are unpacked into a temporary folder beside data_dir that is renamed to data_dir only once
+    the layout check passes: a failure leaves no half-unpacked data_dir. base_url (or the
+    TWISTNET_DOWNLOAD_BASE_URL environment variable) replaces the servers, for mirrors and tests.
+    """
+    if dataset not in DOWNLOADS:
+        raise DataLayoutError(f"No download for {dataset!r}; downloadable: {', '.join(DOWNLOADS)}.")
+    files, subdir = DOWNLOADS[dataset]
+    root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DataLayoutError(f"--data_dir {root} is a file; give the folder the dataset should go to.")
+    if root.is_dir() and any(root.iterdir()):
+        try:
+            load_splits(dataset, root, 1)
+        except utils.UserError as error:
+            raise DataLayoutError(f"{root} exists and is not a complete {dataset} ({error}). Remove it or choose "
+                                  "another --data_dir.") from None
+        log(f"{dataset} is already in {root}")
+        return root
+    base_url = base_url or os.environ.get(DOWNLOAD_BASE_URL_ENV) or None
+    store = root.parent / f"{root.name}.download"
+    store.mkdir(parents=True, exist_ok=True)
+    local = []
+    for remote in files:
+        path = store / remote.name
+        if not path.is_file():
+            url = f"{base_url.rstrip('/')}/{remote.name}" if base_url else remote.url
+            fetch(url, path, remote.size, attempts, log)
+        verify_download(path, remote, log)
+        local.append(path)
+    unpack_into_place(dataset, local, subdir, root, log)
+    if not keep_archives:
+        shutil.rmtree(store)
+    return root
+
+
+def fetch(url: str, path: Path, size: int | None, attempts: int, log: Callable[[str], None]) -> None:
+    """Download url to path through path.part, resuming the part file (HTTP Range) after a cut."""
+    part = path.with_name(path.name + ".part")
+    error: Exception | None = None
+    for _ in range(attempts):
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if have and response.status != 206:
+                    have = 0                                # the server ignored the range: start over
+                length = response.headers.get("Content-Length")
+                total = have + int(length) if length else size
+                if have:
+                    log(f"resuming {path.name} at {have} bytes")
+                with open(part, "ab" if have else "wb") as out, \
+                        utils.progress(total=total, initial=have, unit="B", unit_scale=True, desc=path.name) as bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            if total is None or part.stat().st_size >= total:
+                part.replace(path)
+                return
+            error = EOFError(f"connection closed at {part.stat().st_size} of {total} bytes")
+        except urllib.error.HTTPError as http_error:
+            if http_error.code == 416 and have:             # nothing left to send: the part is whole
+                part.replace(path)
+                return
+            raise DownloadError(f"{url}: HTTP {http_error.code} {http_error.reason}.") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as cut:
+            error = cut
+        log(f"{path.name}: download interrupted ({error}); resuming")
+    raise DownloadError(f"{url}: download incomplete after {attempts} attempts ({error}). Run the same command "
+                        f"again to resume from {part}.")
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            md5.update(block)
+            sha256.update(block)
+    return md5.hexdigest(), sha256.hexdigest()
+
+
+def verify_download(path: Path, remote: RemoteFile, log: Callable[[str], None]) -> None:
+    """Check size, md5 and sha256 where known; a mismatch deletes the file and raises DownloadError."""
+    got = {"size": path.stat().st_size}
+    got["md5"], got["sha256"] = file_digests(path)
+    wrong = [f"{key}: expected {getattr(remote, key)}, got {value}" for key, value in got.items()
+             if getattr(remote, key) is not None and getattr(remote, key) != value]
+    if wrong:
+        path.unlink()
+        raise DownloadError(f"{path.name} does not match its release ({'; '.join(wrong)}). The file was deleted; "
+                            "run the same command to download it again, or check --base_url.")
+    unknown = [key for key in ("size", "md5", "sha256") if getattr(remote, key) is None]
+    note = f" (no published {', '.join(unknown)}: got {', '.join(str(got[k]) for k in unknown)})" if unknown else ""
+    log(f"{path.name}: verified{note}")
+
+
+def unpack_into_place(dataset: str, files: Sequence[Path], subdir: str, root: Path, log: Callable[[str], None]) -> None:
+    """Unpack the archives (and copy the other files) into a temporary folder, check the layout,
+    then rename the release (or its subdir) to root."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, not mkdtemp: the folder becomes data_dir, so it gets the umask's mode, not 0700.
+    temp = root.parent / f".{root.name}.unpack-{os.getpid()}-{os.urandom(4).hex()}"
+    temp.mkdir()
+    try:
+        for path in files:
+            if path.name.endswith(ARCHIVE_SUFFIXES):
+                log(f"unpacking {path.name}")
+                unpack_archive(path, temp)
+            else:
+                shutil.copy2(path, temp / path.name)
+        release = temp / subdir
+        load_splits(dataset, release, 1)
+        if root.is_dir():
+            root.rmdir()                                    # empty (checked by the caller)
+        release.replace(root)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def unpack_archive(path: Path, dest: Path) -> None:
+    """Extract a tar/zip after checking that no member is absolute, climbs out with '..', or is a link."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                check_member(path, name)
+            archive.extractall(dest)
+        return
+    with tarfile.open(path) as archive:
+        for member in archive.getmembers():
+            check_member(path, member.name, member.isfile() or member.isdir())
+        # The data filter (Python >= 3.11.4) re-checks the same, where it exists.
+        archive.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+
+
+def check_member(archive: Path, name: str, regular: bool = True) -> None:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not regular or name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+        raise DownloadError(f"{archive.name}: unsafe member {name!r} (absolute, '..', a link or a device); "
+                            "refusing to unpack it.")
+
+
+# --------------------------------------------------------------------------------------------
 # describe: the command line
 # --------------------------------------------------------------------------------------------
 def class_balance(samples: Sequence[tuple[Any, int]], n_classes: int) -> tuple[int, int]:
@@ -840,10 +1075,15 @@ def find_unreadable(keys: Sequence[Any], workers: int, progress: bool) -> list[t
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Describe one fold of a dataset and check that every image in it opens.",
+        description="Describe one fold of a dataset and check that every image in it opens; or download one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    parser.add_argument("--dataset", choices=DATASET_NAMES, help="the protocol to describe (required unless --download)")
     parser.add_argument("--data_dir", default=None, help="dataset root as distributed (unused for synthtex)")
+    parser.add_argument("--download", choices=tuple(DOWNLOADS), default=None,
+                        help="fetch the official release into --data_dir (resumable, verified), then check its layout")
+    parser.add_argument("--base_url", default=None,
+                        help=f"fetch the release files from this URL instead (a mirror); also ${DOWNLOAD_BASE_URL_ENV}")
+    parser.add_argument("--keep_archives", action="store_true", help="keep the downloaded archives after unpacking")
     parser.add_argument("--fold", type=int, default=1)
     parser.add_argument("--no_open_check", action="store_true", help="only check the layout, open no image")
     parser.add_argument("--workers", type=int, default=8, help="threads that open images")
@@ -852,7 +1092,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.download:
+        if args.dataset not in (None, args.download) or not args.data_dir:
+            parser.error("--download NAME needs --data_dir (and no other --dataset)")
+        args.dataset, args.no_open_check = args.download, True   # the checksums vouch for the images
+    elif not args.dataset:
+        parser.error("--dataset is required (or --download NAME)")
+    if args.download:
+        download_dataset(args.download, args.data_dir, args.base_url, args.keep_archives)
     splits = load_splits(args.dataset, args.data_dir, args.fold)
     print(describe_splits(args.dataset, args.data_dir, args.fold, splits))
     if args.no_open_check:

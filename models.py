@@ -21,7 +21,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -34,6 +34,9 @@ HEAD_ANGLES = (0, 45, 90, 135)
 WEIGHTS_DIR_NAME = "weights"
 TRANSFER_POLICIES = ("all", "stem+layer1+layer2")
 DEFAULT_GATE_INIT = -2.0        # sigmoid(-2) = 0.119: a fresh STCI branch barely perturbs the backbone
+# How STCI's own weights start: "paper" as the paper describes them (directional twist kernels);
+# "upstream" as the paper's published code actually leaves them (see reset_stci_parameters).
+STCI_INITS = ("paper", "upstream")
 _STEM_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
 
 
@@ -76,7 +79,8 @@ class MultiHeadSTCI(nn.Module):
     Per head: z = relu(bn(conv1x1(x))) with r channels; t = dwconv3x3(z) * scale, the kernel
     starting as 0.5 * (centre + neighbour in the head's direction); both L2-normalised over
     channels; output [z, z_i * t_j for i <= j]. Heads are concatenated, re-weighted by AIS,
-    group-normalised and projected back to the input width.
+    group-normalised and projected back to the input width. stci_init picks the starting
+    weights ('paper' or 'upstream', see reset_stci_parameters).
     """
 
     def __init__(
@@ -87,13 +91,17 @@ class MultiHeadSTCI(nn.Module):
         use_ais: bool = True,
         spiral: bool = True,
         eps: float = 1e-6,
+        stci_init: str = "paper",
     ) -> None:
         super().__init__()
+        if stci_init not in STCI_INITS:
+            raise ModelConfigError(f"stci_init must be one of {', '.join(STCI_INITS)}; got {stci_init!r}")
         if not 1 <= heads <= len(HEAD_ANGLES):
             raise ModelConfigError(f"heads must be in 1..{len(HEAD_ANGLES)}, got {heads}")
         if r < 1:
             raise ModelConfigError(f"r must be >= 1, got {r}")
         self.r, self.heads, self.eps, self.spiral = r, heads, eps, spiral
+        self.stci_init = stci_init
         self.angles = HEAD_ANGLES[:heads]
         self.pairs = r * (r + 1) // 2
         self.head_channels = r + self.pairs
@@ -127,8 +135,28 @@ class MultiHeadSTCI(nn.Module):
 
     @torch.no_grad()
     def reset_stci_parameters(self) -> None:
-        """Directional twist kernels (0.5 centre + 0.5 neighbour in the head's direction) and a small
-        N(0, 0.01) projection, so a fresh branch starts near zero and directional."""
+        """Initialise the STCI weights according to self.stci_init.
+
+        'paper': directional twist kernels (0.5 centre + 0.5 neighbour), the reduce conv as PyTorch
+        builds it (std 1/sqrt(3 C)), projection N(0, 0.01).
+        'upstream': the distributions the paper's code ends with. It builds one module per head and
+        then runs kaiming_normal_(mode='fan_out') over every conv of the network, STCI included, so
+        the directional kernel it wrote first is overwritten. Here the heads share one conv, so the
+        fan-out is taken per head to get the same std: reduce sqrt(2 / r) (0.5 for r = 8); twist
+        sqrt(2 / (9 r)) (0.167: PyTorch counts a depthwise conv's fan-out as out_channels * 9);
+        projection sqrt(2 / C) (0.088 for C = 256, 0.0625 for 512). AIS, norms and the twist scale
+        start as in 'paper'.
+        """
+        if self.stci_init == "upstream":
+            for d in range(self.heads):
+                rows = slice(d * self.r, (d + 1) * self.r)
+                nn.init.kaiming_normal_(self.reduce.weight[rows], mode="fan_out", nonlinearity="relu")
+                if self.twist is not None:
+                    nn.init.kaiming_normal_(self.twist.weight[rows], mode="fan_out", nonlinearity="relu")
+            if self.twist is not None:
+                self.twist_scale.fill_(1.0)
+            nn.init.kaiming_normal_(self.proj.weight, mode="fan_out", nonlinearity="relu")
+            return
         if self.twist is not None:
             kernel = torch.zeros_like(self.twist.weight)  # [heads*r, 1, 3, 3]
             for d, angle in enumerate(self.angles):
@@ -268,6 +296,7 @@ class TwistNet(nn.Module):
         gate_init: float = DEFAULT_GATE_INIT,
         drop_path: float = 0.0,
         blurpool: bool = False,
+        stci_init: str = "paper",
     ) -> None:
         super().__init__()
         stages = tuple(sorted(set(stages)))
@@ -275,9 +304,11 @@ class TwistNet(nn.Module):
             raise ModelConfigError(f"drop_path must be in [0, 1), got {drop_path}")
         if any(s not in (1, 2, 3, 4) for s in stages):
             raise ModelConfigError(f"stages must be drawn from 1..4, got {stages}")
+        if stci_init not in STCI_INITS:   # checked here too: a model without STCI builds none
+            raise ModelConfigError(f"stci_init must be one of {', '.join(STCI_INITS)}; got {stci_init!r}")
         self.twisted_stages = stages
         self.num_classes = num_classes
-        stci_cfg = dict(r=r, heads=heads, use_ais=use_ais, spiral=spiral)
+        stci_cfg = dict(r=r, heads=heads, use_ais=use_ais, spiral=spiral, stci_init=stci_init)
 
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -480,13 +511,16 @@ def build_model(
     """Build a registry model.
 
     pretrained: False (random init), a checkpoint path (TwistNet models), or True (TwistNet:
-    auto-detect weights/<name>_imagenet.pt, else ResNet-18 transfer; baselines: timm weights).
+    auto-detect weights/<name>_imagenet.pt; for an ablation variant without its own file,
+    weights/twistnet18_imagenet.pt loaded non-strictly (every tensor whose name and shape match);
+    else ResNet-18 transfer; baselines: timm weights).
     transfer_policy: 'all' or 'stem+layer1+layer2', for the ResNet-18 fallback.
     resnet18_weights: a local timm/torchvision ResNet-18 state_dict used instead of timm's hub.
     verbose / log: what is loaded and transferred is reported with `log` (default: print when verbose).
     model_kwargs: TwistNet hyper-parameters (r, heads, stages, use_ais, spiral, gate_init, drop_path,
-    blurpool); the timm baselines take drop_path (timm's drop_path_rate) and, resnet18/seresnet18
-    only, blurpool (timm's aa_layer=BlurPool2d).
+    blurpool, and stci_init: 'paper' (default) or 'upstream', the paper code's initialisation); the
+    timm baselines take drop_path (timm's drop_path_rate) and, resnet18/seresnet18 only, blurpool
+    (timm's aa_layer=BlurPool2d).
     """
     spec = get_spec(name)
     log = log or (print if verbose else (lambda *a, **k: None))
@@ -497,7 +531,7 @@ def build_model(
         model = spec.builder(num_classes, **model_kwargs)
     except TypeError as error:  # an unknown hyper-parameter name in model_kwargs
         raise ModelConfigError(f"{name}: {error}. TwistNet hyper-parameters are r, heads, stages, "
-                               f"use_ais, spiral, gate_init, drop_path and blurpool.") from None
+                               f"use_ais, spiral, gate_init, stci_init, drop_path and blurpool.") from None
     if pretrained is False or pretrained is None:
         return model
     if pretrained is True:
@@ -505,6 +539,13 @@ def build_model(
         if found is not None:
             log(f"[Auto-detected] Found TwistNet weights: {found}")
             load_twistnet_checkpoint(model, found, log=log)
+            return model
+        base = find_twistnet_weights("twistnet18") if name != "twistnet18" else None
+        if base is not None:
+            # What the paper's code does for its ablations: the full model's file, by name and shape.
+            log(f"[Auto-detected] No {name}_imagenet.pt; loading TwistNet-18 weights {base} non-strictly")
+            report = transfer_weights(model, extract_state_dict(_load_file(base)), policy="all")
+            log(report.summary(f"{base.name} -> {name}"))
             return model
         _warn_fallback(name, log)
         source = load_resnet18_state_dict(resnet18_weights, log=log)
@@ -569,8 +610,9 @@ def _build_timm(spec: ModelSpec, num_classes: int, pretrained: Any,
 
 
 def _warn_fallback(name: str, log: Callable) -> None:
+    looked = twistnet_weight_candidates(name) + (twistnet_weight_candidates() if name != "twistnet18" else [])
     msg = (f"No TwistNet ImageNet weights found for '{name}' (looked for "
-           f"{', '.join(str(p) for p in twistnet_weight_candidates(name))}). Falling back to "
+           f"{', '.join(str(p) for p in looked)}). Falling back to "
            f"ResNet-18 ImageNet weights: the STCI branches start untrained. "
            f"Run pretrain_imagenet.py (see PRETRAIN_GUIDE.md) for TwistNet weights.")
     warnings.warn(msg, stacklevel=3)
@@ -675,6 +717,7 @@ class TransferReport:
     skipped: list[tuple[str, tuple, tuple]]      # (name, source shape, target shape)
     left_at_init: list[str]                      # target tensors the source does not provide
     excluded_by_policy: list[str]                # in the source, but outside the policy
+    unused: list[str] = field(default_factory=list)   # source tensors the model has no place for
 
     def summary(self, title: str) -> str:
         total = len(self.mapped) + len(self.skipped) + len(self.left_at_init) + len(self.excluded_by_policy)
@@ -685,6 +728,9 @@ class TransferReport:
         lines.append(f"  left at init:  {len(self.left_at_init) + len(self.excluded_by_policy):4d} tensors "
                      f"({len(self.left_at_init)} not in source, {len(self.excluded_by_policy)} outside the policy)")
         lines.append(f"  of {total} tensors in the model")
+        if self.unused:
+            lines.append(f"  not used:      {len(self.unused):4d} source tensors the model lacks "
+                         f"(e.g. {', '.join(self.unused[:2])})")
         return "\n".join(lines)
 
 
@@ -711,6 +757,7 @@ def transfer_weights(model: nn.Module, source: Mapping[str, torch.Tensor],
         else:
             update[key] = source[key]
             report.mapped.append(key)
+    report.unused = [key for key in source if key not in own]
     model.load_state_dict(update, strict=False)
     return report
 

@@ -75,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes (4, or fewer on a machine with fewer cores)")
     g.add_argument("--prefetch", type=int, default=2, help="batches prefetched per worker")
-    g.add_argument("--cache", action="store_true", help="keep decoded, pre-resized images in memory")
+    g.add_argument("--decode_size", type=int, default=None,
+                   help="shrink images on decode to this shorter side (fast path, e.g. 256); default: crop "
+                        "from the native-resolution image, as the paper's code does")
+    g.add_argument("--cache", action="store_true",
+                   help=f"keep decoded images in memory (native resolution up to a {datasets.CACHE_MAX_SHORT} px "
+                        f"shorter side, or --decode_size)")
     g.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (and at the last)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (exact resume on GPU needs this)")
@@ -101,7 +106,7 @@ def build_loaders(args: argparse.Namespace, device: torch.device
     resize = transforms.eval_resize_size(args.img_size)
     sets, classes = datasets.build_datasets(
         args.dataset, args.data_dir, args.fold, train_tf, eval_tf,
-        cache=args.cache, cache_size=resize, synthtex_size=resize)
+        cache=args.cache, decode_size=args.decode_size, synthtex_size=resize)
     common = datasets.loader_options(args.workers, args.prefetch, device)
     sampler = datasets.EpochSeededSampler(len(sets["train"]), args.seed)
     # Drop the ragged last batch (BatchNorm on one image breaks), unless the set is that small.

@@ -4,13 +4,16 @@ Usage:
     from transforms import build_train_transform, build_eval_transform, build_mixup, eval_resize_size
     train_tf = build_train_transform(224)            # RandomResizedCrop, flip, RandAugment(2, 9), normalise
     eval_tf = build_eval_transform(224)              # resize shorter side to 256, centre crop 224
+    eval_tf = build_eval_transform(224, interpolation="bilinear")   # bicubic is the default
     mixup = build_mixup(num_classes=47)              # Mixup 0.8 + CutMix 1.0, label smoothing 0.1
     images, soft_targets = mixup(images, labels)
 
     python transforms.py --img_size 64               # print both pipelines
 
 The transforms take PIL images and return normalised float32 tensors (C, H, W). `--img_size`
-scales every crop: eval resizes the shorter side to round(img_size * 256 / 224) first.
+scales every crop: eval resizes the shorter side to round(img_size * 256 / 224) first. Crops and
+resizes are bicubic and antialiased, as in the paper's code; on PIL images that is PIL's own
+resampling, so values stay within 0-255.
 """
 from __future__ import annotations
 
@@ -27,6 +30,14 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """'bicubic' or 'bilinear' as torchvision's InterpolationMode; anything else is a ValueError."""
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {name!r}")
+    return INTERPOLATIONS[name]
 
 
 def eval_resize_size(img_size: int) -> int:
@@ -40,9 +51,10 @@ def to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
 
 def build_train_transform(img_size: int = 224, hflip: float = 0.5, randaug_n: int = 2, randaug_m: int = 9,
                           scale: tuple[float, float] = (0.08, 1.0), mean: Sequence[float] = IMAGENET_MEAN,
-                          std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
+                          std: Sequence[float] = IMAGENET_STD, interpolation: str = "bicubic") -> v2.Compose:
     """RandomResizedCrop, horizontal flip (skipped at 0), RandAugment (skipped at n = 0), normalise."""
-    steps: list = [v2.RandomResizedCrop(img_size, scale=tuple(scale), antialias=True)]
+    steps: list = [v2.RandomResizedCrop(img_size, scale=tuple(scale), antialias=True,
+                                        interpolation=interpolation_mode(interpolation))]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     if randaug_n > 0:
@@ -51,10 +63,10 @@ def build_train_transform(img_size: int = 224, hflip: float = 0.5, randaug_n: in
 
 
 def build_eval_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
-                         std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
+                         std: Sequence[float] = IMAGENET_STD, interpolation: str = "bicubic") -> v2.Compose:
     """Resize the shorter side to eval_resize_size(img_size), centre crop img_size, normalise."""
-    return v2.Compose([v2.Resize(eval_resize_size(img_size), antialias=True), v2.CenterCrop(img_size),
-                       *to_normalised_tensor(mean, std)])
+    resize = v2.Resize(eval_resize_size(img_size), interpolation=interpolation_mode(interpolation), antialias=True)
+    return v2.Compose([resize, v2.CenterCrop(img_size), *to_normalised_tensor(mean, std)])
 
 
 def load_image_tensor(path: str | Path, img_size: int) -> tuple[torch.Tensor, np.ndarray]:

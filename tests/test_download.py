@@ -1,0 +1,266 @@
+"""datasets.py --download against a loopback HTTP server serving fixture releases in the official
+archive formats: end to end, a cut download that resumes, a checksum or size mismatch, unsafe
+archive members, and the layout each release is unpacked into. Nothing here reaches the internet.
+
+    .venv/bin/python -m pytest -q tests/test_download.py
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import datasets
+import fixtures
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ReleaseServer:
+    """Serves {name: bytes} on 127.0.0.1 with HTTP Range support; records (name, Range header) of
+    each GET; `cut_after[name] = n` makes the next GET of name send n body bytes and hang up."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files, self.requests, self.cut_after = dict(files), [], {}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                name = self.path.lstrip("/")
+                server.requests.append((name, self.headers.get("Range")))
+                if name not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[name]
+                start = int(self.headers["Range"][len("bytes="):].rstrip("-")) if self.headers.get("Range") else 0
+                if start >= len(data) and start:
+                    self.send_error(416)
+                    return
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                cut = server.cut_after.pop(name, None)
+                self.wfile.write(data[start:start + cut] if cut is not None else data[start:])
+                self.close_connection = True
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def tar_bytes(entries: dict[str, Path | bytes], mode: str = "w:gz") -> bytes:
+    """A tar archive of {archive name: folder, file or bytes}."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:
+        for name, source in entries.items():
+            if isinstance(source, bytes):
+                info = tarfile.TarInfo(name)
+                info.size = len(source)
+                archive.addfile(info, io.BytesIO(source))
+            else:
+                archive.add(source, arcname=name)
+    return buffer.getvalue()
+
+
+def zip_bytes(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            archive.write(path, path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
+    """Each dataset's release files in the official formats, by file name (as the official URLs end)."""
+    src = tmp_path_factory.mktemp("releases")
+    dtd = fixtures.make_dtd(src / "dtd", per_class=3)
+    fmd = fixtures.make_fmd(src / "fmd" / "release", per_class=4)
+    for image in (fmd / "image").rglob("*.jpg"):       # FMD.zip holds image/ and mask/ side by side
+        fixtures.write_image(fmd / "mask" / image.relative_to(fmd / "image"), 0, 0, size=16)
+    kth = fixtures.make_kth_tips2(src / "kth" / "KTH-TIPS2-b", per_sample=2)
+    cub = fixtures.make_cub(src / "cub", train_per_class=3, test_per_class=2)
+    flowers = fixtures.make_flowers(src / "flowers", per_class=6)
+    return {
+        "dtd": {"dtd-r1.0.1.tar.gz": tar_bytes({"dtd": dtd})},
+        "fmd": {"FMD.zip": zip_bytes(fmd)},
+        "kth_tips2": {"kth-tips2-b_col_200x200.tar": tar_bytes({"KTH-TIPS2-b": kth}, mode="w")},
+        "cub200": {"CUB_200_2011.tgz": tar_bytes({"CUB_200_2011": cub, "attributes.txt": b"1 has_bill_shape::dagger\n"})},
+        "flowers102": {"102flowers.tgz": tar_bytes({"jpg": flowers / "jpg"}),
+                       "imagelabels.mat": (flowers / "imagelabels.mat").read_bytes(),
+                       "setid.mat": (flowers / "setid.mat").read_bytes()},
+    }
+
+
+@pytest.fixture
+def server(releases: dict) -> ReleaseServer:
+    running = ReleaseServer({name: data for files in releases.values() for name, data in files.items()})
+    yield running
+    running.close()
+
+
+def pin_release(monkeypatch: pytest.MonkeyPatch, dataset: str, files: dict[str, bytes], **override) -> None:
+    """Point the download table at the fixture files: the official names, their sizes and digests."""
+    official, subdir = datasets.DOWNLOADS[dataset]
+    pinned = []
+    for remote in official:
+        data = files[remote.name]
+        values = dict(size=len(data), md5=hashlib.md5(data).hexdigest(), sha256=hashlib.sha256(data).hexdigest())
+        values.update(override)
+        pinned.append(datasets.RemoteFile(remote.url, **values))
+    monkeypatch.setitem(datasets.DOWNLOADS, dataset, (tuple(pinned), subdir))
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".unpack-" in p.name)
+
+
+def test_dtd_end_to_end(server: ReleaseServer, releases: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    pin_release(monkeypatch, "dtd", releases["dtd"])
+    target = tmp_path / "data" / "dtd"
+    assert datasets.main(["--download", "dtd", "--data_dir", str(target), "--base_url", server.url]) == 0
+    out = capsys.readouterr().out
+    assert "dtd-r1.0.1.tar.gz: verified" in out and "3 classes" in out
+    assert sorted(p.name for p in target.iterdir()) == ["images", "labels"]
+    splits = datasets.load_splits("dtd", target, 10)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (3, 3, 3)
+    assert server.requests == [("dtd-r1.0.1.tar.gz", None)]
+    assert not (tmp_path / "data" / "dtd.download").exists() and not leftovers(tmp_path / "data")
+    # A second run finds the dataset in place and fetches nothing.
+    assert datasets.main(["--download", "dtd", "--data_dir", str(target), "--base_url", server.url]) == 0
+    assert "already in" in capsys.readouterr().out and len(server.requests) == 1
+
+
+def test_cut_download_resumes_with_a_range_request(server: ReleaseServer, releases: dict, tmp_path: Path,
+                                                  monkeypatch, capsys) -> None:
+    pin_release(monkeypatch, "dtd", releases["dtd"])
+    server.cut_after["dtd-r1.0.1.tar.gz"] = 1000
+    target = tmp_path / "dtd"
+    datasets.download_dataset("dtd", target, base_url=server.url)
+    assert server.requests == [("dtd-r1.0.1.tar.gz", None), ("dtd-r1.0.1.tar.gz", "bytes=1000-")]
+    assert "resuming dtd-r1.0.1.tar.gz at 1000 bytes" in capsys.readouterr().out
+    datasets.load_splits("dtd", target, 1)
+
+
+def test_part_file_of_an_earlier_run_resumes(server: ReleaseServer, releases: dict, tmp_path: Path,
+                                             monkeypatch) -> None:
+    data = releases["dtd"]["dtd-r1.0.1.tar.gz"]
+    pin_release(monkeypatch, "dtd", releases["dtd"])
+    monkeypatch.setenv(datasets.DOWNLOAD_BASE_URL_ENV, server.url)   # the environment variable works too
+    (tmp_path / "dtd.download").mkdir()
+    (tmp_path / "dtd.download" / "dtd-r1.0.1.tar.gz.part").write_bytes(data[:5000])
+    datasets.download_dataset("dtd", tmp_path / "dtd", keep_archives=True)
+    assert server.requests == [("dtd-r1.0.1.tar.gz", "bytes=5000-")]
+    assert (tmp_path / "dtd.download" / "dtd-r1.0.1.tar.gz").read_bytes() == data
+    datasets.load_splits("dtd", tmp_path / "dtd", 1)
+
+
+@pytest.mark.parametrize("field", ["md5", "size"])
+def test_mismatch_is_a_clear_error_and_leaves_nothing(server: ReleaseServer, releases: dict, tmp_path: Path,
+                                                     monkeypatch, capsys, field: str) -> None:
+    data = releases["dtd"]["dtd-r1.0.1.tar.gz"]
+    wrong = {"md5": "0" * 32, "size": len(data) + 1}[field]
+    pin_release(monkeypatch, "dtd", releases["dtd"], **{field: wrong})
+    target = tmp_path / "dtd"
+    assert utils.run_main(datasets.main, ["--download", "dtd", "--data_dir", str(target), "--base_url", server.url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()          # the progress bar, then the error
+    got = hashlib.md5(data).hexdigest() if field == "md5" else len(data)
+    assert err[-1].startswith("error: dtd-r1.0.1.tar.gz does not match its release")
+    assert f"{field}: expected {wrong}, got {got}" in err[-1] and sum("error" in line for line in err) == 1
+    assert not target.exists() and not leftovers(tmp_path)
+    assert not (tmp_path / "dtd.download" / "dtd-r1.0.1.tar.gz").exists()   # deleted: the next run refetches
+
+
+def test_cli_exit_status_against_the_official_table(server: ReleaseServer, tmp_path: Path) -> None:
+    """The real table (no pinning): a fixture is not the official DTD, so its size is wrong."""
+    env = {**os.environ, datasets.DOWNLOAD_BASE_URL_ENV: server.url}
+    proc = subprocess.run([sys.executable, str(ROOT / "datasets.py"), "--download", "dtd", "--data_dir",
+                           str(tmp_path / "dtd")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: dtd-r1.0.1.tar.gz does not match its release (size: expected 625239812, got ")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "dtd").exists()
+
+
+def test_missing_file_on_the_server(server: ReleaseServer, tmp_path: Path) -> None:
+    del server.files["FMD.zip"]
+    with pytest.raises(datasets.DownloadError, match=r"FMD.zip: HTTP 404"):
+        datasets.download_dataset("fmd", tmp_path / "fmd", base_url=server.url)
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil.txt"])
+def test_unsafe_archive_member_is_refused(server: ReleaseServer, releases: dict, tmp_path: Path, monkeypatch,
+                                          member: str) -> None:
+    bad = tar_bytes({member: b"owned", "dtd/labels/train1.txt": b"x/y.jpg\n"})
+    server.files["dtd-r1.0.1.tar.gz"] = bad
+    pin_release(monkeypatch, "dtd", {"dtd-r1.0.1.tar.gz": bad})
+    with pytest.raises(datasets.DownloadError, match="unsafe member"):
+        datasets.download_dataset("dtd", tmp_path / "data" / "dtd", base_url=server.url)
+    assert not (tmp_path / "data" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
+    assert not (tmp_path / "data" / "dtd").exists() and not leftovers(tmp_path / "data")
+
+
+def test_wrong_layout_is_not_renamed_into_place(server: ReleaseServer, releases: dict, tmp_path: Path,
+                                                monkeypatch) -> None:
+    """An archive that verifies but lacks labels/: the layout check fails before the rename."""
+    bad = tar_bytes({"dtd/images/banded/banded_0001.jpg": b"jpeg"})
+    server.files["dtd-r1.0.1.tar.gz"] = bad
+    pin_release(monkeypatch, "dtd", {"dtd-r1.0.1.tar.gz": bad})
+    with pytest.raises(datasets.DataNotFoundError, match="labels"):
+        datasets.download_dataset("dtd", tmp_path / "dtd", base_url=server.url)
+    assert not (tmp_path / "dtd").exists() and not leftovers(tmp_path)
+
+
+def test_existing_folder_with_other_content_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "dtd").mkdir()
+    (tmp_path / "dtd" / "notes.txt").write_text("mine")
+    with pytest.raises(datasets.DataLayoutError, match="exists and is not a complete dtd"):
+        datasets.download_dataset("dtd", tmp_path / "dtd", base_url="http://127.0.0.1:9")
+    assert (tmp_path / "dtd" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("dataset, expected", [
+    ("fmd", ["image", "mask"]),
+    ("kth_tips2", ["KTH-TIPS2-b"]),
+    ("cub200", ["CUB_200_2011", "attributes.txt"]),
+    ("flowers102", ["imagelabels.mat", "jpg", "setid.mat"]),
+])
+def test_other_releases_unpack_into_the_layout_the_loader_reads(server: ReleaseServer, releases: dict,
+                                                                tmp_path: Path, monkeypatch, dataset: str,
+                                                                expected: list[str]) -> None:
+    pin_release(monkeypatch, dataset, releases[dataset])
+    target = datasets.download_dataset(dataset, tmp_path / dataset, base_url=server.url)
+    assert sorted(p.name for p in target.iterdir()) == expected
+    splits = datasets.load_splits(dataset, target, 1)
+    assert splits.train and splits.test
+    assert sorted(name for name, _ in server.requests) == sorted(releases[dataset])
+
+
+def test_official_table() -> None:
+    names = {dataset: [f.name for f in files] for dataset, (files, _) in datasets.DOWNLOADS.items()}
+    assert names == {"dtd": ["dtd-r1.0.1.tar.gz"], "fmd": ["FMD.zip"], "kth_tips2": ["kth-tips2-b_col_200x200.tar"],
+                     "cub200": ["CUB_200_2011.tgz"], "flowers102": ["102flowers.tgz", "imagelabels.mat", "setid.mat"]}
+    for files, _ in datasets.DOWNLOADS.values():
+        for remote in files:
+            assert remote.url.startswith("https://")
+            assert remote.md5 is not None and len(remote.md5) == 32 and int(remote.md5, 16) >= 0
+            assert remote.sha256 is None or len(remote.sha256) == 64
