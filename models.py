@@ -15,7 +15,6 @@ ResNet (conv1, bn1, layer1..layer4, fc) so that ResNet-18 state_dicts map onto i
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
 import os
@@ -23,7 +22,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -544,7 +543,7 @@ def build_model(
         if base is not None:
             # What the paper's code does for its ablations: the full model's file, by name and shape.
             log(f"[Auto-detected] No {name}_imagenet.pt; loading TwistNet-18 weights {base} non-strictly")
-            report = transfer_weights(model, extract_state_dict(_load_file(base)), policy="all")
+            report = transfer_weights(model, extract_state_dict(load_checkpoint_file(base)), policy="all")
             log(report.summary(f"{base.name} -> {name}"))
             return model
         _warn_fallback(name, log)
@@ -638,7 +637,8 @@ def find_twistnet_weights(name: str = "twistnet18") -> Path | None:
     return next((p for p in twistnet_weight_candidates(name) if p.is_file()), None)
 
 
-def _load_file(path: str | os.PathLike) -> Any:
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """torch.load(weights_only=True) of a file a user gives; a missing or unreadable one is a clear error."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"Checkpoint not found: {path}")
@@ -673,10 +673,10 @@ def _strip_prefix(key: str) -> str:
 
 
 def _pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    raw = _load_file(path)
+    raw = load_checkpoint_file(path)
     if isinstance(raw, Mapping) and raw.get("pruned_channels"):
         raise ModelConfigError(f"{path} is a pruned model (prune.py), not pretrained weights: fine-tune it with "
-                               f"train.py --refine, or load it with models.load_checkpoint_model")
+                               f"train.py --refine, or load it with model_tools.load_checkpoint_model")
     return extract_state_dict(raw)
 
 
@@ -767,7 +767,7 @@ def load_resnet18_state_dict(path: str | os.PathLike | None = None,
     """ResNet-18 ImageNet weights: a local timm/torchvision file if given, else timm's (hub)."""
     if path is not None:
         log(f"[ResNet-18] Loading local weights: {path}")
-        return extract_state_dict(_load_file(path))
+        return extract_state_dict(load_checkpoint_file(path))
     try:
         import timm
         return timm.create_model("resnet18", pretrained=True).state_dict()
@@ -780,7 +780,7 @@ def load_resnet18_state_dict(path: str | os.PathLike | None = None,
 
 
 # --------------------------------------------------------------------------------------------
-# Introspection
+# Wrappers, the TwistBlocks of a model, and the registry table
 # --------------------------------------------------------------------------------------------
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module under torch.compile and DDP wrappers (nested in either order)."""
@@ -792,188 +792,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """The model in eval mode inside the block; its train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def capture(modules: Mapping[str, nn.Module], inputs: bool = False, detach: bool = True
-            ) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each named module's output (or first input) during the forward passes in the block."""
-    store: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, value: torch.Tensor) -> None:
-        store[name] = value.detach() if detach else value
-
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: keep(name, args[0])) if inputs
-               else m.register_forward_hook(lambda mod, args, out, name=name: keep(name, out))
-               for name, m in modules.items()]
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def submodules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """Named sub-modules of the (unwrapped) model; an unknown name is a ModelConfigError."""
-    found = dict(unwrap_model(model).named_modules())
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise ModelConfigError(f"No sub-module {', '.join(map(repr, missing))} in {type(unwrap_model(model)).__name__}")
-    return {n: found[n] for n in names}
-
-
 def twist_blocks(model: nn.Module) -> dict[str, TwistBlock]:
     """TwistBlocks that carry an STCI branch, by module name (e.g. 'layer3.0'); {} for other models."""
     return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, TwistBlock) and m.stci is not None}
 
 
-def gate_values(model: nn.Module) -> dict[str, float]:
-    """sigmoid(gate) of every TwistBlock, by block name."""
-    return {name: float(torch.sigmoid(m.gate.detach())) for name, m in twist_blocks(model).items()}
-
-
-def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The pooled features the classifier reads (timm's pre-logits; TwistNet follows timm's API)."""
-    inner = unwrap_model(model)
-    return inner.forward_head(inner.forward_features(x), pre_logits=True)
-
-
-def stci_param_count(model: nn.Module) -> int:
-    """Parameters of the STCI branches and their gates (0 for models without STCI)."""
-    return sum(p.numel() for name, p in unwrap_model(model).named_parameters()
-               if ".stci." in f".{name}" or name.endswith(".gate"))
-
-
-@torch.no_grad()
-def stci_internals(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-    """Per TwistBlock, for input batch x (the model is run in eval mode):
-
-    - 'interaction': [heads, r, r] mean over batch and space of z_norm[i] * t_norm[j]
-    - 'ais': [heads, r + r(r+1)/2] mean AIS weight per channel (absent without AIS)
-    - 'gate': sigmoid(gate)
-    """
-    blocks = twist_blocks(model)
-    with evaluating(model), capture({n: b.stci for n, b in blocks.items()}, inputs=True) as inputs:
-        model(x)
-        return {name: _internals_of(blk, inputs[name]) for name, blk in blocks.items()}
-
-
-def _internals_of(blk: TwistBlock, block_input: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Interaction matrix, AIS weights and gate of one TwistBlock's STCI (model in eval mode)."""
-    stci = blk.stci
-    z, t = stci.reduced(block_input)
-    inter = torch.einsum("bdihw,bdjhw->bdij", z, t) / (z.shape[-1] * z.shape[-2])
-    entry = {"interaction": inter.mean(0).cpu(), "gate": torch.sigmoid(blk.gate).cpu()}
-    weights = stci.ais_weights(stci.interactions(block_input))
-    if weights is not None:
-        entry["ais"] = weights.mean(0).view(stci.heads, stci.head_channels).cpu()
-    return entry
-
-
-@torch.no_grad()
-def feature_maps(model: nn.Module, x: torch.Tensor,
-                 layers: Iterable[str] = ("layer1", "layer2", "layer3", "layer4")) -> dict[str, torch.Tensor]:
-    """Output of each named sub-module for input x (eval mode)."""
-    with evaluating(model), capture(submodules(model, tuple(layers))) as outputs:
-        model(x)
-    return outputs
-
-
-# --------------------------------------------------------------------------------------------
-# Network slimming (Liu et al., ICCV 2017): BN-scale sparsity, and pruned models rebuilt from
-# their channel configuration (prune.py does the pruning itself, with torch-pruning)
-# --------------------------------------------------------------------------------------------
-_WIDTH_ATTRS = ((nn.Conv2d, ("in_channels", "out_channels", "groups")), (nn.Linear, ("in_features", "out_features")),
-                (nn.modules.batchnorm._BatchNorm, ("num_features",)), (nn.GroupNorm, ("num_groups", "num_channels")))
-
-
-def slimming_exempt(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
-    """(modules whose output channels pruning keeps, parameters it leaves alone).
-
-    The classifier keeps its classes. Inside STCI only the output projection (proj, proj_bn) is
-    prunable, with the residual stream it is added to; the reduced width (r per head) feeds pairwise
-    products, per-head normalisation and a GroupNorm over the interaction channels, so removing one
-    reduced channel removes r + 1 features and changes the GroupNorm statistics of the rest.
-    """
-    model = unwrap_model(model)
-    modules = [model.get_classifier()] if hasattr(model, "get_classifier") else []
-    params: list[nn.Parameter] = []
-    for block in twist_blocks(model).values():
-        modules += [m for m in block.stci.modules() if m not in (block.stci, block.stci.proj, block.stci.proj_bn)]
-        params += [p for p in (block.gate, block.stci.twist_scale) if p is not None]
-    return modules, params
-
-
-def slimming_bns(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
-    """The BatchNorm2d layers whose scales rank prunable channels, by name (not STCI's reduce_bn)."""
-    exempt = set(slimming_exempt(model)[0])
-    return {n: m for n, m in unwrap_model(model).named_modules() if isinstance(m, nn.BatchNorm2d) and m not in exempt}
-
-
-def bn_l1_penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of |BN scale| over slimming_bns: add sparsity_reg * this to the loss for sparsity training."""
-    weights = [m.weight for m in slimming_bns(model).values() if m.weight is not None]
-    if not weights:
-        raise ModelConfigError(f"{type(unwrap_model(model)).__name__} has no BatchNorm2d scales to sparsify")
-    return torch.stack([w.abs().sum() for w in weights]).sum()
-
-
-@torch.no_grad()
-def bn_sparsity(model: nn.Module, threshold: float = 1e-2) -> float:
-    """Share of the slimming BN scales with |scale| < threshold."""
-    weights = [m.weight.detach().abs().flatten() for m in slimming_bns(model).values() if m.weight is not None]
-    return float((torch.cat(weights) < threshold).float().mean()) if weights else 0.0
-
-
-def channel_config(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Width attributes of every Conv2d, Linear, BatchNorm and GroupNorm, by module name."""
-    config = {}
-    for name, module in unwrap_model(model).named_modules():
-        attrs = next((a for kind, a in _WIDTH_ATTRS if isinstance(module, kind)), None)
-        if attrs is not None:
-            config[name] = {a: int(getattr(module, a)) for a in attrs}
-    return config
-
-
-def apply_channel_config(model: nn.Module, channels: Mapping[str, Mapping[str, int]],
-                         state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Resize the named modules of a freshly built model to a pruned configuration, in place.
-
-    Width attributes come from `channels`; every parameter and buffer of a resized module takes the
-    shape its state_dict entry has (the values are loaded afterwards, strictly). Only ints and
-    tensors are read, so a pruned checkpoint loads with torch.load(weights_only=True).
-    """
-    found = dict(unwrap_model(model).named_modules())
-    for name, attrs in channels.items():
-        module = found.get(name)
-        allowed = next((a for kind, a in _WIDTH_ATTRS if isinstance(module, kind)), ()) if module else ()
-        if not allowed or not set(attrs) <= set(allowed):
-            raise ModelConfigError(f"Pruned channel configuration does not fit the model at '{name}': {dict(attrs)}")
-        for attr, value in attrs.items():
-            setattr(module, attr, int(value))
-        for slots, make in ((module._parameters, nn.Parameter), (module._buffers, lambda t: t)):
-            for key, tensor in slots.items():
-                entry = state.get(f"{name}.{key}")
-                if tensor is not None and entry is not None and entry.shape != tensor.shape:
-                    slots[key] = make(tensor.new_empty(entry.shape))
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if isinstance(getattr(model, "num_features", None), int) and isinstance(classifier, nn.Linear):
-        model.num_features = classifier.in_features
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# The registry table and trained checkpoints
-# --------------------------------------------------------------------------------------------
 def list_models(num_classes: int = 1000, file: Any = None) -> list[dict]:
     """Print and return name, params, group and venue per registry model (FLOPs: compute_flops.py)."""
     rows = [dict(name=name, params=count_params(build_model(name, num_classes, verbose=False)),
@@ -984,46 +807,6 @@ def list_models(num_classes: int = 1000, file: Any = None) -> list[dict]:
         print(f"{r['name']:24s} {r['params'] / 1e6:9.2f}M  {r['group']:9s} {r['venue']:10s} {r['description']}",
               file=file)
     return rows
-
-
-def load_checkpoint_model(path: str | os.PathLike, weights: str = "auto") -> tuple[nn.Module, dict]:
-    """(model in eval mode, its training config) from a train.py best.pt/last.pt or a plain state_dict.
-
-    weights: 'auto' takes the EMA weights when the checkpoint has them (those are what train.py
-    selected and tested), 'model' or 'ema' force one. A plain state_dict is taken for twistnet18.
-    """
-    return model_from_checkpoint(_load_file(path), weights, label=str(path))
-
-
-def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkpoint") -> tuple[nn.Module, dict]:
-    """load_checkpoint_model for an already loaded object; a pruned file (prune.py: its
-    'pruned_channels') is rebuilt from the registry model resized to the stored widths."""
-    config = dict(ckpt.get("config") or {}) if isinstance(ckpt, dict) else {}
-    has_ema = isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and bool(ckpt["ema"])
-    if weights == "ema" and not has_ema:
-        raise ModelConfigError(f"{label} holds no EMA weights")
-    source = ckpt["ema"] if (weights == "ema" or (weights == "auto" and has_ema)) else ckpt
-    state = extract_state_dict(source)
-    name = config.get("model", "twistnet18")
-    model = build_model(name, classifier_size(state), pretrained=False, verbose=False,
-                        **(config.get("model_kwargs") or {}))
-    if isinstance(ckpt, dict) and ckpt.get("pruned_channels"):
-        apply_channel_config(model, ckpt["pruned_channels"], state)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ModelConfigError(f"{label} does not fit {name}: {str(error).splitlines()[0]}") from None
-    return model.eval(), config
-
-
-def classifier_size(state: Mapping[str, Any]) -> int:
-    """Number of classes: rows of the classifier weight (fc, or timm's last 2-D weight)."""
-    if "fc.weight" in state:
-        return int(state["fc.weight"].shape[0])
-    matrices = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
-    if not matrices:
-        raise ModelConfigError("No classifier weight found in the checkpoint")
-    return int(state[matrices[-1]].shape[0])
 
 
 if __name__ == "__main__":

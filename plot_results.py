@@ -54,6 +54,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import datasets
+import model_tools
 import models
 import transforms
 import utils
@@ -610,10 +611,10 @@ def per_run_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
 def interaction_from_checkpoint(args: argparse.Namespace) -> tuple[str, Figure]:
     checkpoint = require(args.checkpoint, "--checkpoint", "interaction")
     image = require(args.image, "--image", "interaction")
-    model, config = models.load_checkpoint_model(checkpoint, args.weights)
+    model, config = model_tools.load_checkpoint_model(checkpoint, args.weights)
     img_size = args.img_size or int(config.get("img_size") or 224)
     x, _ = transforms.load_image_tensor(image, img_size)
-    internals = models.stci_internals(model, x)
+    internals = model_tools.stci_internals(model, x)
     title = f"{display_name(models.run_label(config.get('model', 'twistnet18'), config.get('tag', '')))}: {Path(image).name}"
     stem = args.name or f"interaction_{run_name_of(checkpoint)}"
     return stem, interaction_figure(internals, title)
@@ -622,7 +623,7 @@ def interaction_from_checkpoint(args: argparse.Namespace) -> tuple[str, Figure]:
 def tsne_from_checkpoint(args: argparse.Namespace) -> tuple[str, Figure]:
     """Penultimate features of a split under --checkpoint, embedded in 2-D by scikit-learn's TSNE."""
     checkpoint = require(args.checkpoint, "--checkpoint", "tsne")
-    model, config = models.load_checkpoint_model(checkpoint, args.weights)
+    model, config = model_tools.load_checkpoint_model(checkpoint, args.weights)
     dataset = config.get("dataset")
     if not dataset:
         raise UserError(f"{checkpoint} has no training config (dataset, fold): t-SNE needs a train.py checkpoint")
@@ -649,10 +650,10 @@ def penultimate_features(model: Any, dataset: Any, max_images: int, seed: int) -
     loader = DataLoader(Subset(dataset, sorted(order.tolist())), batch_size=64,
                         collate_fn=datasets.collate_skip_unreadable)
     features, labels = [], []
-    with models.evaluating(model), torch.no_grad():
+    with model_tools.evaluating(model), torch.no_grad():
         for images, targets, _ in loader:
             if len(images):
-                features.append(models.penultimate(model, images).numpy())
+                features.append(model_tools.penultimate(model, images).numpy())
                 labels.append(targets.numpy())
     return np.concatenate(features), np.concatenate(labels)
 

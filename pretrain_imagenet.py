@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Subset
 
 import datasets
 import distributed
+import model_tools
 import models
 import transforms
 import utils
@@ -577,7 +578,7 @@ def validate_args(args: argparse.Namespace, ctx: DistContext) -> None:
 def header_record(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, trainer: Pretrainer,
                   train_data: TrainData, val_data: ValData, kind: str) -> dict:
     params = models.count_params(trainer.model)
-    stci = models.stci_param_count(trainer.model)
+    stci = model_tools.stci_param_count(trainer.model)
     return {
         "type": kind, "time": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "argv": sys.argv[1:],
@@ -726,7 +727,7 @@ def resume_trainer(trainer: Pretrainer, ckpt: dict, path: Path, train_data: Trai
 
 def start_line(trainer: Pretrainer, train_data: TrainData, val_data: ValData) -> str:
     args, params = trainer.args, models.count_params(trainer.model)
-    return (f"{args.model}: {params / 1e6:.2f}M params (STCI {100 * models.stci_param_count(trainer.model) / params:.2f}%)"
+    return (f"{args.model}: {params / 1e6:.2f}M params (STCI {100 * model_tools.stci_param_count(trainer.model) / params:.2f}%)"
             f" | {train_data.num_classes} classes | {train_data.num_images} train / {val_data.total} val images | "
             f"{trainer.plan.describe()} | lr {trainer.lr:.4g} ({args.base_lr} per {distributed.LR_REFERENCE_BATCH}) | "
             f"{trainer.steps_per_epoch} steps/epoch | {trainer.ctx.device} amp {utils.amp_label(trainer.amp_dtype)} | "
@@ -758,7 +759,7 @@ def train_epochs(trainer: Pretrainer, train_data: TrainData, val_data: ValData,
             record.update(validate_and_keep_best(trainer, val_data, ckpt_dir))
         epoch_times.append(time.perf_counter() - start)
         record.update(epoch_time_s=epoch_times[-1], eta_s=statistics.mean(epoch_times) * (args.epochs - trainer.epoch),
-                      best_val_acc=trainer.best_acc, gates=models.gate_values(trainer.model))
+                      best_val_acc=trainer.best_acc, gates=model_tools.gate_values(trainer.model))
         if profile:
             record["profile"] = profile
             console(profile_line(profile, trainer.epoch, args.profile_warmup))

@@ -45,6 +45,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+import model_tools
 import models
 
 DOWNSAMPLE_RATIO = 32           # stem /4, stages 2-4 /2 each: the mask patch size
@@ -363,7 +364,7 @@ class SparkEncoder(nn.Module):
         self.check_inputs(images, active)
         masked = images * upsample_mask(active, images.shape[-2], images.shape[-1])
         stages = {name: getattr(self.model, name) for name in STAGES}
-        with self.masks.applied(active), models.capture(stages, detach=False) as outputs:
+        with self.masks.applied(active), model_tools.capture(stages, detach=False) as outputs:
             self.model.forward_features(masked)
         return [outputs[name] for name in STAGES]
 

@@ -33,7 +33,7 @@ the pruned model must give the same logits as that masked model (the run fails o
 The output file is a train.py-style checkpoint: {"model": state_dict, "config": the source run's
 config, "pruned_channels": the widths of the resized layers, "pruning": percent, scope, source,
 params and FLOPs before/after}. It holds only tensors and plain values, so it loads with
-torch.load(weights_only=True); models.load_checkpoint_model(path) rebuilds the registry model,
+torch.load(weights_only=True); model_tools.load_checkpoint_model(path) rebuilds the registry model,
 resizes those layers and loads the weights strictly. Supported models: the TwistNet variants,
 resnet18 and seresnet18 (with or without drop_path/blurpool).
 """
@@ -47,6 +47,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+import model_tools
 import models
 import utils
 
@@ -67,9 +68,9 @@ def plan_pruning(model: nn.Module, percent: float, scope: str = "global") -> lis
         raise utils.UserError(f"--percent must be between 0 and 1 (exclusive), got {percent}")
     if scope not in SCOPES:
         raise utils.UserError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
-    exempt_modules, exempt_params = models.slimming_exempt(model)
+    exempt_modules, exempt_params = model_tools.slimming_exempt(model)
     example = torch.zeros(1, 3, TRACE_SIZE, TRACE_SIZE, device=next(model.parameters()).device)
-    with models.evaluating(model), torch.enable_grad():
+    with model_tools.evaluating(model), torch.enable_grad():
         graph = tp.DependencyGraph().build_dependency(model, example, ignored_params=exempt_params, verbose=False)
     importance = tp.importance.BNScaleImportance(normalizer=None)  # raw |scale|: comparable across groups
     scored = []
@@ -116,7 +117,7 @@ def prune_checked(model: nn.Module, plan: list, batch: int = 2) -> float:
     """Mask, prune, and return max |logit difference| between the masked and the pruned model."""
     x = torch.randn(batch, 3, TRACE_SIZE, TRACE_SIZE, generator=torch.Generator().manual_seed(0))
     mask_planned_channels(plan)
-    with models.evaluating(model), torch.no_grad():
+    with model_tools.evaluating(model), torch.no_grad():
         before = model(x)
         apply_plan(plan)
         after = model(x)
@@ -143,7 +144,7 @@ def channel_table(before: dict[str, dict[str, int]], after: dict[str, dict[str, 
 
 def pruned_checkpoint(model: nn.Module, fresh: dict[str, dict[str, int]], config: dict, info: dict) -> dict:
     """The file prune.py writes: weights, source config, the resized layers' widths, the pruning facts."""
-    after = models.channel_config(model)
+    after = model_tools.channel_config(model)
     return {"model": model.state_dict(), "config": config, "pruning": info,
             "pruned_channels": {name: c for name, c in after.items() if c != fresh.get(name)}}
 
@@ -175,21 +176,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not out.parent.is_dir():
         raise utils.UserError(f"--out {out}: the folder {out.parent} does not exist")
 
-    model, config = models.load_checkpoint_model(args.checkpoint, args.weights)
+    model, config = model_tools.load_checkpoint_model(args.checkpoint, args.weights)
     name = config.setdefault("model", "twistnet18")
     config.setdefault("model_kwargs", {})
     if name not in PRUNABLE_MODELS:
         raise utils.UserError(f"prune.py supports {', '.join(PRUNABLE_MODELS)}; {args.checkpoint} holds {name}")
-    num_classes = models.classifier_size(model.state_dict())
-    fresh = models.channel_config(models.build_model(name, num_classes, verbose=False, **config["model_kwargs"]))
-    before = models.channel_config(model)
+    num_classes = model_tools.classifier_size(model.state_dict())
+    fresh = model_tools.channel_config(models.build_model(name, num_classes, verbose=False, **config["model_kwargs"]))
+    before = model_tools.channel_config(model)
     params0, flops0 = models.count_params(model), utils.count_flops(model, args.img_size).total
 
     plan = plan_pruning(model, args.percent, args.scope)
     difference = prune_checked(model, plan)
     params1, flops1 = models.count_params(model), utils.count_flops(model, args.img_size).total
 
-    print(channel_table(before, models.channel_config(model)))
+    print(channel_table(before, model_tools.channel_config(model)))
     print(f"\n{name}: {args.scope} BN-scale pruning of {args.percent:.0%} of the prunable channels "
           f"({sum(len(g[0].idxs) for g in plan)} removed in {len(plan)} groups)")
     print(f"params {params0 / 1e6:.3f}M -> {params1 / 1e6:.3f}M ({params1 / params0:.1%})")

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import model_tools
 import models
 
 torch.set_num_threads(2)
@@ -165,11 +166,11 @@ def test_stci_param_count_formula(twistnet):
 # 3. Gate init
 # ----------------------------------------------------------------------------------------------
 def test_gate_init(twistnet):
-    gates = models.gate_values(twistnet)
+    gates = model_tools.gate_values(twistnet)
     assert tuple(gates) == TWIST_BLOCKS
     for name, g in gates.items():
         assert abs(g - 0.119) < 1e-3, name       # sigmoid(-2) = 0.1192
-    assert models.gate_values(_seeded("twistnet18_first_order")) == {}
+    assert model_tools.gate_values(_seeded("twistnet18_first_order")) == {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,7 +669,7 @@ def _stci_inputs(model, x):
 
 
 def test_stci_internals(twistnet, x64):
-    info = models.stci_internals(twistnet, x64)
+    info = model_tools.stci_internals(twistnet, x64)
     assert tuple(info) == TWIST_BLOCKS
     inputs = _stci_inputs(twistnet, x64)
     iu = torch.triu_indices(R, R)
@@ -696,22 +697,22 @@ def test_stci_internals_on_training_model(twistnet, x64):
     mode before the post-processing, which then used batch statistics and updated them)."""
     model = copy.deepcopy(twistnet).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = models.stci_internals(model, x64)
+    got = model_tools.stci_internals(model, x64)
     assert model.training, "train mode must be restored"
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert not changed, f"stci_internals modified the model's buffers: {changed[:4]}"
-    want = models.stci_internals(twistnet.eval(), x64)
+    want = model_tools.stci_internals(twistnet.eval(), x64)
     for name in TWIST_BLOCKS:
         assert torch.allclose(got[name]["interaction"], want[name]["interaction"], atol=1e-6), name
 
 
 def test_feature_maps(twistnet, x64):
-    maps = models.feature_maps(twistnet, x64)
+    maps = model_tools.feature_maps(twistnet, x64)
     assert {k: tuple(v.shape) for k, v in maps.items()} == {
         "layer1": (2, 64, 16, 16), "layer2": (2, 128, 8, 8),
         "layer3": (2, 256, 4, 4), "layer4": (2, 512, 2, 2)}
     with pytest.raises(ValueError, match="layer9"):
-        models.feature_maps(twistnet, x64, layers=("layer9",))
+        model_tools.feature_maps(twistnet, x64, layers=("layer9",))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 import datasets
+import model_tools
 import models
 import transforms
 import utils
@@ -371,7 +372,7 @@ def train_loop(trainer: Trainer, loaders: dict, sampler: datasets.EpochSeededSam
             if val["acc"] > trainer.best_val:
                 trainer.best_val, trainer.best_epoch = val["acc"], trainer.epoch
                 utils.atomic_save(best_checkpoint(trainer, config), run_path / "best.pt")
-        record.update(best_val_acc=trainer.best_val, gates=models.gate_values(trainer.model),
+        record.update(best_val_acc=trainer.best_val, gates=model_tools.gate_values(trainer.model),
                       epoch_time_s=stats["epoch_time_s"], images_per_s=stats["images_per_s"],
                       data_wait_share=stats["data_wait_share"], skipped_images=stats["skipped_images"])
         utils.append_jsonl(run_path / "log.jsonl", record)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import model_tools
 import models
 import transforms
 
@@ -668,7 +669,7 @@ def count_flops(model: nn.Module, img_size: int = 224, extra_handles: bool = Tru
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
     image = torch.randn(1, 3, img_size, img_size, device=device, dtype=dtype)
     # Tracing emits TracerWarnings and deprecation notices that say nothing about FLOPs.
-    with models.evaluating(model), torch.no_grad(), warnings.catch_warnings():
+    with model_tools.evaluating(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analysis = (FlopCountAnalysis(model, image).unsupported_ops_warnings(False)
                     .uncalled_modules_warnings(False).tracer_warnings("none"))

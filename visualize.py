@@ -18,7 +18,7 @@ from the run's results.json when it is beside the checkpoint), gates, the intera
 AIS weights of every block, AIS by direction, and the Grad-CAM map at the layer's resolution.
 
 The image size defaults to the checkpoint's training --img_size. The numbers come from
-models.gate_values and models.stci_internals, so they are the model's own introspection.
+model_tools.gate_values and model_tools.stci_internals, so they are the model's own introspection.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import figures  # first: it selects matplotlib's Agg backend
+import model_tools
 import models
 import seaborn as sns
 import transforms
@@ -53,8 +54,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str = "layer4",
     channel weights are the spatial mean of d score / d activation; the map is the ReLU of the
     weighted channel sum, scaled to a maximum of 1 (all zeros if nothing is positive).
     """
-    watched = models.submodules(model, [layer])
-    with models.evaluating(model), models.capture(watched, detach=False) as captured, torch.enable_grad():
+    watched = model_tools.submodules(model, [layer])
+    with model_tools.evaluating(model), model_tools.capture(watched, detach=False) as captured, torch.enable_grad():
         logits = model(x[:1])
         target = int(logits[0].argmax()) if target is None else int(target)
         if not 0 <= target < logits.shape[1]:
@@ -90,7 +91,7 @@ def build_report(model: nn.Module, x: torch.Tensor, classes: Sequence[str], laye
     """All numbers of the visualisation (JSON-ready) and the Grad-CAM map."""
     cam, logits, target = grad_cam(model, x, layer, target)
     probs = logits[0].softmax(dim=0)
-    internals = models.stci_internals(model, x[:1])
+    internals = model_tools.stci_internals(model, x[:1])
     blocks: dict[str, Any] = {}
     for name, entry in internals.items():
         r = entry["interaction"].shape[-1]
@@ -103,7 +104,7 @@ def build_report(model: nn.Module, x: torch.Tensor, classes: Sequence[str], laye
     report = {
         "prediction": top[0],
         "top5": top,
-        "gates": models.gate_values(model),
+        "gates": model_tools.gate_values(model),
         "blocks": blocks,
         "head_angles": list(models.HEAD_ANGLES),
         "gradcam": {"layer": layer, "target_class": target, "target_name": classes[target],
@@ -247,10 +248,10 @@ def class_names_for(checkpoint: str | Path, num_classes: int) -> list[str]:
 def explain(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse the command line, write the figure and its JSON; the report."""
     args = build_parser().parse_args(argv)
-    model, config = models.load_checkpoint_model(args.checkpoint, args.weights)
+    model, config = model_tools.load_checkpoint_model(args.checkpoint, args.weights)
     img_size = args.img_size or int(config.get("img_size") or 224)
     x, image = transforms.load_image_tensor(args.image, img_size)
-    classes = class_names_for(args.checkpoint, models.classifier_size(model.state_dict()))
+    classes = class_names_for(args.checkpoint, model_tools.classifier_size(model.state_dict()))
     report, cam = build_report(model, x, classes, args.layer, args.target_class)
     report = {"checkpoint": str(args.checkpoint), "image": str(args.image), "img_size": img_size,
               "model": config.get("model"), "model_kwargs": config.get("model_kwargs") or {}, **report}

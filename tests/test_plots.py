@@ -2,8 +2,8 @@
 
 Aggregate and per-run plots read synthetic results.json / log.jsonl files with known numbers
 written here; the interaction plot and visualize.py use a real (untrained) TwistNet-18
-checkpoint at 64 px. visualize.py's JSON is checked against models.gate_values /
-models.stci_internals, and its Grad-CAM against a hand-written computation.
+checkpoint at 64 px. visualize.py's JSON is checked against model_tools.gate_values /
+model_tools.stci_internals, and its Grad-CAM against a hand-written computation.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from PIL import Image
 
 import datasets
 import figures
+import model_tools
 import models  # the repository root is on sys.path through tests/conftest.py
 import plot_results
 import transforms
@@ -258,9 +259,9 @@ def test_interaction_colour_scale_diverges_only_for_clear_negatives() -> None:
 
 
 def test_interaction_figure_titles_heads_by_direction(checkpoint: Path, image: Path) -> None:
-    model, _ = models.load_checkpoint_model(checkpoint)
+    model, _ = model_tools.load_checkpoint_model(checkpoint)
     x, _ = transforms.load_image_tensor(image, 64)
-    internals = models.stci_internals(model, x)
+    internals = model_tools.stci_internals(model, x)
     with figures.paper_style():
         fig = plot_results.interaction_figure(internals)
     heatmaps = [ax for ax in fig.axes if ax.images]
@@ -288,8 +289,8 @@ def test_visualize_json_equals_model_introspection(checkpoint: Path, image: Path
     model = models.build_model("twistnet18", 5, pretrained=str(checkpoint), verbose=False).eval()
     x = reference_input(image, 64)   # img_size comes from the checkpoint's config
     assert report["img_size"] == 64
-    assert report["gates"] == pytest.approx(models.gate_values(model), rel=1e-6)
-    internals = models.stci_internals(model, x)
+    assert report["gates"] == pytest.approx(model_tools.gate_values(model), rel=1e-6)
+    internals = model_tools.stci_internals(model, x)
     assert list(report["blocks"]) == list(internals)
     for name, entry in internals.items():
         block = report["blocks"][name]
@@ -323,7 +324,7 @@ def manual_grad_cam(model: torch.nn.Module, x: torch.Tensor, target: int) -> tor
 
 
 def test_grad_cam_matches_a_hand_computation(checkpoint: Path, image: Path) -> None:
-    model, _ = models.load_checkpoint_model(checkpoint)
+    model, _ = model_tools.load_checkpoint_model(checkpoint)
     x = reference_input(image, 64)
     for target in (None, 3):
         cam, logits, chosen = visualize.grad_cam(model, x, "layer4", target)
@@ -389,7 +390,7 @@ def test_tsne_embeds_every_image_of_the_split(tmp_path: Path) -> None:
     with torch.no_grad():   # the features the classifier reads: fc of them gives the model's logits
         x = torch.stack([sets["val"][i][0] for i in range(4)])
         model.eval()
-        np.testing.assert_allclose(model.fc(models.penultimate(model, x)).numpy(), model(x).numpy(),
+        np.testing.assert_allclose(model.fc(model_tools.penultimate(model, x)).numpy(), model(x).numpy(),
                                    rtol=1e-5, atol=1e-5)
     embedding = plot_results.tsne_embedding(features, perplexity=30, seed=0)
     assert embedding.shape == (100, 2) and np.isfinite(embedding).all()

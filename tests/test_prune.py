@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model_tools
 import models
 import prune
 import utils
@@ -139,13 +140,13 @@ def test_baselines_without_the_option_give_a_clear_error(name, kwargs):
 # --------------------------------------------------------------------------------------------
 def test_slimming_bns_penalty_and_sparsity_share():
     model = slimmed_model("twistnet18")
-    bns = models.slimming_bns(model)
+    bns = model_tools.slimming_bns(model)
     all_bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert "layer3.0.stci.proj_bn" in bns and "layer3.0.stci.reduce_bn" not in bns
     assert len(bns) == len(all_bns) - 4
     with torch.no_grad():
         model.bn1.weight[:10] = -0.5  # the penalty is on |scale|
-    penalty = models.bn_l1_penalty(model)
+    penalty = model_tools.bn_l1_penalty(model)
     assert penalty.detach().item() == pytest.approx(sum(float(m.weight.detach().abs().sum()) for m in bns.values()), rel=1e-6)
     penalty.backward()
     assert torch.equal(model.bn1.weight.grad, torch.sign(model.bn1.weight.detach()))
@@ -153,10 +154,10 @@ def test_slimming_bns_penalty_and_sparsity_share():
 
     scales = torch.cat([m.weight.detach().abs() for m in bns.values()])
     for threshold in (1e-2, 0.25):
-        assert models.bn_sparsity(model, threshold) == pytest.approx(float((scales < threshold).float().mean()))
-    assert len(models.slimming_bns(models.build_model("resnet18", 5, verbose=False))) == 20
+        assert model_tools.bn_sparsity(model, threshold) == pytest.approx(float((scales < threshold).float().mean()))
+    assert len(model_tools.slimming_bns(models.build_model("resnet18", 5, verbose=False))) == 20
     with pytest.raises(models.ModelConfigError, match="BatchNorm2d"):
-        models.bn_l1_penalty(models.build_model("convnextv2_nano", 5, verbose=False))
+        model_tools.bn_l1_penalty(models.build_model("convnextv2_nano", 5, verbose=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,18 +254,18 @@ def test_never_a_layer_with_zero_channels(name, scope, kept):
 def test_pruned_file_round_trips_with_weights_only(pruned, tmp_path):
     for name in ("twistnet18", "resnet18"):
         model = pruned[name, 0.5]["model"]
-        fresh = models.channel_config(models.build_model(name, NUM_CLASSES, verbose=False))
+        fresh = model_tools.channel_config(models.build_model(name, NUM_CLASSES, verbose=False))
         ckpt = prune.pruned_checkpoint(model, fresh, {"model": name, "model_kwargs": {}}, {"percent": 0.5})
         path = tmp_path / f"{name}.pt"
         utils.atomic_save(ckpt, path)
         loaded = torch.load(path, weights_only=True)
         assert set(loaded["pruned_channels"]) <= set(fresh)  # only the resized layers are stored
         assert not [k for k in loaded["pruned_channels"] if k.endswith(("stci.twist", "stci.norm", "stci.ais.0"))]
-        rebuilt, config = models.model_from_checkpoint(loaded)
+        rebuilt, config = model_tools.model_from_checkpoint(loaded)
         assert config["model"] == name and models.count_params(rebuilt) == pruned[name, 0.5]["params"]
         with torch.no_grad():
             assert torch.equal(rebuilt(images()), model(images()))
-        from_file, _ = models.load_checkpoint_model(path)
+        from_file, _ = model_tools.load_checkpoint_model(path)
         assert conv_linear_widths(from_file) == conv_linear_widths(model)
     with pytest.raises(models.ModelConfigError, match="pruned"):
         models.build_model("resnet18", NUM_CLASSES, pretrained=str(path), verbose=False)
@@ -285,7 +286,7 @@ def test_prune_cli_prints_the_table_and_writes_a_loadable_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "before (in -> out)" in proc.stdout and "layer3.0.stci.reduce" in proc.stdout
     assert "params " in proc.stdout and "M -> " in proc.stdout and "FLOPs" in proc.stdout and "check: pruned logits" in proc.stdout
-    model, config = models.load_checkpoint_model(tmp_path / "pruned.pt")
+    model, config = model_tools.load_checkpoint_model(tmp_path / "pruned.pt")
     assert config["model_kwargs"] == {"r": 4, "blurpool": True} and config["dataset"] == "dtd"
     assert model.layer3[0].stci.r == 4 and type(model.maxpool[1]).__name__ == "BlurPool2d"
     info = torch.load(tmp_path / "pruned.pt", weights_only=True)["pruning"]

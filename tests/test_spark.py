@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 import datasets
 import fixtures
+import model_tools
 import models
 import pretrain_spark as spark
 from synthtex import render_synthtex
@@ -60,7 +61,7 @@ def visible_at(active: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def copies_of_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Like models.capture, but a copy: later in-place ops (ReLU, residual adds) must not edit it."""
+    """Like model_tools.capture, but a copy: later in-place ops (ReLU, residual adds) must not edit it."""
     store: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda mod, args, out, name=name: store.__setitem__(name, out.detach().clone()))
                for name, m in modules.items()]
@@ -178,7 +179,7 @@ def test_with_nothing_masked_the_encoder_computes_the_model_features(name: str, 
     active = torch.ones(3, 1, 2, 2, dtype=torch.bool)
     for m in (encoder, dense):
         m.train(mode == "train")
-    with models.capture({s: getattr(dense, s) for s in spark.STAGES}) as expected:
+    with model_tools.capture({s: getattr(dense, s) for s in spark.STAGES}) as expected:
         dense.forward_features(x)
     for got, stage in zip(encoder(x, active), spark.STAGES):
         torch.testing.assert_close(got, expected[stage], rtol=1e-9, atol=1e-11)
@@ -213,7 +214,7 @@ def test_batch_norm_statistics_over_visible_positions_only() -> None:
     bn.momentum = 0.25
     old_mean, old_var = bn.running_mean.clone(), bn.running_var.clone()
     active = mask(4, 2, 2)
-    with models.capture({"bn": bn}, inputs=True) as seen, copies_of_outputs({"bn": bn}) as produced:
+    with model_tools.capture({"bn": bn}, inputs=True) as seen, copies_of_outputs({"bn": bn}) as produced:
         encoder(images(4, 64, 64, torch.float64), active)
     x, out = seen["bn"], produced["bn"]
     visible = visible_at(active, x)
@@ -236,7 +237,7 @@ def test_stci_group_norm_and_ais_pool_over_visible_positions_only() -> None:
     stci = encoder.model.layer3[1].stci
     active = mask(3, 3, 3)
     watch = {"stci": stci, "norm": stci.norm, "ais": stci.ais}
-    with models.capture(watch, inputs=True) as seen, copies_of_outputs({"norm": stci.norm}) as produced:
+    with model_tools.capture(watch, inputs=True) as seen, copies_of_outputs({"norm": stci.norm}) as produced:
         encoder(images(3, 96, 96, torch.float64), active)
     with encoder.masks.applied(active):
         feats = stci.interactions(seen["stci"])
@@ -259,7 +260,7 @@ def test_se_pools_over_visible_positions_only() -> None:
     encoder = spark.SparkEncoder(build("seresnet18", torch.float64))
     se = encoder.model.layer2[1].se
     active = mask(2, 3, 3)
-    with models.capture({"se": se, "fc1": se.fc1}, inputs=True) as seen:
+    with model_tools.capture({"se": se, "fc1": se.fc1}, inputs=True) as seen:
         encoder(images(2, 96, 96, torch.float64), active)
     x = seen["se"]
     visible = visible_at(active, x)
