@@ -553,11 +553,9 @@ def build_recipe(model: nn.Module, args: argparse.Namespace, lr: float, steps_pe
     Reads args.weight_decay, momentum, nesterov, epochs, warmup_epochs, min_lr, amp, ema,
     ema_decay, mixup, cutmix, label_smoothing.
     """
-    optimizer = torch.optim.SGD(models.decay_param_groups(model, args.weight_decay), lr=lr,
+    optimizer = torch.optim.SGD(optimizer_param_groups(model, args), lr=lr,
                                 momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
-    total = args.epochs * steps_per_epoch
-    warmup = int(round(args.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, lr, args.min_lr))
+    scheduler = build_scheduler(optimizer, args, lr, steps_per_epoch)
     amp_dtype = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = None
@@ -568,6 +566,19 @@ def build_recipe(model: nn.Module, args: argparse.Namespace, lr: float, steps_pe
     # Mixup's soft targets already carry the smoothing.
     criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if mixup else args.label_smoothing)
     return Recipe(optimizer, scheduler, scaler, amp_dtype, ema, mixup, criterion)
+
+
+def optimizer_param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict]:
+    """The optimizer's parameter groups: weight decay on conv/linear weights only."""
+    return models.decay_param_groups(model, args.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, lr: float,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule: linear warm-up over args.warmup_epochs, then cosine to args.min_lr."""
+    total = args.epochs * steps_per_epoch
+    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, lr, args.min_lr))
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
