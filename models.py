@@ -477,7 +477,7 @@ def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any,
                     resnet18_weights: Any, log: Callable, **kwargs: Any) -> nn.Module:
     if pretrained not in (True, False, None):
         model = spec.builder(num_classes, pretrained=False, **kwargs)
-        state = extract_state_dict(_load_file(pretrained))
+        state = extract_state_dict(load_torch_file(pretrained))
         report = transfer_weights(model, state, policy="all")
         log(report.summary(f"{pretrained} -> {spec.name}"))
         return model
@@ -533,17 +533,39 @@ def find_twistnet_weights(name: str = "twistnet18") -> Path | None:
     return next((p for p in twistnet_weight_candidates(name) if p.is_file()), None)
 
 
-def _load_file(path: str | os.PathLike) -> Any:
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """torch.load(weights_only=True) on the CPU; a missing or unreadable file is a ModelError that says why."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"Checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # a plain pickle makes torch warn before it fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointReadError(
-            f"Could not read checkpoint {path}: {type(exc).__name__}: {exc}. Expected a file "
+            f"Could not read checkpoint {path}: {unreadable_reason(path, exc)}. Expected a file "
             f"written by torch.save holding a state_dict or a dict with 'model'/'state_dict'."
-        ) from exc
+        ) from None
+
+
+def unreadable_reason(path: Path, exc: Exception) -> str:
+    """Why torch.load(weights_only=True) failed on `path`, in words; never torch's own advice to
+    retry with weights_only=False, which would run whatever code the file contains."""
+    import zipfile
+
+    if path.stat().st_size == 0:
+        return "the file is empty (a copy or a save that never finished)"
+    blocked = re.search(r"GLOBAL (\S+)", str(exc))
+    if blocked:
+        return (f"it holds Python objects that safe loading refuses ({blocked.group(1)}); files this project "
+                f"writes hold only tensors and plain values. Do not load it with weights_only=False: that "
+                f"would run whatever code it carries")
+    if not zipfile.is_zipfile(path):
+        return ("it is not a torch.save file (no complete zip archive: random bytes, a text file, a pickle, "
+                "or a truncated copy)")
+    first = next((line for line in str(exc).splitlines() if line.strip() and "weights_only" not in line), "")
+    return f"a damaged torch.save file ({type(exc).__name__}{': ' + first.strip()[:200] if first else ''})"
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -574,7 +596,7 @@ def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
     Any other missing, unexpected or mis-shaped tensor makes the checkpoint incompatible: a
     ModelConfigError says which, because a half-loaded model would silently train from a wrong start.
     """
-    state = extract_state_dict(_load_file(path))
+    state = extract_state_dict(load_torch_file(path))
     own = model.state_dict()
     classifier = ("fc.weight", "fc.bias")
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape and k not in classifier]
@@ -649,7 +671,7 @@ def load_resnet18_state_dict(path: str | os.PathLike | None = None,
     """ResNet-18 ImageNet weights: a local timm/torchvision file if given, else timm's (hub)."""
     if path is not None:
         log(f"[ResNet-18] Loading local weights: {path}")
-        return extract_state_dict(_load_file(path))
+        return extract_state_dict(load_torch_file(path))
     try:
         import timm
         return timm.create_model("resnet18", pretrained=True).state_dict()
@@ -785,7 +807,7 @@ def load_checkpoint_model(path: str | os.PathLike, weights: str = "auto") -> tup
     weights: 'auto' takes the EMA weights when the checkpoint has them (those are what train.py
     selected and tested), 'model' or 'ema' force one. A plain state_dict is taken for twistnet18.
     """
-    ckpt = _load_file(path)
+    ckpt = load_torch_file(path)
     config = dict(ckpt.get("config") or {}) if isinstance(ckpt, dict) else {}
     has_ema = isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and bool(ckpt["ema"])
     if weights == "ema" and not has_ema:

@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import json
 import math
 import os
 import platform
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -46,6 +51,7 @@ import models
 import transforms
 
 EXIT_USAGE = 2
+EXIT_LOCKED = 75
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,6 +63,15 @@ class UserError(Exception):
     Entry scripts let it propagate to run_main, which prints one `error: ...` line and exits 2.
     Any other exception is a bug and keeps its traceback.
     """
+
+    exit_code = EXIT_USAGE
+
+
+class RunLockedError(UserError):
+    """Another process holds the run's lock: not a mistake in the command, so its own exit status
+    (75, EX_TEMPFAIL: try again later), which run_all.py reports as "running elsewhere"."""
+
+    exit_code = EXIT_LOCKED
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -70,7 +85,7 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         code = main(argv)
     except user_error_types() as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return getattr(error, "exit_code", EXIT_USAGE)
     return 0 if code is None else int(code)
 
 
@@ -167,6 +182,38 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (Linux /proc/cpuinfo: x86 'flags', Arm 'Features'); None if unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+            for flag in line.partition(":")[2].split()}
+
+
+def cpu_has_native_bf16(flags: Iterable[str] | None = None) -> bool | None:
+    """Whether the CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, Arm BF16); None if unknown."""
+    flags = cpu_flags() if flags is None else set(flags)
+    if flags is None:
+        return None
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
+
+
+def speed_notes(device: torch.device, amp_dtype: torch.dtype | None, compile_: bool,
+                flags: Iterable[str] | None = None) -> list[str]:
+    """Warnings for settings that run, but far slower than the user probably expects."""
+    notes = []
+    if device.type == "cpu" and amp_dtype == torch.bfloat16 and cpu_has_native_bf16(flags) is False:
+        notes.append("warning: --amp bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): bf16 is "
+                     "emulated there, and a TwistNet-18 training step ran 20x slower than in fp32. Use --amp "
+                     "off (the default on the CPU).")
+    if device.type == "cpu" and compile_:
+        notes.append("note: --compile on the CPU: compiling the model takes minutes before the first step "
+                     "(and again before the first evaluation); for short runs that costs more than it saves.")
+    return notes
+
+
 def resolve_channels_last(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
@@ -209,22 +256,111 @@ def _temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def _replace_atomically(path: Path, write: Callable[[Path], None], size_bytes: int) -> None:
+    """Write through a temp file and rename it over `path`; on any failure the temp file goes and
+    `path` keeps its previous content. A failed write (full disk, quota) is a UserError."""
     tmp = _temp_beside(path)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) or _is_torch_write_error(error):
+            raise write_error(path, error, size_bytes) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _is_torch_write_error(error: RuntimeError) -> bool:
+    # torch.save reports a failed write(2) as a RuntimeError of its zip writer, without the errno
+    # ("[enforce fail at inline_container.cc] . unexpected pos 576 vs 534").
+    text = str(error)
+    return "unexpected pos" in text or "PytorchStreamWriter" in text or "inline_container" in text
+
+
+def write_error(path: Path, error: Exception, size_bytes: int) -> UserError:
+    """The error for a file that could not be written: 'no space left on <dir> (needs ~N MB)' when
+    the filesystem is (nearly) full, else the system's reason. Either way `path` is unchanged."""
+    folder = path.parent
+    needed_mb = max(1, math.ceil(size_bytes / 2**20))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < size_bytes)
+    kept = f"{path.name} keeps its previous content" if path.exists() else f"{path.name} was not written"
+    if full:
+        free_text = f", {free / 2**20:.0f} MB free" if free is not None else ""
+        return UserError(f"no space left on {folder} (needs ~{needed_mb} MB for {path.name}{free_text}); "
+                         f"{kept}. Free some space (or point --run_dir/--checkpoint_dir elsewhere) and run the "
+                         f"same command again.")
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return UserError(f"could not write {path} (~{needed_mb} MB): {reason}; {kept}.")
+
+
+def payload_bytes(obj: Any) -> int:
+    """Roughly how many bytes torch.save writes for `obj`: its tensors' data, plus a little."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(payload_bytes(v) for v in obj.values()) + 64 * len(obj)
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj) + 8 * len(obj)
+    return 64
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temp file beside `path`, then rename: a crash never leaves half a file."""
-    _replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp))
+    _replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp), payload_bytes(obj))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text))
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text), len(text.encode()))
+
+
+# What each kind of file the scripts write holds, most specific first: how a checkpoint that is
+# not the expected kind is named in the error.
+CHECKPOINT_KINDS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("a train.py last.pt (the resume state of a fine-tuning run)",
+     frozenset({"model", "optimizer", "scheduler", "partial", "rng", "config"})),
+    ("a pretrain_imagenet.py latest.pt (the resume state of a pretraining run)",
+     frozenset({"model", "optimizer", "scheduler", "global_batch", "rank_states", "config"})),
+    ("a pretrain_imagenet.py best.pt (best-validation weights, not a resume state)",
+     frozenset({"model", "val_acc", "val_top5", "config"})),
+    ("a train.py best.pt (best-validation weights, not a resume state)",
+     frozenset({"model", "val_acc", "config"})),
+)
+TRAIN_LAST, PRETRAIN_LATEST, PRETRAIN_BEST, TRAIN_BEST = (kind for kind, _ in CHECKPOINT_KINDS)
+
+
+def checkpoint_kind(obj: Any) -> str:
+    """What a loaded checkpoint is, in words (one of CHECKPOINT_KINDS, or a description)."""
+    if isinstance(obj, Mapping):
+        for kind, keys in CHECKPOINT_KINDS:
+            if keys <= obj.keys():
+                return kind
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return f"model weights only (a state_dict of {len(obj)} tensors, no training state)"
+        return f"a dict with the keys {', '.join(sorted(map(str, obj))[:8])}"
+    return f"a {type(obj).__name__}, not a dict"
+
+
+def read_checkpoint(path: str | os.PathLike, expected: str, way_out: str) -> dict:
+    """A checkpoint of the `expected` kind (a CHECKPOINT_KINDS name), loaded safely.
+
+    A missing, unreadable or foreign file is a UserError that names the file, says what it is
+    (or is not) and ends with `way_out`, the safe thing to do.
+    """
+    path = Path(path)
+    try:
+        obj = models.load_torch_file(path)
+    except models.ModelError as error:
+        raise UserError(f"{error} {way_out}") from None
+    kind = checkpoint_kind(obj)
+    if kind != expected:
+        raise UserError(f"{path} is {kind}; expected {expected}. {way_out}")
+    return obj
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -243,8 +379,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def append_jsonl(path: str | os.PathLike, record: Mapping) -> None:
+    """Append one line; a failed write (full disk) is cut back off, so the file never ends in half
+    a record that would make it unreadable on the next resume."""
+    line = json.dumps(record) + "\n"
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        start = f.tell()
+        try:
+            f.write(line)
+            f.flush()
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise write_error(Path(path), error, len(line)) from None
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
@@ -274,6 +420,7 @@ class Console:
     def __init__(self, log_file: str | os.PathLike | None, enabled: bool = True, timestamps: bool = False) -> None:
         self.log_file = Path(log_file) if log_file is not None else None
         self.enabled, self.timestamps = enabled, timestamps
+        self.write_failed = False
 
     def __call__(self, message: str) -> None:
         if not self.enabled:
@@ -282,9 +429,15 @@ class Console:
             stamp = time.strftime("%H:%M:%S")
             message = "\n".join(f"{stamp} {line}" for line in message.split("\n"))
         if self.log_file is not None:
-            with open(self.log_file, "a") as f:
-                f.write(message + "\n")
-        print(message, flush=True)
+            try:
+                with open(self.log_file, "a") as f:
+                    f.write(message + "\n")
+            except OSError as error:  # a full disk must not turn a log line into a crash
+                if not self.write_failed:
+                    print(f"warning: cannot append to {self.log_file}: {error}", file=sys.stderr, flush=True)
+                self.write_failed = True
+        with contextlib.suppress(OSError):   # a closed terminal (SIGHUP) must not either
+            print(message, flush=True)
 
 
 def tex_escape(text: str) -> str:
@@ -344,18 +497,27 @@ def epoch_order(seed: int, epoch: int, size: int) -> tuple[torch.Tensor, torch.T
 # --------------------------------------------------------------------------------------------
 # Signals
 # --------------------------------------------------------------------------------------------
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# Set by run_all.py in its children's environment: the pid of the sweep, so that a child whose
+# sweep died (SIGKILL, OOM killer) stops too instead of training on as an orphan.
+SWEEP_PID_ENV = "TWISTNET_SWEEP_PID"
+
+
 class StopFlag:
-    """SIGINT/SIGTERM set a flag that the training loop checks between steps.
+    """SIGINT/SIGTERM/SIGHUP set a flag that the training loop checks between steps.
 
     Stopping only at a step boundary keeps the saved state consistent (never half an optimiser
-    step). A second signal exits at once, except within `grace_s` of the first: under torchrun a
-    terminal Ctrl-C reaches each worker twice (from the terminal and forwarded by the agent).
+    step). SIGHUP (a closed terminal, a dropped ssh session) is a stop like the others: save and
+    exit, never die mid-epoch. A second signal exits at once, except within `grace_s` of the
+    first: under torchrun a terminal Ctrl-C reaches each worker twice (from the terminal and
+    forwarded by the agent).
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, grace_s: float = 0.0) -> None:
         self.requested = False
+        self.reason = ""
         self.grace_s = grace_s
         self._first_at = 0.0
         self._previous: dict = {}
@@ -365,7 +527,12 @@ class StopFlag:
             if time.monotonic() - self._first_at < self.grace_s:
                 return
             raise KeyboardInterrupt
-        self.requested, self._first_at = True, time.monotonic()
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
+        """Ask the loop to stop at the next step boundary (also from another thread)."""
+        if not self.requested:
+            self.requested, self.reason, self._first_at = True, reason, time.monotonic()
 
     def __enter__(self) -> "StopFlag":
         for sig in self.SIGNALS:
@@ -382,6 +549,273 @@ def ignore_interrupts_in_worker(worker_id: int) -> None:
     # them mid-batch before the main process reaches a step boundary and saves.
     for sig in StopFlag.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def die_with_parent_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A subprocess.Popen preexec_fn after which the child gets `sig` when its parent dies (Linux
+    prctl PR_SET_PDEATHSIG); None where that does not exist (see stop_when_parent_dies).
+
+    The kernel sends the signal when the *thread* that started the child ends, so the caller
+    must start children from threads that outlive them (run_all's slot threads wait on theirs).
+    prctl is looked up here, in the parent: between fork and exec the child should do no more
+    than one foreign call (other threads may hold locks that the fork copied).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, pr_set_pdeathsig = os.getpid(), 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
+        if os.getppid() != parent:   # the parent died before prctl: nobody would tell us
+            os.kill(os.getpid(), sig)
+    return preexec
+
+
+def stop_when_parent_dies(stop: StopFlag, interval_s: float = 2.0) -> threading.Thread | None:
+    """If run_all.py started this process (SWEEP_PID_ENV), request a stop once it is gone.
+
+    The portable half of die_with_parent_preexec: a process whose parent dies is re-parented
+    (to init or a subreaper), so a changed getppid() means the sweep is gone.
+    """
+    sweep = os.environ.get(SWEEP_PID_ENV)
+    if not sweep or not sweep.isdigit():
+        return None
+    sweep_pid = int(sweep)
+
+    def watch() -> None:
+        while not stop.requested:
+            if os.getppid() != sweep_pid:
+                stop.request(f"its sweep (run_all.py, pid {sweep_pid}) is gone")
+                return
+            time.sleep(interval_s)
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+# --------------------------------------------------------------------------------------------
+# Run locks: one process at a time trains a run directory (or pretrains into a checkpoint dir)
+# --------------------------------------------------------------------------------------------
+LOCK_NAME = "run.lock"
+LOCK_HEARTBEAT_S = 30.0
+# A lock whose holder cannot be checked (another host) is stale once its heartbeat is this old;
+# generous, because network filesystems may show a file's mtime a minute late.
+LOCK_STALE_AFTER_S = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LockHolder:
+    """What a lock file says about the process holding it."""
+    path: Path
+    host: str
+    pid: int
+    started: str                  # local time the lock was taken
+    token: str                    # unique per acquisition
+    boot_id: str | None           # Linux boot id: the pid means something only within one boot
+    proc_start: int | None        # the process's start time (clock ticks since boot), against pid reuse
+    command: str
+    heartbeat_age_s: float        # seconds since the holder last touched the file
+
+    def describe(self) -> str:
+        return (f"pid {self.pid} on host {self.host} since {self.started} "
+                f"(heartbeat {self.heartbeat_age_s:.0f} s ago): {self.command}")
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a process from /proc (Linux), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()   # the name in brackets may hold spaces
+    return fields[0], int(fields[19])
+
+
+def _process_alive(pid: int, proc_start: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass   # exists, owned by someone else
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, start = stat
+    # A zombie is dead (its parent has not reaped it yet); another start time is a reused pid.
+    return state != "Z" and (proc_start is None or start == proc_start)
+
+
+def read_lock(path: str | os.PathLike) -> LockHolder | None:
+    """The holder recorded in a lock file (None if there is no such file).
+
+    An unreadable lock file (a crash mid-write with the O_EXCL fallback, a stray file) is
+    reported with host "unknown", so that only its age can make it stale.
+    """
+    path = Path(path)
+    try:
+        text, mtime = path.read_text(), path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        info = json.loads(text)
+        fields = dict(host=str(info["host"]), pid=int(info["pid"]), started=str(info["started"]),
+                      token=str(info["token"]), boot_id=info.get("boot_id"), proc_start=info.get("proc_start"),
+                      command=str(info.get("command", "")))
+    except (ValueError, KeyError, TypeError):
+        fields = dict(host="unknown", pid=0, started="?", token="", boot_id=None, proc_start=None,
+                      command=f"(unreadable lock file: {text[:60]!r})")
+    return LockHolder(path, heartbeat_age_s=max(0.0, time.time() - mtime), **fields)
+
+
+def stale_reason(holder: LockHolder, stale_after_s: float | None = None) -> str | None:
+    """Why the lock's holder is gone (None: it may still run, so the lock stands).
+
+    On this host (same name and boot) a lock is stale when its process is dead. A pid cannot be
+    checked from another host, so there only the heartbeat's age counts.
+    """
+    stale_after_s = lock_stale_after_s() if stale_after_s is None else stale_after_s
+    if holder.host == socket.gethostname() and holder.boot_id == _boot_id():
+        if not _process_alive(holder.pid, holder.proc_start):
+            return f"its process {holder.pid} on this host is gone"
+        return None
+    if holder.heartbeat_age_s > stale_after_s:
+        return f"its heartbeat is {holder.heartbeat_age_s:.0f} s old (over {stale_after_s:.0f} s)"
+    return None
+
+
+def lock_stale_after_s() -> float:
+    return float(os.environ.get("TWISTNET_LOCK_STALE_S", LOCK_STALE_AFTER_S))
+
+
+def lock_holder(directory: str | os.PathLike, stale_after_s: float | None = None) -> LockHolder | None:
+    """The live holder of `directory`'s lock, or None when it is free (no lock, or a stale one)."""
+    holder = read_lock(Path(directory) / LOCK_NAME)
+    if holder is None or stale_reason(holder, stale_after_s) is not None:
+        return None
+    return holder
+
+
+class RunLock:
+    """An exclusive lock on a directory: `with RunLock(run_path): ...` (RunLockedError if held).
+
+    The lock is a file, `<directory>/run.lock`, created atomically (a hard link of a complete
+    temp file, which also holds on network filesystems; O_CREAT|O_EXCL where links fail) and
+    holding host, pid, start time and command. A thread refreshes its mtime every
+    `heartbeat_s` as a heartbeat. A stale lock (see stale_reason) is taken over, with a message.
+    The file goes when the lock is released; a killed holder leaves it, to be judged stale.
+    """
+
+    def __init__(self, directory: str | os.PathLike, log: Callable[[str], None] = print,
+                 heartbeat_s: float = LOCK_HEARTBEAT_S, stale_after_s: float | None = None) -> None:
+        self.path = Path(directory) / LOCK_NAME
+        self.log, self.heartbeat_s = log, heartbeat_s
+        self.stale_after_s = lock_stale_after_s() if stale_after_s is None else stale_after_s
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> str:
+        stat = _proc_stat(os.getpid())
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "boot_id": _boot_id(),
+                           "proc_start": stat[1] if stat else None,
+                           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]})
+
+    def _try_create(self) -> bool:
+        tmp = _temp_beside(self.path)
+        try:
+            tmp.write_text(self._record())
+            try:
+                os.link(tmp, self.path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:   # a filesystem without hard links
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "w") as f:
+                    f.write(tmp.read_text())
+                return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _take_over(self, holder: LockHolder, reason: str) -> None:
+        aside = self.path.with_name(f".{LOCK_NAME}.{self.token}.stale")
+        try:
+            os.rename(self.path, aside)   # atomic: of several processes taking over, one moves it
+        except FileNotFoundError:
+            return
+        moved = read_lock(aside)
+        if moved is not None and moved.token != holder.token:
+            # Someone replaced the stale lock between our look and the rename: give it back.
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+        else:
+            self.log(f"note: took over the lock {self.path} of {holder.describe()}: {reason}")
+        aside.unlink(missing_ok=True)
+
+    def acquire(self) -> "RunLock":
+        for _ in range(10):
+            if self._try_create():
+                self._thread = threading.Thread(target=self._beat, name="lock-heartbeat", daemon=True)
+                self._thread.start()
+                return self
+            holder = read_lock(self.path)
+            if holder is None:
+                continue   # released meanwhile
+            reason = stale_reason(holder, self.stale_after_s)
+            if reason is None:
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by another process: {holder.describe()}. Two processes "
+                    f"writing one run would overwrite each other's files. Wait for it to finish or stop it; "
+                    f"a lock whose process is gone is taken over by the next start (on another host once "
+                    f"its heartbeat is {self.stale_after_s:.0f} s old), or delete {self.path}.")
+            self._take_over(holder, reason)
+        raise RunLockedError(f"could not take the lock {self.path}: other processes keep taking it")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            holder = read_lock(self.path)
+            if holder is None or holder.token != self.token:
+                self.lost = True
+                return
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def check(self) -> None:
+        """Raise if the lock was taken over (this process was judged dead: never write on)."""
+        if self.lost:
+            raise RunLockedError(f"lost the lock {self.path}: another process took it over, so this one "
+                                 f"stops without writing. Check that only one process trains {self.path.parent}.")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        holder = read_lock(self.path)
+        if holder is not None and holder.token == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 # --------------------------------------------------------------------------------------------
