@@ -175,7 +175,6 @@ class Trainer:
                                         transfer_policy=args.transfer_policy,
                                         resnet18_weights=args.resnet18_weights,
                                         log=console, **args.model_kwargs)
-        check_input_size(self.model, args.model, args.img_size)
         self.model.to(device)
         self.channels_last = utils.resolve_channels_last(args.channels_last, device)
         if self.channels_last:
@@ -343,16 +342,16 @@ def read_results(run_path: Path) -> dict:
 
 
 def finished_difference(run_path: Path, config: dict, data: Any = None) -> str:
-    """How a finished run differs from the command ('' if it does not): 'another recipe (--k: a -> b)'
-    or, given `data` (with .classes and .fingerprint), 'other data (...)'."""
+    """How a finished run differs from the command ('' if it does not): 'with another recipe (--k: a -> b)'
+    or, given `data` (with .classes and .fingerprint), 'on other data: ...'."""
     results = read_results(run_path)
     diff = recipe_differences(results.get("config") or {}, config)
     if diff:
-        return f"another recipe ({diff})"
+        return f"with another recipe ({diff})"
     saved = results.get("data_fingerprint")
     change = data is not None and saved and datasets.data_difference(results.get("classes") or [], saved,
                                                                      data.classes, data.fingerprint)
-    return f"other data ({change})" if change else ""
+    return f"on other data: {change}" if change else ""
 
 
 def check_finished(run_path: Path, config: dict, data: Any = None) -> None:
@@ -360,7 +359,7 @@ def check_finished(run_path: Path, config: dict, data: Any = None) -> None:
     silently keep numbers that do not belong to this command."""
     difference = finished_difference(run_path, config, data)
     if difference:
-        raise UserError(f"{run_path} already finished with {difference}, so its results do not belong to this "
+        raise UserError(f"{run_path} already finished {difference}; its results do not belong to this "
                         f"command. Pass --force to train it again with this one (its results, best.pt and logs "
                         f"are replaced), or use another --tag or --run_dir for it.")
 
@@ -387,9 +386,12 @@ def flops_of(model: nn.Module, img_size: int) -> float | None:
         return None
 
 
-def check_input_size(model: nn.Module, name: str, img_size: int) -> None:
-    """One forward of a blank image at --img_size, on the CPU, before anything is written: a model
-    built for one input size (swin_tiny: 224 px) fails here with the reason, not at its first step."""
+def check_input_size(args: argparse.Namespace, num_classes: int) -> None:
+    """One forward of a blank image at --img_size through a random-init copy of the model, on the
+    CPU, before anything is written: a model built for one input size (swin_tiny: 224 px) fails
+    here with the reason, not at its first step."""
+    name, img_size = args.model, args.img_size
+    model = models.build_model(name, num_classes, pretrained=False, verbose=False, **args.model_kwargs)
     with torch.no_grad(), models.evaluating(model):
         try:
             model(torch.zeros(1, 3, img_size, img_size))
@@ -412,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         check_finished(run_path, config)   # a changed recipe is refused even where the data is gone
     device = utils.resolve_device(args.device)
     data = build_loaders(args, device)  # bad data fails before anything is written
+    check_input_size(args, len(data.classes))
     run_path.mkdir(parents=True, exist_ok=True)
     with utils.RunLock(run_path) as lock:
         return train_run(args, run_path, config, device, data, lock)
@@ -458,16 +461,19 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
         console(f"note: {log_path} holds records of an earlier start that saved no last.pt; starting afresh")
         utils.write_jsonl(log_path, [])
 
-    with utils.StopFlag() as stop:
+    # A dying run_all.py sends its SIGTERM once per thread of it that exits (the kernel re-parents
+    # the child thread by thread), all within milliseconds: those repeats are one request to stop.
+    # The handlers stay on until the end: a signal after the stop (the repeats above, a Ctrl-C
+    # during the final test) must not kill the process while it saves.
+    with utils.StopFlag(grace_s=1.0) as stop:
         utils.stop_when_parent_dies(stop)
-        finished = train_loop(trainer, data, config, run_path, stop, console, lock)
-    if not finished:
-        lock.check()
-        utils.atomic_save(trainer.checkpoint(config), last_path)
-        console(f"Interrupted at epoch {trainer.epoch + 1}, step {trainer.partial['steps']} ({stop.reason}): "
-                f"saved {last_path}. Run the same command to resume exactly where it stopped.")
-        return 130
-    finish(trainer, data, config, run_path, console, lock)
+        if not train_loop(trainer, data, config, run_path, stop, console, lock):
+            lock.check()
+            utils.atomic_save(trainer.checkpoint(config), last_path)
+            console(f"Interrupted at epoch {trainer.epoch + 1}, step {trainer.partial['steps']} ({stop.reason}): "
+                    f"saved {last_path}. Run the same command to resume exactly where it stopped.")
+            return 130
+        finish(trainer, data, config, run_path, console, lock)
     return 0
 
 

@@ -556,7 +556,8 @@ def die_with_parent_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | N
     prctl PR_SET_PDEATHSIG); None where that does not exist (see stop_when_parent_dies).
 
     The kernel sends the signal when the *thread* that started the child ends, so the caller
-    must start children from threads that outlive them (run_all's slot threads wait on theirs).
+    must start children from threads that outlive them (run_all's slot threads wait on theirs);
+    when the whole process dies it may send it once per thread (see StopFlag's grace_s).
     prctl is looked up here, in the parent: between fork and exec the child should do no more
     than one foreign call (other threads may hold locks that the fork copied).
     """

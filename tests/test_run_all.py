@@ -95,6 +95,17 @@ def test_finished_runs_are_skipped_without_a_process(sweep, monkeypatch, capsys)
     assert snapshot(run_dir) == before
 
 
+def test_a_sweep_with_another_recipe_refuses_its_finished_runs(sweep, capsys) -> None:
+    """Re-running a sweep with a new recipe must not keep the old numbers as "skipped"."""
+    run_dir, _ = sweep
+    before = snapshot(run_dir)
+    assert utils.run_main(run_all.main, sweep_args(run_dir, "twistnet18,resnet18", "1-2", "--lr", "0.2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 4 finished run(s)") and err.count("finished with another recipe (--lr: 0.01 -> 0.2)") == 4
+    assert "--force" in err and "--tag" in err
+    assert snapshot(run_dir) == before
+
+
 def test_dry_run_prints_the_exact_plan_and_writes_nothing(sweep, tmp_path: Path, capsys) -> None:
     fresh = tmp_path / "fresh"
     assert run_all.main(sweep_args(fresh, "twistnet18,resnet18", "1-2", "--dry_run")) == 0
