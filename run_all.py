@@ -256,7 +256,7 @@ def finished_run_conflict(run: Run, run_args: argparse.Namespace, data: Any, tra
         difference = train.finished_difference(run.path, train.config_of(run_args), data)
     except utils.UserError as error:   # an unreadable results.json
         difference = str(error)
-    return f"{run.name}: {difference}" if difference else None
+    return f"{run.name} finished {difference}" if difference else None
 
 
 def print_plan(runs: Sequence[Run]) -> None:
