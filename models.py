@@ -449,7 +449,13 @@ def build_model(
     spec = get_spec(name)
     log = log or (print if verbose else (lambda *a, **k: None))
     if spec.timm_name is not None:
-        return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
+        try:
+            return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
+        except TypeError as error:
+            if not model_kwargs:
+                raise
+            raise ModelConfigError(f"{name}: {error}. Model hyper-parameters (model_kwargs) are for TwistNet "
+                                   f"models; leave them out for the baselines.") from None
 
     try:
         model = spec.builder(num_classes, **model_kwargs)

@@ -572,6 +572,9 @@ def validate_args(args: argparse.Namespace, ctx: DistContext) -> None:
     for name in ("epochs", "batch_size", "img_size", "accum_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
+    if not args.base_lr > 0:
+        raise UserError(f"--base_lr {args.base_lr}: the learning rate must be positive.")
+    utils.check_recipe_arguments(args)
     if args.batch_size < 2 and not (args.sync_bn and ctx.world_size > 1):
         raise UserError(f"--batch_size {args.batch_size} per process cannot train: BatchNorm needs at least 2 "
                         f"images per batch for its batch statistics (Mixup/CutMix also pair images). Use 2 or more.")

@@ -115,6 +115,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be 0 (load in the main process) or more, got {args.workers}.")
     if not 0 < args.crop_scale <= 1:
         raise UserError(f"--crop_scale {args.crop_scale}: the smallest crop area is a fraction in (0, 1].")
+    if not args.lr > 0:
+        raise UserError(f"--lr {args.lr}: the learning rate must be positive.")
+    utils.check_recipe_arguments(args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,11 +337,10 @@ def check_resume(ckpt: dict, config: dict, data: Data, path: Path) -> None:
 
 
 def read_results(run_path: Path) -> dict:
-    path = run_path / "results.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is unreadable ({error}); pass --force to train the run again.") from None
+        return utils.read_json(run_path / "results.json")
+    except UserError as error:
+        raise UserError(f"{error}; pass --force to train the run again.") from None
 
 
 def finished_difference(run_path: Path, config: dict, data: Any = None) -> str:
@@ -429,6 +431,12 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
         return 0
     if args.force:
         clear_run(run_path)
+    last_path, log_path = run_path / "last.pt", run_path / "log.jsonl"
+    ckpt = None
+    if last_path.exists():   # read and checked before anything is written
+        ckpt = utils.read_checkpoint(last_path, utils.TRAIN_LAST, f"Move it away (or pass --force) to start "
+                                     f"this run from scratch; {run_path} holds nothing else to resume from.")
+        check_resume(ckpt, config, data, last_path)
     console = utils.Console(run_path / "train.log", timestamps=True)
     utils.configure_kernels(args.deterministic, device)
     utils.seed_everything(args.seed)
@@ -446,12 +454,9 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
         console(f"note: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate "
                 f"stays in its linear warm-up and never reaches --lr {args.lr:g}")
 
-    last_path, log_path = run_path / "last.pt", run_path / "log.jsonl"
-    if last_path.exists():
-        ckpt = utils.read_checkpoint(last_path, utils.TRAIN_LAST, f"Move it away (or pass --force) to start "
-                                     f"this run from scratch; {run_path} holds nothing else to resume from.")
-        check_resume(ckpt, config, data, last_path)
+    if ckpt is not None:
         trainer.restore(ckpt)
+        del ckpt
         history = [r for r in utils.read_jsonl(log_path) if r["epoch"] <= trainer.epoch]
         utils.write_jsonl(log_path, history)
         console(f"Resuming from {last_path}: epoch {trainer.epoch + 1}, step {trainer.partial['steps']} "

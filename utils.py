@@ -363,6 +363,17 @@ def read_checkpoint(path: str | os.PathLike, expected: str, way_out: str) -> dic
     return obj
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; a missing or malformed file is a UserError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not readable JSON ({error})") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON-lines file ([] if it does not exist)."""
     path = Path(path)
@@ -977,6 +988,19 @@ def add_recipe_arguments(group: argparse._ActionsContainer, **defaults: Any) -> 
     group.add_argument("--clip_grad", type=float, default=d["clip_grad"], help="max gradient norm (0 disables)")
     group.add_argument("--ema", action="store_true", help="keep an EMA of the weights; validate, select and export it")
     group.add_argument("--ema_decay", type=float, default=d["ema_decay"], help="EMA decay per optimizer step")
+
+
+def check_recipe_arguments(args: argparse.Namespace) -> None:
+    """The recipe flags of add_recipe_arguments, refused with the allowed range when out of it
+    (else torch or timm would stop with a traceback, or the run would silently train nothing)."""
+    ranges = {"min_lr": (0, math.inf), "warmup_epochs": (0, math.inf), "momentum": (0, 1), "weight_decay": (0, math.inf),
+              "label_smoothing": (0, 1), "hflip": (0, 1), "randaug_n": (0, math.inf), "randaug_m": (0, 30),
+              "mixup": (0, math.inf), "cutmix": (0, math.inf), "clip_grad": (0, math.inf), "ema_decay": (0, 1)}
+    for name, (low, high) in ranges.items():
+        value = getattr(args, name)
+        if not low <= value <= high or math.isnan(value):
+            allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise UserError(f"--{name} {value}: must be {allowed}.")
 
 
 def build_recipe(model: nn.Module, args: argparse.Namespace, lr: float, steps_per_epoch: int,

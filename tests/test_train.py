@@ -271,6 +271,7 @@ def test_a_corrupt_or_foreign_last_pt_is_named_and_explained(tmp_path: Path, cap
     assert code == 2 and str(run / "last.pt") in line and what in line, line
     assert "--force" in line and "will likely succeed" not in line and "Re-running" not in line
     assert not (tmp_path / "payload_ran").exists()
+    assert [p.name for p in run.iterdir()] == ["last.pt"]     # nothing written, the lock gone
 
 
 class Payload:
