@@ -717,6 +717,8 @@ def train_run(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phase
         header = header_record(args, ctx, plan, trainer, train_data, val_data, kind="header")
         utils.write_jsonl(ckpt_dir / "log.jsonl", [header])
     console(start_line(trainer, train_data, val_data))
+    for note in utils.speed_notes(ctx.device, trainer.amp_dtype, args.compile):
+        console(note)
 
     # A terminal Ctrl-C reaches each torchrun worker twice: a second signal within 2 s is that echo.
     with utils.StopFlag(grace_s=2.0) as stop:
