@@ -327,11 +327,11 @@ def last_output_line(log_path: Path, offset: int) -> str:
     return lines[-1] if lines else ""
 
 
-def say(text: str, file: Any = None) -> None:
+def say(text: str) -> None:
     """Print that survives a closed terminal (after SIGHUP writes fail with EIO): the sweep must go
     on stopping its runs cleanly whether or not anyone reads it."""
     with contextlib.suppress(OSError, ValueError):
-        print(text, file=file or sys.stdout, flush=True)
+        print(text, flush=True)
 
 
 @dataclasses.dataclass

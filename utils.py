@@ -627,7 +627,7 @@ class LockHolder:
     pid: int
     started: str                  # local time the lock was taken
     token: str                    # unique per acquisition
-    boot_id: str | None           # Linux boot id: the pid means something only within one boot
+    boot_id: str | None           # Linux boot id and pid namespace: where the pid means something
     proc_start: int | None        # the process's start time (clock ticks since boot), against pid reuse
     command: str
     heartbeat_age_s: float        # seconds since the holder last touched the file
@@ -638,10 +638,15 @@ class LockHolder:
 
 
 def _boot_id() -> str | None:
+    """Which boot of which machine (and, on Linux, which pid namespace: containers that share a
+    kernel and a host name still see each other's pids as foreign): where a pid means something."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return None
+    with contextlib.suppress(OSError):
+        boot += " " + os.readlink("/proc/self/ns/pid")
+    return boot
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -694,8 +699,9 @@ def read_lock(path: str | os.PathLike) -> LockHolder | None:
 def stale_reason(holder: LockHolder, stale_after_s: float | None = None) -> str | None:
     """Why the lock's holder is gone (None: it may still run, so the lock stands).
 
-    On this host (same name and boot) a lock is stale when its process is dead. A pid cannot be
-    checked from another host, so there only the heartbeat's age counts.
+    On this host (same name, boot and pid namespace) a lock is stale when its process is dead (or
+    its pid now belongs to a younger process). A pid cannot be checked from another host, so
+    there only the heartbeat's age counts.
     """
     stale_after_s = lock_stale_after_s() if stale_after_s is None else stale_after_s
     if holder.host == socket.gethostname() and holder.boot_id == _boot_id():
