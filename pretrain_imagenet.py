@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, Subset
 import datasets
 import distributed
 import models
+import rundirs
 import transforms
 import utils
 from distributed import BatchPlan, DistContext
@@ -651,28 +652,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def read_resume_checkpoint(path: Path) -> dict:
-    return utils.read_checkpoint(
-        path, utils.PRETRAIN_LATEST,
+    return rundirs.read_checkpoint(
+        path, rundirs.PRETRAIN_LATEST,
         "--resume takes the latest.pt that pretrain_imagenet.py wrote into its --checkpoint_dir. To start "
         "pretraining from weights instead, use --init resnet18 (--resnet18_weights FILE); to fine-tune "
         "weights, use train.py --pretrained FILE.")
 
 
 @contextlib.contextmanager
-def checkpoint_dir_lock(ckpt_dir: Path, ctx: DistContext) -> Iterator[utils.RunLock | None]:
+def checkpoint_dir_lock(ckpt_dir: Path, ctx: DistContext) -> Iterator[rundirs.RunLock | None]:
     """Rank 0 holds the checkpoint directory's run.lock for the whole run, so that two jobs never
     write one directory; every rank learns whether it got it and all stop together if not."""
     lock, error = None, None
     if ctx.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         try:
-            lock = utils.RunLock(ckpt_dir).acquire()
-        except utils.RunLockedError as locked:
+            lock = rundirs.RunLock(ckpt_dir).acquire()
+        except rundirs.RunLockedError as locked:
             error = locked
     if distributed.all_agree_to_stop(error is not None, ctx):
         if error is not None:
             raise error
-        raise SystemExit(utils.EXIT_LOCKED)   # rank 0 says why, once
+        raise SystemExit(rundirs.EXIT_LOCKED)   # rank 0 says why, once
     try:
         yield lock
     finally:
@@ -698,7 +699,7 @@ def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
 
 
 def train_run(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phases: list[tuple[float, int]],
-              ckpt: dict | None, resume_path: Path | None, lock: utils.RunLock | None) -> int:
+              ckpt: dict | None, resume_path: Path | None, lock: rundirs.RunLock | None) -> int:
     """Pretrain (or resume); rank 0 holds the checkpoint directory's lock."""
     utils.configure_kernels(args.deterministic, ctx.device)
     ckpt_dir = Path(args.checkpoint_dir)
@@ -777,7 +778,7 @@ def start_line(trainer: Pretrainer, train_data: TrainData, val_data: ValData) ->
 
 def train_epochs(trainer: Pretrainer, train_data: TrainData, val_data: ValData,
                  phases: list[tuple[float, int]], ckpt_dir: Path, stop: utils.StopFlag,
-                 lock: utils.RunLock | None) -> bool:
+                 lock: rundirs.RunLock | None) -> bool:
     """Train the remaining epochs, validating, logging and checkpointing; False if stopped early."""
     args, ctx, console = trainer.args, trainer.ctx, trainer.console
 

@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 import datasets
 import models
+import rundirs
 import utils
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
@@ -199,7 +200,7 @@ def train_command(args: argparse.Namespace, model: str, fold: int, seed: int,
 
 
 def run_status(path: Path, force: bool) -> str:
-    if utils.lock_holder(path) is not None:
+    if rundirs.lock_holder(path) is not None:
         return "elsewhere"
     if force:
         return "run"  # train.py --force restarts finished and interrupted runs alike
@@ -350,7 +351,7 @@ class Sweep:
     takes the next run. Children start in their own session: a Ctrl-C in the terminal reaches
     only run_all, which forwards exactly one SIGINT to each child. Two SIGINTs would make
     train.py quit without saving. Each child is tied to the thread that started it and waits for
-    it (utils.die_with_parent_preexec), so if run_all dies, its children get SIGTERM and stop.
+    it (rundirs.die_with_parent_preexec), so if run_all dies, its children get SIGTERM and stop.
     """
 
     def __init__(self, runs: Sequence[Run], slots: Sequence[dict[str, str]], force: bool = False) -> None:
@@ -363,7 +364,7 @@ class Sweep:
         self.signals_received = 0
         self.signals_forwarded = 0
         self.force = force
-        self.preexec = utils.die_with_parent_preexec(signal.SIGTERM)
+        self.preexec = rundirs.die_with_parent_preexec(signal.SIGTERM)
 
     @property
     def stopping(self) -> bool:
@@ -435,7 +436,7 @@ class Sweep:
             log.write(f"===== exit code {returncode} after {format_duration(seconds)}\n")
         if returncode == 0:
             return Outcome(run, "done", returncode, seconds)
-        if returncode == utils.EXIT_LOCKED:   # another process took the run between our look and its start
+        if returncode == rundirs.EXIT_LOCKED:   # another process took the run between our look and its start
             return Outcome(run, "elsewhere", returncode, seconds, last_line)
         # 130 is train.py's "saved last.pt and stopped", also when someone else sent the signal.
         state = "interrupted" if self.stopping or returncode == EXIT_INTERRUPTED else "failed"
@@ -462,7 +463,7 @@ class Sweep:
             child = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=self.preexec,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                          utils.SWEEP_PID_ENV: str(os.getpid()), **env})
+                                          rundirs.SWEEP_PID_ENV: str(os.getpid()), **env})
         except OSError as error:
             log.write(f"===== could not start: {error}\n")
             log.close()
@@ -505,7 +506,7 @@ def format_report(outcomes: Sequence[Outcome], seconds: float) -> str:
     if elsewhere:
         lines.append("Running elsewhere (another process holds their run.lock; not started here):")
         for o in elsewhere:
-            holder = utils.lock_holder(o.run.path)
+            holder = rundirs.lock_holder(o.run.path)
             lines.append(f"  {o.run.name}" + (f"  {holder.describe()}" if holder else "  (finished or stopped since)"))
     return "\n".join(lines)
 

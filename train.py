@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 import datasets
 import models
+import rundirs
 import transforms
 import utils
 from utils import UserError
@@ -418,12 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     data = build_loaders(args, device)  # bad data fails before anything is written
     check_input_size(args, len(data.classes))
     run_path.mkdir(parents=True, exist_ok=True)
-    with utils.RunLock(run_path) as lock:
+    with rundirs.RunLock(run_path) as lock:
         return train_run(args, run_path, config, device, data, lock)
 
 
 def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: torch.device, data: Data,
-              lock: utils.RunLock) -> int:
+              lock: rundirs.RunLock) -> int:
     """Train (or resume) the run; the caller holds the run directory's lock."""
     if (run_path / "results.json").exists() and not args.force:
         check_finished(run_path, config, data)   # again: it may have finished while we waited for data
@@ -434,7 +435,7 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
     last_path, log_path = run_path / "last.pt", run_path / "log.jsonl"
     ckpt = None
     if last_path.exists():   # read and checked before anything is written
-        ckpt = utils.read_checkpoint(last_path, utils.TRAIN_LAST, f"Move it away (or pass --force) to start "
+        ckpt = rundirs.read_checkpoint(last_path, rundirs.TRAIN_LAST, f"Move it away (or pass --force) to start "
                                      f"this run from scratch; {run_path} holds nothing else to resume from.")
         check_resume(ckpt, config, data, last_path)
     console = utils.Console(run_path / "train.log", timestamps=True)
@@ -471,7 +472,7 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
     # The handlers stay on until the end: a signal after the stop (the repeats above, a Ctrl-C
     # during the final test) must not kill the process while it saves.
     with utils.StopFlag(grace_s=1.0) as stop:
-        utils.stop_when_parent_dies(stop)
+        rundirs.stop_when_parent_dies(stop)
         if not train_loop(trainer, data, config, run_path, stop, console, lock):
             lock.check()
             utils.atomic_save(trainer.checkpoint(config), last_path)
@@ -505,7 +506,7 @@ def benchmark_loader(args: argparse.Namespace) -> int:
 
 
 def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop: utils.StopFlag,
-               console: utils.Console, lock: utils.RunLock) -> bool:
+               console: utils.Console, lock: rundirs.RunLock) -> bool:
     """Train the remaining epochs; False if a stop was requested before the end."""
     args = trainer.args
     progress = not args.no_progress
@@ -557,7 +558,7 @@ def epoch_line(r: dict, epochs: int, best: float) -> str:
 
 
 def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: utils.Console,
-           lock: utils.RunLock) -> None:
+           lock: rundirs.RunLock) -> None:
     """Test the best-validation and the last weights; write results.json once."""
     args = trainer.args
     progress = not args.no_progress
@@ -565,7 +566,7 @@ def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: 
     test_last = test_best = None
     if "test" in loaders:
         test_last = trainer.evaluate(loaders["test"], trainer.eval_model(), len(classes), progress, "test (last)")
-        best = utils.read_checkpoint(run_path / "best.pt", utils.TRAIN_BEST,
+        best = rundirs.read_checkpoint(run_path / "best.pt", rundirs.TRAIN_BEST,
                                      "Pass --force to train the run again.")
         weights = best["ema"] if best.get("ema") is not None else best["model"]
         model = trainer.recipe.ema.module if trainer.recipe.ema is not None else trainer.model

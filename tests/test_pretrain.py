@@ -31,6 +31,7 @@ import figures
 import models
 import plot_results
 import pretrain_imagenet as pretrain
+import rundirs
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,8 +291,8 @@ def test_a_checkpoint_dir_in_use_is_refused(tmp_path: Path) -> None:
     """Two pretraining jobs on one --checkpoint_dir would overwrite each other's latest.pt."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    with utils.RunLock(ckpt):
-        with pytest.raises(utils.RunLockedError, match=f"pid {os.getpid()} on host"):
+    with rundirs.RunLock(ckpt):
+        with pytest.raises(rundirs.RunLockedError, match=f"pid {os.getpid()} on host"):
             run_inline("--data", "synthetic", "--epochs", "1", "--synthetic_images", "16",
                        "--checkpoint_dir", str(ckpt))
     assert sorted(p.name for p in ckpt.iterdir()) == []   # nothing written, and the lock went with its holder

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import rundirs
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +66,9 @@ def starts_logged(run: Path) -> int:
 # The lock
 # --------------------------------------------------------------------------------------------
 def write_lock(directory: Path, host: str, pid: int, age_s: float = 0.0) -> Path:
-    path = directory / utils.LOCK_NAME
+    path = directory / rundirs.LOCK_NAME
     path.write_text(json.dumps({"host": host, "pid": pid, "token": "x" * 32, "started": "earlier",
-                                "boot_id": utils._boot_id(), "proc_start": None, "command": "train.py ..."}))
+                                "boot_id": rundirs._boot_id(), "proc_start": None, "command": "train.py ..."}))
     os.utime(path, (time.time() - age_s, time.time() - age_s))
     return path
 
@@ -79,44 +80,44 @@ def dead_pid() -> int:
 
 
 def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
-    with utils.RunLock(tmp_path) as lock:
-        holder = utils.lock_holder(tmp_path)
+    with rundirs.RunLock(tmp_path) as lock:
+        holder = rundirs.lock_holder(tmp_path)
         assert holder is not None and (holder.host, holder.pid) == (socket.gethostname(), os.getpid())
-        with pytest.raises(utils.RunLockedError) as error:
-            utils.RunLock(tmp_path).acquire()
-        assert error.value.exit_code == utils.EXIT_LOCKED == 75
+        with pytest.raises(rundirs.RunLockedError) as error:
+            rundirs.RunLock(tmp_path).acquire()
+        assert error.value.exit_code == rundirs.EXIT_LOCKED == 75
         assert f"pid {os.getpid()} on host {socket.gethostname()}" in str(error.value)
         lock.check()
-    assert not (tmp_path / utils.LOCK_NAME).exists() and utils.lock_holder(tmp_path) is None
+    assert not (tmp_path / rundirs.LOCK_NAME).exists() and rundirs.lock_holder(tmp_path) is None
 
 
 def test_stale_locks_are_taken_over_with_a_message(tmp_path: Path) -> None:
     said: list[str] = []
     write_lock(tmp_path, socket.gethostname(), dead_pid())                 # this host, process gone
-    assert utils.lock_holder(tmp_path) is None
-    with utils.RunLock(tmp_path, log=said.append):
+    assert rundirs.lock_holder(tmp_path) is None
+    with rundirs.RunLock(tmp_path, log=said.append):
         assert "took over the lock" in said[0] and "is gone" in said[0]
     # Another host: the pid means nothing here, only the heartbeat's age does.
     write_lock(tmp_path, "node-b", os.getpid(), age_s=10)
-    with pytest.raises(utils.RunLockedError, match="pid .* on host node-b"):
-        utils.RunLock(tmp_path, stale_after_s=60).acquire()
+    with pytest.raises(rundirs.RunLockedError, match="pid .* on host node-b"):
+        rundirs.RunLock(tmp_path, stale_after_s=60).acquire()
     write_lock(tmp_path, "node-b", os.getpid(), age_s=120)
-    with utils.RunLock(tmp_path, log=said.append, stale_after_s=60):
+    with rundirs.RunLock(tmp_path, log=said.append, stale_after_s=60):
         assert "heartbeat is 120 s old" in said[1]
 
 
 def test_heartbeat_refreshes_the_lock_and_notices_a_takeover(tmp_path: Path) -> None:
-    lock = utils.RunLock(tmp_path, heartbeat_s=0.05).acquire()
-    path = tmp_path / utils.LOCK_NAME
+    lock = rundirs.RunLock(tmp_path, heartbeat_s=0.05).acquire()
+    path = tmp_path / rundirs.LOCK_NAME
     os.utime(path, (time.time() - 100, time.time() - 100))
     time.sleep(0.5)
-    assert utils.read_lock(path).heartbeat_age_s < 50
+    assert rundirs.read_lock(path).heartbeat_age_s < 50
     write_lock(tmp_path, "node-b", 1)                                       # someone took it over
     time.sleep(0.5)
-    with pytest.raises(utils.RunLockedError, match="lost the lock"):
+    with pytest.raises(rundirs.RunLockedError, match="lost the lock"):
         lock.check()
     lock.release()
-    assert utils.read_lock(path).host == "node-b"                          # never deletes another's lock
+    assert rundirs.read_lock(path).host == "node-b"                          # never deletes another's lock
 
 
 def test_two_writers_of_one_file_never_share_a_temp_file(tmp_path: Path) -> None:
@@ -153,7 +154,7 @@ def test_two_sweeps_on_one_run_dir_train_every_run_once(tmp_path: Path) -> None:
         run = tmp_path / name
         assert (run / "results.json").is_file()
         assert epochs_logged(run) == [1] and starts_logged(run) == 1, (run / "train.log").read_text()
-        assert not (run / utils.LOCK_NAME).exists()
+        assert not (run / rundirs.LOCK_NAME).exists()
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -167,7 +168,7 @@ def start_sweep_and_wait_for_training(run_dir: Path, starts: int) -> tuple[subpr
     deadline = time.time() + 300
     while time.time() < deadline:
         assert sweep.poll() is None, sweep.stdout.read()
-        holders = [utils.lock_holder(run_dir / name) for name in RUNS]
+        holders = [rundirs.lock_holder(run_dir / name) for name in RUNS]
         if all(holders) and all((run_dir / name / "train.log").exists()
                                 and starts_logged(run_dir / name) == starts for name in RUNS):
             break
@@ -199,7 +200,7 @@ def test_killed_or_hung_up_sweeps_leave_no_train_py_and_resume(tmp_path: Path) -
         log = (tmp_path / name / "train.log").read_text()
         # Saved last.pt on the way out: told by the kernel (SIGTERM), or by its own watch of the parent.
         assert "Interrupted at epoch 1" in log and ("(SIGTERM)" in log or "is gone)" in log), log
-        assert (tmp_path / name / "last.pt").is_file() and not (tmp_path / name / utils.LOCK_NAME).exists()
+        assert (tmp_path / name / "last.pt").is_file() and not (tmp_path / name / rundirs.LOCK_NAME).exists()
 
     # SIGHUP (closed terminal, dropped ssh): like Ctrl-C, the runs save and the sweep exits 130.
     sweep, pids = start_sweep_and_wait_for_training(tmp_path, starts=2)
