@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler, default_collate
 
 import utils
@@ -67,8 +67,11 @@ from synthtex import SYNTHTEX_CLASSES, SYNTHTEX_PER_CLASS, render_synthtex, synt
 # at native resolution, and a 224 px RandomResizedCrop is upsampled from a capped image only when
 # it covers less than (224 / 512)^2 = 19% of it.
 CACHE_MAX_SHORT = 512
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"})
 SPLIT_NAMES = ("train", "val", "test")
+# Longest side / shortest side an image keeps when decoded: a 2 x 4000 strip would otherwise become
+# 256 x 512000 when its shorter side is resized to 256 (1.3 GB of pixels from a 127-byte PNG).
+MAX_ASPECT_RATIO = 10.0
 
 
 class DataNotFoundError(utils.UserError, FileNotFoundError):
@@ -176,6 +179,7 @@ def load_splits(dataset: str, data_dir: str | Path | None, fold: int) -> Splits:
     root = require_data_dir(dataset, data_dir) if spec.needs_data_dir else None
     splits = spec.reader(root, fold)
     check_every_class_trains(dataset, splits)
+    check_trainable(dataset, fold, splits)
     splits.check_disjoint(dataset)
     return splits
 
@@ -186,6 +190,88 @@ def check_every_class_trains(dataset: str, splits: Splits) -> None:
     if missing:
         raise DataLayoutError(f"{dataset}: class(es) {', '.join(missing[:5])} have no training images; "
                          "every class needs at least one.")
+
+
+def check_trainable(dataset: str, fold: int, splits: Splits) -> None:
+    """What train.py needs of a fold: two classes or more, and a validation split to select on."""
+    if len(splits.classes) < 2:
+        raise DataLayoutError(f"{dataset}: only one class ({', '.join(splits.classes)}); classification needs "
+                              f"at least two (is --data_dir one level too deep?).")
+    if not splits.val:
+        raise DataLayoutError(f"{dataset} fold {fold}: the validation split is empty; train.py selects the "
+                              f"best epoch on it, so it needs images (each class needs at least 2 training "
+                              f"images for a validation image to be carved from them).")
+
+
+def split_warnings(splits: Splits) -> list[str]:
+    """Usable but worth knowing: classes that the validation or test split never shows."""
+    notes = []
+    for split in ("val", "test"):
+        samples = splits.split(split)
+        counts = Counter(label for _, label in samples)
+        absent = [name for i, name in enumerate(splits.classes) if counts[i] == 0]
+        if samples and absent:
+            notes.append(f"{len(absent)} class(es) have no {split} image, so their {split} accuracy is "
+                         f"undefined: {', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}")
+    return notes
+
+
+def unused_files(splits: Splits) -> list[tuple[str, str]]:
+    """(path, why) of the entries that sit beside a fold's images but are not used: files with an
+    extension that is not an image format read here, and symbolic links to nothing."""
+    folders = sorted({os.path.dirname(key) for name in SPLIT_NAMES for key, _ in splits.split(name)
+                      if isinstance(key, str)})
+    found = []
+    for folder in folders:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            why = unused_reason(Path(entry.path))
+            if why:
+                found.append((entry.path, why))
+    return found
+
+
+def unused_reason(path: Path) -> str | None:
+    if path.is_symlink() and not path.exists():
+        return f"a symbolic link to nothing ({os.readlink(path)})"
+    if path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image format read here ({path.suffix or 'no extension'})"
+    return None
+
+
+def split_fingerprint(classes: Sequence[str], samples_by_split: Mapping[str, Sequence[tuple[Any, int]]]) -> dict:
+    """What identifies a fold's data without reading an image: the split sizes and a sha256 of the
+    class names and every (sample id, label). Image paths count relative to the folder that holds
+    them all, so moving the dataset keeps the fingerprint; adding, removing or relabelling an
+    image, or another split, changes it."""
+    paths = [key for split in SPLIT_NAMES for key, _ in samples_by_split.get(split, ()) if isinstance(key, str)]
+    base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
+    digest = hashlib.sha256("\n".join(classes).encode())
+    for split in SPLIT_NAMES:
+        digest.update(f"\n[{split}]".encode())
+        for key, label in samples_by_split.get(split, ()):
+            name = os.path.relpath(key, base).replace(os.sep, "/") if isinstance(key, str) else str(key)
+            digest.update(f"\n{name}\t{label}".encode())
+    return {"sizes": {split: len(samples_by_split.get(split, ())) for split in SPLIT_NAMES},
+            "sha256": digest.hexdigest()}
+
+
+def data_difference(saved_classes: Sequence[str], saved: Mapping[str, Any], classes: Sequence[str],
+                    current: Mapping[str, Any]) -> str:
+    """How two folds' data differ, in words ('' when their fingerprints agree)."""
+    if list(saved_classes) != list(classes):
+        gone, new = sorted(set(saved_classes) - set(classes)), sorted(set(classes) - set(saved_classes))
+        detail = "; ".join(filter(None, [f"not any more: {', '.join(gone[:5])}" if gone else "",
+                                         f"new: {', '.join(new[:5])}" if new else ""])) or "another order"
+        return f"the classes differ ({len(saved_classes)} then, {len(classes)} now; {detail})"
+    if dict(saved["sizes"]) != dict(current["sizes"]):
+        sizes = ", ".join(f"{s} {saved['sizes'].get(s)} -> {current['sizes'].get(s)}" for s in SPLIT_NAMES
+                          if saved["sizes"].get(s) != current["sizes"].get(s))
+        return f"the split sizes differ ({sizes})"
+    if saved["sha256"] != current["sha256"]:
+        return "the splits hold other images (same sizes, other sample ids or labels)"
+    return ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,8 +325,10 @@ def class_folders(parent: Path, dataset: str, root: Path) -> list[str]:
 def images_of_class(folder: Path, dataset: str, root: Path) -> list[Path]:
     images = list_images(folder)
     if not images:
+        ignored = [f"{p.name}: {why}" for p in sorted(folder.iterdir()) if (why := unused_reason(p))]
+        there = f" It holds only files that are not used: {'; '.join(ignored[:3])}." if ignored else ""
         raise DataLayoutError(f"{dataset}: class folder has no images: {folder} (expected files with one of the "
-                         f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))}). {layout_hint(dataset, root)}")
+                              f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))}).{there} {layout_hint(dataset, root)}")
     return images
 
 
@@ -307,13 +395,16 @@ def dtd_splits(root: Path, fold: int) -> Splits:
 def read_dtd_split_file(path: Path, images: Path, index: Mapping[str, int]) -> list[tuple[str, int]]:
     samples = []
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        rel = line.strip()
-        if not rel:
+        written = line.strip()
+        if not written:
             continue
+        # Normalised, so that 'a/../b/x.jpg' is labelled b (where the file is) and counts as the
+        # same sample as 'b/x.jpg' in the disjointness check.
+        rel = os.path.normpath(written).replace(os.sep, "/")
         class_name = rel.split("/", 1)[0]
-        if "/" not in rel or class_name not in index:
-            raise DataLayoutError(f"DTD split file {path}, line {line_no}: {rel!r} is not '<class>/<file>' with "
-                             f"<class> a folder under {images}.")
+        if "/" not in rel or class_name not in index or rel.startswith("../") or os.path.isabs(rel):
+            raise DataLayoutError(f"DTD split file {path}, line {line_no}: {written!r} is not '<class>/<file>' "
+                                  f"with <class> a folder under {images}.")
         samples.append((os.path.join(images, rel), index[class_name]))
     if not samples:
         raise DataLayoutError(f"DTD split file is empty: {path} (expected lines like 'banded/banded_0002.jpg').")
@@ -472,8 +563,10 @@ def imagefolder_splits(root: Path, fold: int) -> Splits:
     train_dir = require_dir(root / "train", "imagefolder train folder", "imagefolder", root)
     val_dir = require_dir(root / "val", "imagefolder val folder", "imagefolder", root)
     classes = class_folders(train_dir, "imagefolder", root)
-    parts = {"train": folder_samples(train_dir, classes, root), "val": folder_samples(val_dir, classes, root)}
     test_dir = root / "test"
+    for split_dir in (val_dir, test_dir) if test_dir.is_dir() else (val_dir,):
+        class_folders(split_dir, "imagefolder", root)   # an empty val/ would silently leave no validation
+    parts = {"train": folder_samples(train_dir, classes, root), "val": folder_samples(val_dir, classes, root)}
     parts["test"] = folder_samples(test_dir, classes, root) if test_dir.is_dir() else []
     return Splits(classes, parts["train"], parts["val"], parts["test"])
 
@@ -551,8 +644,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def cap_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Centre-crop the long side to max_ratio x the short side; other images are returned as they are.
+
+    Applied on decode, before any resize: resizing an extreme strip by its shorter side makes an
+    image of gigabytes, while the crops a texture model takes see only the centre anyway.
+    """
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long <= max_ratio * short:
+        return image
+    keep = max(1, int(max_ratio * short))
+    offset = (long - keep) // 2
+    box = (offset, 0, offset + keep, height) if width > height else (0, offset, width, offset + keep)
+    return image.crop(box)
+
+
 def decode_image(path: str, decode_size: int | None = None) -> Image.Image:
-    """Decode to RGB at native resolution, or resized so the shorter side is decode_size.
+    """Decode to RGB, upright (EXIF orientation applied), with the aspect ratio capped at
+    MAX_ASPECT_RATIO, at native resolution or resized so the shorter side is decode_size.
 
     Native resolution is the default: crops are then cut from the full image, as in the paper's
     code. decode_size is the fast path for large images (ImageNet): JPEGs much larger than needed
@@ -563,7 +673,11 @@ def decode_image(path: str, decode_size: int | None = None) -> Image.Image:
         if decode_size and image.format == "JPEG" and min(image.size) > 2 * decode_size:
             image.draft("RGB", (decode_size, decode_size))
         image.load()
+        # Phone photos store the sensor's orientation in EXIF; a direction-sensitive model must see
+        # them as the photographer did.
+        ImageOps.exif_transpose(image, in_place=True)
         image = to_rgb(image)
+    image = cap_aspect_ratio(image)
     return resized_shorter_side(image, decode_size) if decode_size else image
 
 
@@ -1049,28 +1163,32 @@ def describe_splits(dataset: str, data_dir: str | Path | None, fold: int, splits
     return "\n".join(lines)
 
 
-def open_check(key: Any) -> str | None:
-    """None if the sample decodes, else the reason it does not."""
+def check_image(key: Any) -> tuple[str | None, tuple[int, int] | None]:
+    """(None if the sample decodes, else the reason it does not; its width and height)."""
     if isinstance(key, int):
-        render_synthtex(key, 32)
-        return None
+        return None, render_synthtex(key, 32).size
     try:
         with Image.open(key) as image:
+            size = image.size
             # A reduced-scale decode still parses the whole compressed stream, so it catches
             # truncated and corrupt files at a fraction of the cost.
             image.draft("RGB", (64, 64))
             image.load()
-        return None
+        return None, size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        return f"{type(error).__name__}: {error}"
+        return f"{type(error).__name__}: {error}", None
 
 
-def find_unreadable(keys: Sequence[Any], workers: int, progress: bool) -> list[tuple[Any, str]]:
+def check_images(keys: Sequence[Any], workers: int, progress: bool) -> list[tuple[str | None, tuple[int, int] | None]]:
+    """check_image of every key, in order."""
     # PIL releases the GIL while decoding, so threads give a real speed-up here.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(utils.progress(pool.map(open_check, keys), total=len(keys), desc="opening images",
-                                      unit="img", disable=not progress))
-    return [(key, reason) for key, reason in zip(keys, results) if reason is not None]
+        return list(utils.progress(pool.map(check_image, keys), total=len(keys), desc="opening images",
+                                   unit="img", disable=not progress))
+
+
+def is_extreme_aspect(size: tuple[int, int] | None) -> bool:
+    return size is not None and max(size) > MAX_ASPECT_RATIO * max(1, min(size))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1104,10 +1222,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         download_dataset(args.download, args.data_dir, args.base_url, args.keep_archives)
     splits = load_splits(args.dataset, args.data_dir, args.fold)
     print(describe_splits(args.dataset, args.data_dir, args.fold, splits))
+    # The same notes train.py prints when it starts.
+    for note in split_warnings(splits):
+        print(f"warning: {note}")
+    unused = unused_files(splits)
+    if unused:
+        print(f"warning: {len(unused)} file(s) beside the images are not used:")
+        for path, why in unused:
+            print(f"  {path}: {why}")
     if args.no_open_check:
         return 0
     keys = [key for split in SPLIT_NAMES for key, _ in splits.split(split)]
-    bad = find_unreadable(keys, max(1, args.workers), not args.no_progress)
+    checks = check_images(keys, max(1, args.workers), not args.no_progress)
+    extreme = [(key, size) for key, (_, size) in zip(keys, checks) if is_extreme_aspect(size)]
+    if extreme:
+        print(f"warning: {len(extreme)} image(s) are more than {MAX_ASPECT_RATIO:g} times longer than wide; "
+              f"they are centre-cropped to {MAX_ASPECT_RATIO:g}:1 when loaded:")
+        for key, (width, height) in extreme:
+            print(f"  {key}: {width} x {height}")
+    bad = [(key, reason) for key, (reason, _) in zip(keys, checks) if reason is not None]
     if bad:
         print(f"{len(bad)} of {len(keys)} images are unreadable:")
         for key, reason in bad:

@@ -524,7 +524,13 @@ def build_model(
     spec = get_spec(name)
     log = log or (print if verbose else (lambda *a, **k: None))
     if spec.timm_name is not None:
-        return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
+        try:
+            return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
+        except TypeError as error:
+            if not model_kwargs:
+                raise
+            raise ModelConfigError(f"{name}: {error}. Model hyper-parameters (model_kwargs) are for TwistNet "
+                                   f"models; leave them out for the baselines.") from None
 
     try:
         model = spec.builder(num_classes, **model_kwargs)
@@ -643,12 +649,33 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise CheckpointNotFoundError(f"Checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # a plain pickle makes torch warn before it fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointReadError(
-            f"Could not read checkpoint {path}: {type(exc).__name__}: {exc}. Expected a file "
+            f"Could not read checkpoint {path}: {unreadable_reason(path, exc)}. Expected a file "
             f"written by torch.save holding a state_dict or a dict with 'model'/'state_dict'."
-        ) from exc
+        ) from None
+
+
+def unreadable_reason(path: Path, exc: Exception) -> str:
+    """Why torch.load(weights_only=True) failed on `path`, in words; never torch's own advice to
+    retry with weights_only=False, which would run whatever code the file contains."""
+    import zipfile
+
+    if path.stat().st_size == 0:
+        return "the file is empty (a copy or a save that never finished)"
+    blocked = re.search(r"GLOBAL (\S+)", str(exc))
+    if blocked:
+        return (f"it holds Python objects that safe loading refuses ({blocked.group(1)}); files this project "
+                f"writes hold only tensors and plain values. Do not load it with weights_only=False: that "
+                f"would run whatever code it carries")
+    if not zipfile.is_zipfile(path):
+        return ("it is not a torch.save file (no complete zip archive: random bytes, a text file, a pickle, "
+                "or a truncated copy)")
+    first = next((line for line in str(exc).splitlines() if line.strip() and "weights_only" not in line), "")
+    return f"a damaged torch.save file ({type(exc).__name__}{': ' + first.strip()[:200] if first else ''})"
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:

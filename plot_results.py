@@ -499,7 +499,7 @@ def gate_init_of(log_file: str | Path) -> float | None:
     run_path = Path(log_file).resolve().parent
     config: dict = {}
     if (run_path / "results.json").is_file():
-        config = json.loads((run_path / "results.json").read_text()).get("config") or {}
+        config = utils.read_json(run_path / "results.json").get("config") or {}
     elif (run_path / "best.pt").is_file():
         import torch
         config = torch.load(run_path / "best.pt", map_location="cpu", weights_only=True).get("config") or {}
@@ -593,7 +593,7 @@ def per_run_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
     elif args.plot == "confusion":
         files = require(args.results, "--results", args.plot)
         for path in files:
-            data = json.loads(Path(path).read_text())
+            data = utils.read_json(path)
             if data.get("confusion") is None:
                 raise UserError(f"{path} has no confusion matrix (the run had no test split)")
             classes = data.get("classes") or [str(k) for k in range(len(data["confusion"]))]

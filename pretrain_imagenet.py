@@ -61,6 +61,7 @@ import datasets
 import distributed
 import model_tools
 import models
+import rundirs
 import transforms
 import utils
 from distributed import BatchPlan, DistContext
@@ -573,6 +574,12 @@ def validate_args(args: argparse.Namespace, ctx: DistContext) -> None:
     for name in ("epochs", "batch_size", "img_size", "accum_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
+    if not args.base_lr > 0:
+        raise UserError(f"--base_lr {args.base_lr}: the learning rate must be positive.")
+    utils.check_recipe_arguments(args)
+    if args.batch_size < 2 and not (args.sync_bn and ctx.world_size > 1):
+        raise UserError(f"--batch_size {args.batch_size} per process cannot train: BatchNorm needs at least 2 "
+                        f"images per batch for its batch statistics (Mixup/CutMix also pair images). Use 2 or more.")
 
 
 def header_record(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, trainer: Pretrainer,
@@ -645,11 +652,41 @@ def main(argv: list[str] | None = None) -> int:
         distributed.close_distributed(ctx)
 
 
+def read_resume_checkpoint(path: Path) -> dict:
+    return rundirs.read_checkpoint(
+        path, rundirs.PRETRAIN_LATEST,
+        "--resume takes the latest.pt that pretrain_imagenet.py wrote into its --checkpoint_dir. To start "
+        "pretraining from weights instead, use --init resnet18 (--resnet18_weights FILE); to fine-tune "
+        "weights, use train.py --pretrained FILE.")
+
+
+@contextlib.contextmanager
+def checkpoint_dir_lock(ckpt_dir: Path, ctx: DistContext) -> Iterator[rundirs.RunLock | None]:
+    """Rank 0 holds the checkpoint directory's run.lock for the whole run, so that two jobs never
+    write one directory; every rank learns whether it got it and all stop together if not."""
+    lock, error = None, None
+    if ctx.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = rundirs.RunLock(ckpt_dir).acquire()
+        except rundirs.RunLockedError as locked:
+            error = locked
+    if distributed.all_agree_to_stop(error is not None, ctx):
+        if error is not None:
+            raise error
+        raise SystemExit(rundirs.EXIT_LOCKED)   # rank 0 says why, once
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
     resume_path = resolve_resume_path(args, explicit)
     ckpt = None
     if resume_path is not None:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
+        ckpt = read_resume_checkpoint(resume_path)
         args = distributed.merge_resume_config(args, explicit, saved_config(ckpt), RESUME_SAFE_KEYS, PER_LAUNCH_KEYS)
         plan = distributed.plan_for_resume(ckpt["global_batch"], args.batch_size, ctx.world_size,
                                      args.accum_steps if "accum_steps" in explicit else None)
@@ -658,11 +695,15 @@ def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
         plan = BatchPlan(args.batch_size, ctx.world_size, args.accum_steps)
     validate_args(args, ctx)
     phases = utils.parse_progressive(args.progressive, args.img_size)
-    utils.configure_kernels(args.deterministic, ctx.device)
+    with checkpoint_dir_lock(Path(args.checkpoint_dir), ctx) as lock:
+        return train_run(args, ctx, plan, phases, ckpt, resume_path, lock)
 
+
+def train_run(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phases: list[tuple[float, int]],
+              ckpt: dict | None, resume_path: Path | None, lock: rundirs.RunLock | None) -> int:
+    """Pretrain (or resume); rank 0 holds the checkpoint directory's lock."""
+    utils.configure_kernels(args.deterministic, ctx.device)
     ckpt_dir = Path(args.checkpoint_dir)
-    if ctx.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
     console = utils.Console(ckpt_dir / "train.log", enabled=ctx.is_main)
 
     # Identical initial weights on every rank; afterwards each rank draws its own Mixup stream.
@@ -678,10 +719,12 @@ def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
         header = header_record(args, ctx, plan, trainer, train_data, val_data, kind="header")
         utils.write_jsonl(ckpt_dir / "log.jsonl", [header])
     console(start_line(trainer, train_data, val_data))
+    for note in utils.speed_notes(ctx.device, trainer.amp_dtype, args.compile):
+        console(note)
 
     # A terminal Ctrl-C reaches each torchrun worker twice: a second signal within 2 s is that echo.
     with utils.StopFlag(grace_s=2.0) as stop:
-        if not train_epochs(trainer, train_data, val_data, phases, ckpt_dir, stop):
+        if not train_epochs(trainer, train_data, val_data, phases, ckpt_dir, stop, lock):
             console(f"Interrupted at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}/"
                     f"{trainer.steps_per_epoch}: saved {ckpt_dir / 'latest.pt'}. Continue with "
                     f"--resume {ckpt_dir / 'latest.pt'}.")
@@ -735,12 +778,15 @@ def start_line(trainer: Pretrainer, train_data: TrainData, val_data: ValData) ->
 
 
 def train_epochs(trainer: Pretrainer, train_data: TrainData, val_data: ValData,
-                 phases: list[tuple[float, int]], ckpt_dir: Path, stop: utils.StopFlag) -> bool:
+                 phases: list[tuple[float, int]], ckpt_dir: Path, stop: utils.StopFlag,
+                 lock: rundirs.RunLock | None) -> bool:
     """Train the remaining epochs, validating, logging and checkpointing; False if stopped early."""
     args, ctx, console = trainer.args, trainer.ctx, trainer.console
 
     def save_latest() -> None:
         state = trainer.checkpoint(vars(args))
+        if lock is not None:
+            lock.check()
         if ctx.is_main:
             utils.atomic_save(state, ckpt_dir / "latest.pt")
 

@@ -11,14 +11,23 @@ Usage:
 
 Every run is its own `train.py` process writing <run_dir>/<dataset>_fold<k>_<model>[-<tag>]_seed<s>/
 (README "The run directory"). Its stdout and stderr go to run_all.log in that directory. A run whose
-results.json exists is skipped without starting a process; one with only last.pt is resumed by
-train.py; a run that fails is reported and the sweep goes on. Running the same command again
-therefore finishes whatever is left. The plan goes fold by fold, seed by seed, all models for each,
-so that a sweep stopped half-way already holds complete (fold, seed) pairs for paired tests.
+results.json exists is skipped without starting a process (unless it was made with another recipe
+or on other data: then the sweep refuses to start, listing the differences); one with only last.pt
+is resumed by train.py; a run that fails is reported and the sweep goes on. Running the same
+command again therefore finishes whatever is left. The plan goes fold by fold, seed by seed, all
+models for each, so that a sweep stopped half-way already holds complete (fold, seed) pairs for
+paired tests.
 
-Ctrl-C (or SIGTERM) asks every running train.py to save last.pt and stop, waits for them, prints
-the summary and exits 130; a second Ctrl-C stops the runs at once. Exit status: 0 when every run
-is finished, 1 when any failed, 2 on a bad command line, 130 when interrupted.
+A run that another process is training (its run.lock is held: another run_all.py on the same
+--run_dir, on this machine or another one sharing the folder) is reported as "running elsewhere"
+and not started; several sweeps on one --run_dir thus share out the runs, each trained once.
+
+Ctrl-C, SIGTERM or SIGHUP (a closed terminal) asks every running train.py to save last.pt and stop,
+waits for them, prints the summary and exits 130; a second signal stops the runs at once. The
+children die with the sweep: if run_all.py itself is killed (SIGKILL, the OOM killer), each
+train.py gets SIGTERM, saves last.pt and stops, so no orphan trains on. Exit status: 0 when every
+run is finished or running elsewhere, 1 when any failed, 2 on a bad command line, 130 when
+interrupted.
 """
 from __future__ import annotations
 
@@ -36,14 +45,16 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
 import datasets
 import models
+import rundirs
 import utils
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
@@ -167,7 +178,7 @@ class Run:
     name: str
     path: Path
     command: tuple[str, ...]
-    status: str  # "run", "resume" or "skip"
+    status: str  # "run", "resume", "skip" or "elsewhere" (another process holds its lock)
 
     @property
     def log_path(self) -> Path:
@@ -189,6 +200,8 @@ def train_command(args: argparse.Namespace, model: str, fold: int, seed: int,
 
 
 def run_status(path: Path, force: bool) -> str:
+    if rundirs.lock_holder(path) is not None:
+        return "elsewhere"
     if force:
         return "run"  # train.py --force restarts finished and interrupted runs alike
     if (path / "results.json").exists():
@@ -201,19 +214,54 @@ def run_status(path: Path, force: bool) -> str:
 def plan_runs(args: argparse.Namespace, passthrough: Sequence[str], options: argparse.Namespace,
               train: ModuleType) -> list[Run]:
     train_parser = train.build_parser()
-    runs = []
+    runs, conflicts, fingerprints = [], [], {}
     for fold in args.folds:
         for seed in args.seeds:
             for model in args.models:
                 command = train_command(args, model, fold, seed, passthrough, options)
-                name = train.run_name(train_parser.parse_args(command[2:]))
+                run_args = train_parser.parse_args(command[2:])
+                train.validate_args(run_args)   # e.g. --batch_size 1: refused once, not by every run
+                name = train.run_name(run_args)
                 path = Path(args.run_dir) / name
-                runs.append(Run(name, path, tuple(command), run_status(path, options.force)))
+                run = Run(name, path, tuple(command), run_status(path, options.force))
+                if run.status == "skip":
+                    if fold not in fingerprints:
+                        fingerprints[fold] = data_of_fold(args, fold, train)
+                    conflict = finished_run_conflict(run, run_args, fingerprints[fold], train)
+                    if conflict:
+                        conflicts.append(conflict)
+                runs.append(run)
+    if conflicts:
+        shown = "; ".join(conflicts[:5]) + (f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
+        raise utils.UserError(
+            f"{len(conflicts)} finished run(s) in {args.run_dir} do not belong to this command, so skipping them "
+            f"would keep numbers of something else: {shown}. Pass "
+            f"--force to train them again with this command, or use another --tag or --run_dir for it.")
     return runs
 
 
+def data_of_fold(args: argparse.Namespace, fold: int, train: ModuleType) -> Any:
+    """A fold's classes and split fingerprint (train.Data-like), or None if the data cannot be
+    read here (then unfinished runs fail in train.py with the reason; finished ones are kept)."""
+    try:
+        splits = datasets.load_splits(args.dataset, args.data_dir, fold)
+    except utils.UserError:
+        return None
+    fingerprint = datasets.split_fingerprint(splits.classes, {s: splits.split(s) for s in datasets.SPLIT_NAMES})
+    return types.SimpleNamespace(classes=splits.classes, fingerprint=fingerprint)
+
+
+def finished_run_conflict(run: Run, run_args: argparse.Namespace, data: Any, train: ModuleType) -> str | None:
+    """Why a finished run does not belong to this sweep's command (None if it does)."""
+    try:
+        difference = train.finished_difference(run.path, train.config_of(run_args), data)
+    except utils.UserError as error:   # an unreadable results.json
+        difference = str(error)
+    return f"{run.name} finished {difference}" if difference else None
+
+
 def print_plan(runs: Sequence[Run]) -> None:
-    label = {"run": "would-run", "resume": "resume", "skip": "skip"}
+    label = {"run": "would-run", "resume": "resume", "skip": "skip", "elsewhere": "elsewhere"}
     print(f"Plan: {len(runs)} runs ({plan_counts(runs)})")
     for run in runs:
         print(f"{label[run.status]:9s}  {run.name}")
@@ -223,7 +271,8 @@ def print_plan(runs: Sequence[Run]) -> None:
 
 def plan_counts(runs: Sequence[Run]) -> str:
     counts = collections.Counter(r.status for r in runs)
-    return f"{counts['run']} to run, {counts['resume']} to resume, {counts['skip']} finished (skipped)"
+    text = f"{counts['run']} to run, {counts['resume']} to resume, {counts['skip']} finished (skipped)"
+    return text + (f", {counts['elsewhere']} running elsewhere" if counts["elsewhere"] else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +281,7 @@ def plan_counts(runs: Sequence[Run]) -> str:
 @dataclasses.dataclass
 class Outcome:
     run: Run
-    state: str  # "done", "skipped", "failed", "interrupted", "not started"
+    state: str  # one of STATES
     returncode: int | None = None
     seconds: float = 0.0
     last_line: str = ""
@@ -274,8 +323,16 @@ def last_output_line(log_path: Path, offset: int) -> str:
             text = f.read().decode(errors="replace")
     except OSError:
         return ""
-    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith("===== ")]   # run_all's own markers are not the child's
     return lines[-1] if lines else ""
+
+
+def say(text: str) -> None:
+    """Print that survives a closed terminal (after SIGHUP writes fail with EIO): the sweep must go
+    on stopping its runs cleanly whether or not anyone reads it."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, flush=True)
 
 
 @dataclasses.dataclass
@@ -293,10 +350,11 @@ class Sweep:
     Worker threads (one per slot) take runs from a shared queue, so a slot that finishes early
     takes the next run. Children start in their own session: a Ctrl-C in the terminal reaches
     only run_all, which forwards exactly one SIGINT to each child. Two SIGINTs would make
-    train.py quit without saving.
+    train.py quit without saving. Each child is tied to the thread that started it and waits for
+    it (rundirs.die_with_parent_preexec), so if run_all dies, its children get SIGTERM and stop.
     """
 
-    def __init__(self, runs: Sequence[Run], slots: Sequence[dict[str, str]]) -> None:
+    def __init__(self, runs: Sequence[Run], slots: Sequence[dict[str, str]], force: bool = False) -> None:
         self.pending = collections.deque(runs)
         self.total = len(runs)
         self.slots = list(slots)[:max(1, len(runs))]
@@ -305,6 +363,8 @@ class Sweep:
         self.outcomes: queue.Queue[Outcome] = queue.Queue()
         self.signals_received = 0
         self.signals_forwarded = 0
+        self.force = force
+        self.preexec = rundirs.die_with_parent_preexec(signal.SIGTERM)
 
     @property
     def stopping(self) -> bool:
@@ -323,8 +383,9 @@ class Sweep:
                 except queue.Empty:
                     continue
                 results.append(outcome)
-                bar.update(1)
-                tqdm.write(outcome_line(outcome, len(results), self.total))
+                with contextlib.suppress(OSError, ValueError):
+                    bar.update(1)
+                    tqdm.write(outcome_line(outcome, len(results), self.total))
         results += [Outcome(run, "not started") for run in self.pending]
         return results
 
@@ -332,7 +393,7 @@ class Sweep:
     def _catch_signals(self) -> Iterator[None]:
         def on_signal(signum: int, frame: object) -> None:
             self.signals_received += 1  # acted on by the main loop: a handler must not take locks
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, on_signal) for sig in utils.STOP_SIGNALS}
         try:
             yield
         finally:
@@ -348,11 +409,12 @@ class Sweep:
             for child in children:
                 with contextlib.suppress(ProcessLookupError):
                     child.send_signal(signal.SIGINT)
-        if self.signals_forwarded == 1:
-            tqdm.write(f"Interrupted: asked {len(children)} running run(s) to save last.pt and stop; "
-                       f"{len(self.pending)} queued run(s) will not start. Ctrl-C again stops them at once.")
-        else:
-            tqdm.write(f"Stopping {len(children)} run(s) at once.")
+        with contextlib.suppress(OSError, ValueError):
+            if self.signals_forwarded == 1:
+                tqdm.write(f"Interrupted: asked {len(children)} running run(s) to save last.pt and stop; "
+                           f"{len(self.pending)} queued run(s) will not start. Ctrl-C again stops them at once.")
+            else:
+                tqdm.write(f"Stopping {len(children)} run(s) at once.")
 
     def _work(self, env: dict[str, str]) -> None:
         while True:
@@ -368,16 +430,25 @@ class Sweep:
         seconds = time.perf_counter() - started.start
         with self.lock:
             self.live.pop(started.child.pid, None)
+        started.log.flush()
+        last_line = last_output_line(run.log_path, started.offset)   # before run_all's own marker
         with started.log as log:
             log.write(f"===== exit code {returncode} after {format_duration(seconds)}\n")
         if returncode == 0:
             return Outcome(run, "done", returncode, seconds)
+        if returncode == rundirs.EXIT_LOCKED:   # another process took the run between our look and its start
+            return Outcome(run, "elsewhere", returncode, seconds, last_line)
         # 130 is train.py's "saved last.pt and stopped", also when someone else sent the signal.
         state = "interrupted" if self.stopping or returncode == EXIT_INTERRUPTED else "failed"
-        return Outcome(run, state, returncode, seconds, last_output_line(run.log_path, started.offset))
+        return Outcome(run, state, returncode, seconds, last_line)
 
     def _start(self, run: Run, env: dict[str, str]) -> Started | Outcome:
         """Start one child (called under the lock, so a stop cannot miss it)."""
+        # Look again: the plan may be hours old, and another sweep on this --run_dir may have
+        # taken the run (or finished it) since.
+        status = run_status(run.path, self.force)
+        if status in ("elsewhere", "skip"):
+            return Outcome(run, "elsewhere" if status == "elsewhere" else "skipped")
         try:
             run.path.mkdir(parents=True, exist_ok=True)
             log = open(run.log_path, "a", buffering=1)
@@ -390,8 +461,9 @@ class Sweep:
         offset = log.tell()
         try:
             child = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=self.preexec,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                          rundirs.SWEEP_PID_ENV: str(os.getpid()), **env})
         except OSError as error:
             log.write(f"===== could not start: {error}\n")
             log.close()
@@ -410,14 +482,15 @@ def outcome_line(outcome: Outcome, count: int, total: int) -> str:
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-STATES = ("done", "skipped", "failed", "interrupted", "not started")
+STATES = ("done", "skipped", "failed", "interrupted", "not started", "elsewhere")
+STATE_LABELS = {"elsewhere": "running elsewhere"}
 
 
 def format_report(outcomes: Sequence[Outcome], seconds: float) -> str:
     counts = collections.Counter(o.state for o in outcomes)
     lines = ["", f"Sweep summary: {len(outcomes)} runs in {format_duration(seconds)}",
-             f"  {'status':12s} {'runs':>5s}"]
-    lines += [f"  {state:12s} {counts[state]:5d}" for state in STATES]
+             f"  {'status':18s} {'runs':>5s}"]
+    lines += [f"  {STATE_LABELS.get(state, state):18s} {counts[state]:5d}" for state in STATES]
     failed = [o for o in outcomes if o.state == "failed"]
     if failed:
         lines.append("Failed runs (exit code, log):")
@@ -429,13 +502,19 @@ def format_report(outcomes: Sequence[Outcome], seconds: float) -> str:
     if unfinished:
         lines.append("Unfinished runs (run the same command again to resume them):")
         lines += [f"  {o.run.name}  {o.state}" for o in unfinished]
+    elsewhere = [o for o in outcomes if o.state == "elsewhere"]
+    if elsewhere:
+        lines.append("Running elsewhere (another process holds their run.lock; not started here):")
+        for o in elsewhere:
+            holder = rundirs.lock_holder(o.run.path)
+            lines.append(f"  {o.run.name}" + (f"  {holder.describe()}" if holder else "  (finished or stopped since)"))
     return "\n".join(lines)
 
 
 def exit_code(outcomes: Sequence[Outcome], interrupted: bool) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK if all(o.state in ("done", "skipped") for o in outcomes) else EXIT_FAILED
+    return EXIT_OK if all(o.state in ("done", "skipped", "elsewhere") for o in outcomes) else EXIT_FAILED
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,16 +533,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     slots = slot_environments(args.gpus, args.runs_per_gpu, args.jobs)
-    to_do = [r for r in runs if r.status != "skip"]
+    to_do = [r for r in runs if r.status not in ("skip", "elsewhere")]
     where = f"GPUs {','.join(args.gpus)} x {args.runs_per_gpu}" if args.gpus else f"{args.jobs} job(s) on CPU"
     print(f"{len(runs)} runs in {args.run_dir}: {plan_counts(runs)}; {len(slots)} at a time ({where})",
           flush=True)
     start = time.perf_counter()
-    sweep = Sweep(to_do, slots)
-    outcomes = [Outcome(r, "skipped") for r in runs if r.status == "skip"] + (sweep.execute() if to_do else [])
-    print(format_report(outcomes, time.perf_counter() - start), flush=True)
+    sweep = Sweep(to_do, slots, options.force)
+    outcomes = [Outcome(r, {"skip": "skipped", "elsewhere": "elsewhere"}[r.status]) for r in runs
+                if r.status in ("skip", "elsewhere")]
+    outcomes += sweep.execute() if to_do else []
+    say(format_report(outcomes, time.perf_counter() - start))
     return exit_code(outcomes, sweep.stopping)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(utils.run_main(main))

@@ -10,7 +10,13 @@ Usage:
 
 Each --run_dir is a folder of run directories written by train.py (README "The run directory"). A run
 counts when its results.json exists; run directories without one are counted as incomplete and
-left out. A model's name is results["model"], plus "-<tag>" when the run had a tag.
+left out, and so is a run whose test accuracy is not a number (NaN), with a note. A model's name is
+results["model"], plus "-<tag>" when the run had a tag.
+
+The runs of one cell must share one recipe (every train.py setting but fold, seed and where data
+and runs live): a cell that mixes recipes, e.g. a sweep re-run with other --epochs into the same
+--run_dir, is refused with the differences listed. --split_recipes shows each recipe as its own
+row instead ("model [recipe 2]"), with a note saying what differs.
 
 Every cell is the mean ± sample std (ddof=1) of test accuracy over all fold x seed runs of that
 model on that dataset, with the number of runs. The runs a cell should have are all the folds x
@@ -51,6 +57,10 @@ from utils import UserError
 
 DAGGER = "†"
 STD_NOTE = "mean ± std over all fold x seed runs (sample std, ddof=1)"
+# train.py settings that are not part of a run's recipe: which cell and which run it is, where
+# data and runs live, how fast data is loaded, what is printed.
+NOT_RECIPE = frozenset({"model", "tag", "dataset", "fold", "seed", "data_dir", "run_dir", "workers", "prefetch",
+                        "cache", "no_progress", "force", "device", "benchmark_loader"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,11 +79,14 @@ class RunResult:
     path: Path                           # the run directory
     img_size: int | None = None          # the run's input size: its FLOPs are counted at this size
     classes: tuple[str, ...] = ()
+    recipe: tuple[tuple[str, str], ...] = ()   # (setting, JSON value) of the config, NOT_RECIPE left out
+    recipe_name: str = ""                # "recipe 2" when --split_recipes separates a model's recipes
 
     @property
     def label(self) -> str:
-        """model[-tag]: a run made with train.py --tag is its own row."""
-        return models.run_label(self.model, self.tag)
+        """model[-tag]: a run made with train.py --tag is its own row (and with --split_recipes, each recipe)."""
+        label = models.run_label(self.model, self.tag)
+        return f"{label} [{self.recipe_name}]" if self.recipe_name else label
 
     @property
     def num_classes(self) -> int | None:
@@ -90,6 +103,7 @@ class RunCollection:
     incomplete: list[Path]               # run directories without results.json
     unusable: list[tuple[Path, str]]     # results.json that cannot be used, and why
     duplicates: list[tuple[Path, Path]]  # (ignored, kept): the same run found twice
+    recipe_notes: list[str] = dataclasses.field(default_factory=list)   # what each "[recipe k]" row is
 
 
 def parse_results(path: Path) -> RunResult:
@@ -103,11 +117,14 @@ def parse_results(path: Path) -> RunResult:
         raise ValueError(f"no {error} field") from None
     if fields["test_acc"] is None:
         raise ValueError("no test accuracy (the dataset has no test split)")
+    if not math.isfinite(float(fields["test_acc"])):
+        raise ValueError(f"the test accuracy is {fields['test_acc']} (the run diverged or evaluated nothing)")
     config = results.get("config") or {}
+    recipe = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in NOT_RECIPE))
     return RunResult(str(fields["model"]), str(results.get("tag") or ""), str(fields["dataset"]),
                      int(fields["fold"]), int(fields["seed"]), float(fields["test_acc"]), results.get("params"),
                      results.get("flops"), path.parent, results.get("img_size", config.get("img_size")),
-                     tuple(str(c) for c in results.get("classes") or ()))
+                     tuple(str(c) for c in results.get("classes") or ()), recipe)
 
 
 def run_directories(root: Path) -> list[Path]:
@@ -142,13 +159,65 @@ def load_runs(run_dirs: Iterable[str | Path]) -> RunCollection:
 
 
 def load_results(run_dirs: Iterable[str | Path]) -> list[RunResult]:
-    """The finished runs below `run_dirs`, warning about what was left out (figures, ablation)."""
+    """The finished runs below `run_dirs`, warning about what was left out (figures, ablation);
+    a UserError if a cell mixes recipes (see recipe_conflicts)."""
     found = load_runs(run_dirs)
     for path, why in found.unusable:
         warnings.warn(f"{path}: {why}; skipped")
     for ignored, kept in found.duplicates:
         warnings.warn(f"{ignored} repeats {kept}; counted once")
+    refuse_mixed_recipes(found.runs)
     return found.runs
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes: a mean over runs of different recipes is no result
+# --------------------------------------------------------------------------------------------
+def recipe_differences(runs: Sequence[RunResult]) -> list[str]:
+    """'setting: value1 | value2' for the settings that differ among `runs`; a setting some
+    runs lack (written by an older train.py) cannot be compared and is left out."""
+    shared = set.intersection(*(set(dict(r.recipe)) for r in runs)) if runs else set()
+    lines = []
+    for key in sorted(shared):
+        values = sorted({dict(r.recipe)[key] for r in runs})
+        if len(values) > 1:
+            lines.append(f"{key}: {' | '.join(values)}")
+    return lines
+
+
+def recipe_conflicts(runs: Sequence[RunResult]) -> dict[tuple[str, str], list[str]]:
+    """(label, dataset) -> the settings that differ, for every cell whose runs mix recipes."""
+    cells: dict[tuple[str, str], list[RunResult]] = {}
+    for run in runs:
+        cells.setdefault((run.label, run.dataset), []).append(run)
+    return {key: diff for key, group in cells.items() if (diff := recipe_differences(group))}
+
+
+def refuse_mixed_recipes(runs: Sequence[RunResult]) -> None:
+    conflicts = recipe_conflicts(runs)
+    if conflicts:
+        shown = "; ".join(f"{label} on {dataset} ({', '.join(diff)})" for (label, dataset), diff
+                          in sorted(conflicts.items())[:4])
+        raise UserError(f"{len(conflicts)} cell(s) mix runs of different recipes, so their mean would be "
+                        f"no result: {shown}. Give --run_dir folders that hold one recipe each, or (summarize_runs.py) "
+                        f"--split_recipes to show every recipe as its own row.")
+
+
+def split_recipes(runs: Sequence[RunResult]) -> tuple[list[RunResult], list[str]]:
+    """Runs relabelled 'model [recipe k]' where a model's cells mix recipes, and notes saying
+    what each recipe is (the settings in which they differ)."""
+    mixed = {label for label, _ in recipe_conflicts(runs)}
+    out, notes = [], []
+    for label in sorted(mixed):
+        group = [r for r in runs if r.label == label]
+        recipes = sorted({r.recipe for r in group})
+        differing = [line.split(":")[0] for line in recipe_differences(group)]
+        for number, recipe in enumerate(recipes, start=1):
+            values = dict(recipe)
+            notes.append(f"{label} [recipe {number}]: " + ", ".join(f"{k}={values.get(k, '?')}" for k in differing))
+        out += [dataclasses.replace(r, recipe_name=f"recipe {recipes.index(r.recipe) + 1}") for r in group]
+    out += [r for r in runs if r.label not in mixed]
+    return out, notes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +335,12 @@ def cell_text(cell: Cell | None, best: bool = False, bold: tuple[str, str] = (""
     return text + (dagger if cell.missing else "")
 
 
+def row_display_name(label: str) -> str:
+    """The paper name of a row, with its ' [recipe k]' (see --split_recipes) kept."""
+    base, bracket, rest = label.partition(" [")
+    return models.display_name(base) + (f" [{rest}" if bracket else "")
+
+
 def align(rows: Sequence[Sequence[str]], left: Sequence[int] = (0,)) -> list[str]:
     """Columns padded to a common width: names (the `left` columns) flush left, numbers flush right."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -282,6 +357,7 @@ def note_lines(table: Table, found: RunCollection) -> list[str]:
                      f"left out: " + ", ".join(p.name for p in found.incomplete))
     lines += [f"left out {path}: {why}" for path, why in found.unusable]
     lines += [f"duplicate run {ignored} ignored (kept {kept})" for ignored, kept in found.duplicates]
+    lines += found.recipe_notes
     return lines
 
 
@@ -327,7 +403,7 @@ def format_latex(table: Table, found: RunCollection) -> str:
         cells = [cell_text(table.cells.get((label, d)), label in best[d], (r"\textbf{", "}"),
                            pm=r"$\pm$", dagger=r"$^\dagger$", with_n=False).replace("—", "--")
                  for d in table.datasets]
-        lines.append(" & ".join([utils.tex_escape(models.display_name(label)), *cells,
+        lines.append(" & ".join([utils.tex_escape(row_display_name(label)), *cells,
                                  complexity_text(table.params[label], 1e6, "--", "--"),
                                  complexity_text(table.flops[label], 1e9, "--", "--")]) + r" \\")
     lines.append(r"\bottomrule")
@@ -335,7 +411,7 @@ def format_latex(table: Table, found: RunCollection) -> str:
                  rf"over all fold $\times$ seed runs ({runs_note}); best in bold.}} \\")
     flagged = table.flagged()
     if flagged:
-        short = "; ".join(f"{utils.tex_escape(models.display_name(label))} on {utils.tex_escape(datasets.dataset_display_name(d))} "
+        short = "; ".join(f"{utils.tex_escape(row_display_name(label))} on {utils.tex_escape(datasets.dataset_display_name(d))} "
                           f"{cell.n}/{cell.n + len(cell.missing)}" for label, d, cell in flagged)
         lines.append(rf"\multicolumn{{{n_cols}}}{{@{{}}l}}{{\footnotesize $^\dagger$ incomplete: {short}.}} \\")
     lines.append(r"\end{tabular}")
@@ -401,9 +477,12 @@ def paired_test(ref_values: Sequence[float], other_values: Sequence[float]) -> t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns about ties and tiny samples; the note says so
         wilcoxon_p = float(stats.wilcoxon(ref_values, other_values).pvalue)
+        if np.ptp(diffs) == 0:
+            # No spread: t = mean / (0 / sqrt(n)) is infinite and scipy would print p = 0, a
+            # certainty that n runs with one constant gap do not give.
+            return wilcoxon_p, math.nan, "constant difference: t undefined"
         ttest_p = float(stats.ttest_rel(ref_values, other_values).pvalue)
-    note = "constant difference: t undefined" if np.ptp(diffs) == 0 else ""
-    return wilcoxon_p, ttest_p, note
+    return wilcoxon_p, ttest_p, ""
 
 
 def paired_tests(runs: Sequence[RunResult], ref: str, labels: Sequence[str]) -> list[PairedTest]:
@@ -459,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated model names (model or model-tag), in the row order wanted")
     p.add_argument("--summary", action="store_true", help="also rank the models on every dataset")
     p.add_argument("--ref", default=None, help="reference model for paired tests, e.g. twistnet18")
+    p.add_argument("--split_recipes", action="store_true",
+                   help="show each recipe of a model as its own row ('model [recipe k]') instead of refusing "
+                        "cells that mix recipes")
     return p
 
 
@@ -485,6 +567,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"No finished runs (results.json) under {', '.join(args.run_dir)}; "
               f"{len(found.incomplete)} incomplete run directories.", file=sys.stderr)
         return 1
+    if args.split_recipes:
+        found.runs, recipe_notes = split_recipes(found.runs)
+        found.recipe_notes = recipe_notes
+    else:
+        refuse_mixed_recipes(found.runs)
     labels = chosen_labels(args, found.runs)
     if args.ref and args.ref not in {r.label for r in found.runs}:
         parser.error(f"--ref {args.ref}: no finished run of that model")

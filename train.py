@@ -8,18 +8,26 @@ Usage:
 
 Run directory: <run_dir>/<dataset>_fold<k>_<model>_seed<s>/ with log.jsonl (one line per epoch),
 last.pt (exact resume), best.pt (best validation weights), results.json (written once at the end)
-and train.log. Starting the same command again resumes from last.pt; a finished run (results.json
-present) exits at once unless --force. The test split is evaluated only at the end, for the
-best-validation weights and for the last epoch's weights: it never selects anything.
+and train.log. Starting the same command again resumes from last.pt (on the same data: a changed
+dataset is refused); a finished run (results.json present) exits at once unless --force, and a
+changed recipe is refused rather than reported as finished. The test split is evaluated only at
+the end, for the best-validation weights and for the last epoch's weights: it never selects anything.
+
+One process at a time: the run directory is locked (run.lock) while a process trains it; a second
+one exits with status 75 and says who holds it. Exit status: 0 done (or already finished), 2 bad
+input, 75 the run is locked by another process, 130 interrupted (last.pt saved; SIGINT, SIGTERM,
+SIGHUP, or the death of the run_all.py that started it).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -28,13 +36,16 @@ from torch.utils.data import DataLoader
 import datasets
 import model_tools
 import models
+import rundirs
 import transforms
 import utils
 from utils import UserError
 
 # Options that may change between an interrupted run and its resumption without changing the
-# trajectory (where data lives, how fast it is loaded, how much is printed).
+# trajectory (where data lives, how fast it is loaded, how much is printed). A moved dataset is
+# fine; other data is caught by the fingerprint of the splits.
 RESUME_SAFE_KEYS = {"data_dir", "workers", "run_dir", "force", "cache", "no_progress", "prefetch"}
+RUN_FILES = ("results.json", "best.pt", "last.pt", "log.jsonl", "train.log")
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,11 +106,40 @@ def run_name(args: argparse.Namespace) -> str:
     return f"{args.dataset}_fold{args.fold}_{models.run_label(args.model, args.tag)}_seed{args.seed}"
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Values that cannot make a run, refused before anything is loaded or written."""
+    if args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs}: a run needs at least 1 epoch.")
+    if args.batch_size < 2:
+        why = "BatchNorm needs at least 2 images per batch for its batch statistics"
+        if args.mixup > 0 or args.cutmix > 0:
+            why += ", and Mixup/CutMix mix every image with another one of its batch"
+        raise UserError(f"--batch_size {args.batch_size} cannot train: {why}. Use 2 or more (the paper uses 32).")
+    for name in ("img_size", "eval_every", "prefetch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 (load in the main process) or more, got {args.workers}.")
+    if not 0 < args.crop_scale <= 1:
+        raise UserError(f"--crop_scale {args.crop_scale}: the smallest crop area is a fraction in (0, 1].")
+    if not args.lr > 0:
+        raise UserError(f"--lr {args.lr}: the learning rate must be positive.")
+    utils.check_recipe_arguments(args)
+
+
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-def build_loaders(args: argparse.Namespace, device: torch.device
-                  ) -> tuple[dict[str, DataLoader], list[str], datasets.EpochSeededSampler]:
+@dataclasses.dataclass
+class Data:
+    loaders: dict[str, DataLoader]
+    classes: list[str]
+    sampler: datasets.EpochSeededSampler
+    fingerprint: dict        # datasets.split_fingerprint: which images, not where they are
+    notes: list[str]         # classes absent from val/test, files beside the images that are not used
+
+
+def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
     train_tf = transforms.build_train_transform(
         args.img_size, hflip=args.hflip, randaug_n=args.randaug_n, randaug_m=args.randaug_m,
         scale=(args.crop_scale, 1.0))
@@ -119,7 +159,17 @@ def build_loaders(args: argparse.Namespace, device: torch.device
             loaders[split] = DataLoader(sets[split], batch_size=args.batch_size, shuffle=False, **common)
     if "val" not in loaders:
         raise UserError(f"{args.dataset} fold {args.fold} has no validation split; model selection needs one.")
-    return loaders, classes, sampler
+    splits = datasets.Splits(classes, *(sets[split].samples for split in datasets.SPLIT_NAMES))
+    notes = [f"note: {text}" for text in datasets.split_warnings(splits)]
+    unused = datasets.unused_files(splits)
+    if unused:
+        notes.append(f"note: {len(unused)} file(s) beside the images are not used, e.g. {unused[0][0]}: "
+                     f"{unused[0][1]} (python datasets.py lists them)")
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        notes.append(f"note: --batch_size {args.batch_size} is odd: Mixup/CutMix pair images, so one image of "
+                     f"every batch is left out of its step")
+    fingerprint = datasets.split_fingerprint(classes, {split: sets[split].samples for split in datasets.SPLIT_NAMES})
+    return Data(loaders, classes, sampler, fingerprint, notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +196,7 @@ class Trainer:
         self.best_val = -1.0
         self.best_epoch = 0
         self.train_time_s = 0.0
+        self.data_identity: dict | None = None   # the classes and split fingerprint, checked on resume
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -158,7 +209,8 @@ class Trainer:
         return {"model": self.model.state_dict(), **self.recipe.state_dict(),
                 "epoch": self.epoch, "partial": dict(self.partial),
                 "best_val_acc": self.best_val, "best_epoch": self.best_epoch,
-                "train_time_s": self.train_time_s, "rng": utils.rng_state(), "config": config}
+                "train_time_s": self.train_time_s, "rng": utils.rng_state(), "config": config,
+                "data": self.data_identity}
 
     def restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -210,6 +262,11 @@ class Trainer:
         bar.close()
         if stop.requested:
             return None
+        if totals["seen"] == 0:
+            raise UserError(
+                f"epoch {self.epoch + 1} trained on no image: all {totals['steps']} batches were skipped "
+                f"({totals['skipped']} unreadable images; a step needs 2 readable images or more). Check the data "
+                f"with python datasets.py --dataset {self.args.dataset} --data_dir ... --fold {self.args.fold}.")
         self.partial = self.fresh_partial()
         seen, elapsed = max(1, totals["seen"]), max(totals["time"], 1e-9)
         return dict(train_loss=totals["loss"] / seen, train_acc=100 * totals["correct"] / seen,
@@ -240,12 +297,17 @@ class Trainer:
                  progress: bool, desc: str) -> dict:
         sums = utils.evaluate(model, utils.progress(loader, desc=desc, disable=not progress, leave=False),
                               num_classes, self.device, self.channels_last, self.amp_dtype)
-        confusion, seen = sums["confusion"], max(1, sums["seen"])
-        per_class_total = confusion.sum(dim=1).clamp_min(1)
+        confusion, seen = sums["confusion"], sums["seen"]
+        if seen == 0:
+            raise UserError(f"the {desc} split has no readable image ({sums['skipped']} unreadable): an accuracy "
+                            f"over nothing is not a result. Check the data with python datasets.py.")
+        per_class_total = confusion.sum(dim=1).tolist()
+        # None for a class without images in the split: its accuracy is undefined, not 0.
+        per_class_acc = [100 * int(right) / total if total else None
+                         for right, total in zip(confusion.diag().tolist(), per_class_total)]
         return dict(loss=sums["loss_sum"] / seen, acc=100 * float(confusion.diag().sum()) / seen,
                     top5=100 * sums["top5"] / seen, skipped=sums["skipped"],
-                    per_class_acc=(100 * confusion.diag() / per_class_total).tolist(),
-                    confusion=confusion.tolist())
+                    per_class_acc=per_class_acc, confusion=confusion.tolist())
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,20 +319,73 @@ def config_of(args: argparse.Namespace) -> dict:
     return config
 
 
-def check_resume_config(saved: dict, current: dict, path: Path) -> None:
-    diff = utils.config_differences(saved, current, (k for k in current if k not in RESUME_SAFE_KEYS))
+def recipe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """'--k: old -> new, ...' for the settings outside RESUME_SAFE_KEYS that differ ('' if none).
+
+    A setting missing from an older run's config had its default then, so adding a flag to
+    train.py does not turn every earlier run into another recipe.
+    """
+    filled = {**vars(build_parser().parse_args([])), **saved}
+    return utils.config_differences(filled, current, sorted(k for k in current if k not in RESUME_SAFE_KEYS))
+
+
+def check_resume(ckpt: dict, config: dict, data: Data, path: Path) -> None:
+    """Refuse to continue a run with another recipe or on other data."""
+    diff = recipe_differences(ckpt["config"], config)
     if diff:
         raise UserError(f"{path} was started with other settings ({diff}). Resume with the same "
                         f"command, or pass --force to start this run again from scratch.")
+    saved = ckpt.get("data")
+    change = saved and datasets.data_difference(saved["classes"], saved["fingerprint"], data.classes, data.fingerprint)
+    if change:
+        raise UserError(f"{path} was trained on other data than this command reads ({change}): resuming would "
+                        f"test one dataset with weights trained on another. Point --data_dir at the data the run "
+                        f"started with, or pass --force to start it again from scratch.")
 
 
-def prepare_run_dir(args: argparse.Namespace) -> Path:
-    run_path = Path(args.run_dir) / run_name(args)
-    if args.force and run_path.exists():
-        for name in ("results.json", "last.pt", "best.pt", "log.jsonl", "train.log"):
-            (run_path / name).unlink(missing_ok=True)
-    run_path.mkdir(parents=True, exist_ok=True)
-    return run_path
+def read_results(run_path: Path) -> dict:
+    try:
+        return utils.read_json(run_path / "results.json")
+    except UserError as error:
+        raise UserError(f"{error}; pass --force to train the run again.") from None
+
+
+def finished_difference(run_path: Path, config: dict, data: Any = None) -> str:
+    """How a finished run differs from the command ('' if it does not): 'with another recipe (--k: a -> b)'
+    or, given `data` (with .classes and .fingerprint), 'on other data: ...'."""
+    results = read_results(run_path)
+    diff = recipe_differences(results.get("config") or {}, config)
+    if diff:
+        return f"with another recipe ({diff})"
+    saved = results.get("data_fingerprint")
+    change = data is not None and saved and datasets.data_difference(results.get("classes") or [], saved,
+                                                                     data.classes, data.fingerprint)
+    return f"on other data: {change}" if change else ""
+
+
+def check_finished(run_path: Path, config: dict, data: Any = None) -> None:
+    """Refuse a finished run that another recipe or other data made: "already finished" would
+    silently keep numbers that do not belong to this command."""
+    difference = finished_difference(run_path, config, data)
+    if difference:
+        raise UserError(f"{run_path} already finished {difference}; its results do not belong to this "
+                        f"command. Pass --force to train it again with this one (its results, best.pt and logs "
+                        f"are replaced), or use another --tag or --run_dir for it.")
+
+
+def clear_run(run_path: Path) -> None:
+    """--force: remove what an earlier attempt wrote, and say so (best.pt too)."""
+    present = [name for name in RUN_FILES if (run_path / name).exists()]
+    if not present:
+        return
+    what = ""
+    if "results.json" in present:
+        test_acc = read_results(run_path).get("test_acc") if (run_path / "results.json").stat().st_size else None
+        what = f" (a finished run{f' with test accuracy {test_acc:.2f}%' if isinstance(test_acc, float) else ''})"
+    print(f"--force: removing {', '.join(present)} from {run_path}{what}; the run starts again from scratch.",
+          flush=True)
+    for name in present:
+        (run_path / name).unlink(missing_ok=True)
 
 
 def flops_of(model: nn.Module, img_size: int) -> float | None:
@@ -280,50 +395,97 @@ def flops_of(model: nn.Module, img_size: int) -> float | None:
         return None
 
 
+def check_input_size(args: argparse.Namespace, num_classes: int) -> None:
+    """One forward of a blank image at --img_size through a random-init copy of the model, on the
+    CPU, before anything is written: a model built for one input size (swin_tiny: 224 px) fails
+    here with the reason, not at its first step."""
+    name, img_size = args.model, args.img_size
+    model = models.build_model(name, num_classes, pretrained=False, verbose=False, **args.model_kwargs)
+    with torch.no_grad(), model_tools.evaluating(model):
+        try:
+            model(torch.zeros(1, 3, img_size, img_size))
+        except (AssertionError, RuntimeError, ValueError) as error:
+            native = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+            hint = f"use --img_size {native[-1]}, the size it is built for" if native else "use a larger --img_size"
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise UserError(f"{name} cannot take {img_size} px images ({reason}): {hint}.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    validate_args(args)
     models.get_spec(args.model)  # fail on a typo before touching the disk
     if args.benchmark_loader:
         return benchmark_loader(args)
     run_path = Path(args.run_dir) / run_name(args)
+    config = config_of(args)
     if (run_path / "results.json").exists() and not args.force:
+        check_finished(run_path, config)   # a changed recipe is refused even where the data is gone
+    device = utils.resolve_device(args.device)
+    data = build_loaders(args, device)  # bad data fails before anything is written
+    check_input_size(args, len(data.classes))
+    run_path.mkdir(parents=True, exist_ok=True)
+    with rundirs.RunLock(run_path) as lock:
+        return train_run(args, run_path, config, device, data, lock)
+
+
+def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: torch.device, data: Data,
+              lock: rundirs.RunLock) -> int:
+    """Train (or resume) the run; the caller holds the run directory's lock."""
+    if (run_path / "results.json").exists() and not args.force:
+        check_finished(run_path, config, data)   # again: it may have finished while we waited for data
         print(f"Run already finished: {run_path / 'results.json'} exists. Pass --force to retrain.")
         return 0
-    device = utils.resolve_device(args.device)
-    loaders, classes, sampler = build_loaders(args, device)  # bad data fails before anything is written
-    run_path = prepare_run_dir(args)
+    if args.force:
+        clear_run(run_path)
+    last_path, log_path = run_path / "last.pt", run_path / "log.jsonl"
+    ckpt = None
+    if last_path.exists():   # read and checked before anything is written
+        ckpt = rundirs.read_checkpoint(last_path, rundirs.TRAIN_LAST, f"Move it away (or pass --force) to start "
+                                     f"this run from scratch; {run_path} holds nothing else to resume from.")
+        check_resume(ckpt, config, data, last_path)
     console = utils.Console(run_path / "train.log", timestamps=True)
     utils.configure_kernels(args.deterministic, device)
     utils.seed_everything(args.seed)
-    config = config_of(args)
+    loaders, classes = data.loaders, data.classes
     trainer = Trainer(args, len(classes), len(loaders["train"]), device, console)
+    trainer.data_identity = {"classes": classes, "fingerprint": data.fingerprint}
     console(f"run {run_path} | {args.model} on {args.dataset} fold {args.fold} seed {args.seed} | "
             f"{len(classes)} classes | train/val/test {len(loaders['train'].dataset)}/"
             f"{len(loaders['val'].dataset)}/{len(loaders['test'].dataset) if 'test' in loaders else 0} | "
             f"{models.count_params(trainer.model) / 1e6:.2f}M params | device {device} | "
             f"amp {utils.amp_label(trainer.amp_dtype)}")
+    for note in data.notes + utils.speed_notes(device, trainer.amp_dtype, args.compile):
+        console(note)
     if args.warmup_epochs >= args.epochs:
         console(f"note: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate "
                 f"stays in its linear warm-up and never reaches --lr {args.lr:g}")
 
-    last_path = run_path / "last.pt"
-    if last_path.exists():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        check_resume_config(ckpt["config"], config, last_path)
+    if ckpt is not None:
         trainer.restore(ckpt)
-        history = [r for r in utils.read_jsonl(run_path / "log.jsonl") if r["epoch"] <= trainer.epoch]
-        utils.write_jsonl(run_path / "log.jsonl", history)
+        del ckpt
+        history = [r for r in utils.read_jsonl(log_path) if r["epoch"] <= trainer.epoch]
+        utils.write_jsonl(log_path, history)
         console(f"Resuming from {last_path}: epoch {trainer.epoch + 1}, step {trainer.partial['steps']} "
                 f"(best val so far {trainer.best_val:.2f}%)")
+    elif log_path.exists() and log_path.stat().st_size:
+        # Records of a start that was killed before its first last.pt: this start replaces them.
+        console(f"note: {log_path} holds records of an earlier start that saved no last.pt; starting afresh")
+        utils.write_jsonl(log_path, [])
 
-    with utils.StopFlag() as stop:
-        finished = train_loop(trainer, loaders, sampler, classes, config, run_path, stop, console)
-    if not finished:
-        utils.atomic_save(trainer.checkpoint(config), last_path)
-        console(f"Interrupted at epoch {trainer.epoch + 1}, step {trainer.partial['steps']}: saved "
-                f"{last_path}. Run the same command to resume exactly where it stopped.")
-        return 130
-    finish(trainer, loaders, classes, config, run_path, console)
+    # A dying run_all.py sends its SIGTERM once per thread of it that exits (the kernel re-parents
+    # the child thread by thread), all within milliseconds: those repeats are one request to stop.
+    # The handlers stay on until the end: a signal after the stop (the repeats above, a Ctrl-C
+    # during the final test) must not kill the process while it saves.
+    with utils.StopFlag(grace_s=1.0) as stop:
+        rundirs.stop_when_parent_dies(stop)
+        if not train_loop(trainer, data, config, run_path, stop, console, lock):
+            lock.check()
+            utils.atomic_save(trainer.checkpoint(config), last_path)
+            console(f"Interrupted at epoch {trainer.epoch + 1}, step {trainer.partial['steps']} ({stop.reason}): "
+                    f"saved {last_path}. Run the same command to resume exactly where it stopped.")
+            return 130
+        finish(trainer, data, config, run_path, console, lock)
     return 0
 
 
@@ -335,13 +497,13 @@ def benchmark_loader(args: argparse.Namespace) -> int:
     `compute_flops.py --speed` (the model alone) at the same batch size and image size.
     """
     device = utils.resolve_device(args.device)
-    loaders, _, sampler = build_loaders(args, device)
+    data = build_loaders(args, device)
     rates = []
     for epoch in range(2):
-        sampler.set_epoch(epoch)
+        data.sampler.set_epoch(epoch)
         start, images = time.perf_counter(), 0
-        for x, _, _ in utils.progress(loaders["train"], desc=f"loader pass {epoch + 1}", disable=args.no_progress,
-                                      leave=False):
+        for x, _, _ in utils.progress(data.loaders["train"], desc=f"loader pass {epoch + 1}",
+                                      disable=args.no_progress, leave=False):
             images += len(x.to(device, non_blocking=True))
         rates.append(images / (time.perf_counter() - start))
     print(f"train loader, {args.dataset} at {args.img_size} px, batch {args.batch_size}, "
@@ -349,11 +511,12 @@ def benchmark_loader(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_loop(trainer: Trainer, loaders: dict, sampler: datasets.EpochSeededSampler, classes: list[str],
-               config: dict, run_path: Path, stop: utils.StopFlag, console: utils.Console) -> bool:
+def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop: utils.StopFlag,
+               console: utils.Console, lock: rundirs.RunLock) -> bool:
     """Train the remaining epochs; False if a stop was requested before the end."""
     args = trainer.args
     progress = not args.no_progress
+    loaders, sampler, classes = data.loaders, data.sampler, data.classes
     while trainer.epoch < args.epochs:
         sampler.set_epoch(trainer.epoch, skip=trainer.partial["steps"] * args.batch_size)
         if trainer.partial["steps"] == 0:
@@ -371,10 +534,14 @@ def train_loop(trainer: Trainer, loaders: dict, sampler: datasets.EpochSeededSam
             record.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"])
             if val["acc"] > trainer.best_val:
                 trainer.best_val, trainer.best_epoch = val["acc"], trainer.epoch
+                lock.check()
                 utils.atomic_save(best_checkpoint(trainer, config), run_path / "best.pt")
         record.update(best_val_acc=trainer.best_val, gates=model_tools.gate_values(trainer.model),
                       epoch_time_s=stats["epoch_time_s"], images_per_s=stats["images_per_s"],
                       data_wait_share=stats["data_wait_share"], skipped_images=stats["skipped_images"])
+        lock.check()
+        # The record goes first: a crash between the two leaves the log ahead of last.pt, and
+        # resuming (or a fresh start, before the first last.pt) cuts it back.
         utils.append_jsonl(run_path / "log.jsonl", record)
         utils.atomic_save(trainer.checkpoint(config), run_path / "last.pt")
         console(epoch_line(record, args.epochs, trainer.best_val))
@@ -396,15 +563,17 @@ def epoch_line(r: dict, epochs: int, best: float) -> str:
             f"{r['epoch_time_s']:.1f}s ({100 * r['data_wait_share']:.0f}% data wait){gates}{skipped}")
 
 
-def finish(trainer: Trainer, loaders: dict, classes: list[str], config: dict,
-           run_path: Path, console: utils.Console) -> None:
+def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: utils.Console,
+           lock: rundirs.RunLock) -> None:
     """Test the best-validation and the last weights; write results.json once."""
     args = trainer.args
     progress = not args.no_progress
+    loaders, classes = data.loaders, data.classes
     test_last = test_best = None
     if "test" in loaders:
         test_last = trainer.evaluate(loaders["test"], trainer.eval_model(), len(classes), progress, "test (last)")
-        best = torch.load(run_path / "best.pt", map_location="cpu", weights_only=True)
+        best = rundirs.read_checkpoint(run_path / "best.pt", rundirs.TRAIN_BEST,
+                                     "Pass --force to train the run again.")
         weights = best["ema"] if best.get("ema") is not None else best["model"]
         model = trainer.recipe.ema.module if trainer.recipe.ema is not None else trainer.model
         model.load_state_dict(weights)
@@ -419,12 +588,14 @@ def finish(trainer: Trainer, loaders: dict, classes: list[str], config: dict,
         "per_class_acc": test_best["per_class_acc"] if test_best else None,
         "confusion": test_best["confusion"] if test_best else None,
         "classes": classes,
+        "data_fingerprint": data.fingerprint,
         "params": models.count_params(trainer.model),
         "flops": flops_of(trainer.model.cpu(), args.img_size),
         "img_size": args.img_size,
         "train_time_s": trainer.train_time_s,
         "config": config, "git_commit": utils.git_commit(), "versions": utils.library_versions(),
     }
+    lock.check()
     utils.atomic_write_text(json.dumps(results, indent=1), run_path / "results.json")
     if test_best:
         console(f"done: best val {trainer.best_val:.2f}% at epoch {trainer.best_epoch} | test "

@@ -17,18 +17,21 @@ Entry scripts import from here, never from each other. Model things (unwrapping 
 forward hooks, FLOP counting) live in models.py, data things (samplers, loaders) in datasets.py,
 image things in transforms.py.
 
-The torch.distributed side of the two pretraining scripts is in distributed.py.
+The torch.distributed side of the two pretraining scripts is in distributed.py; run-directory
+locks, safe checkpoint reading and the lifetime of run_all.py's children are in rundirs.py.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,9 +58,11 @@ EXIT_USAGE = 2
 class UserError(Exception):
     """A mistake in the user's command, data or files; the message says what and how to fix it.
 
-    Entry scripts let it propagate to run_main, which prints one `error: ...` line and exits 2.
-    Any other exception is a bug and keeps its traceback.
+    Entry scripts let it propagate to run_main, which prints one `error: ...` line and exits 2
+    (a subclass may set another exit_code). Any other exception is a bug and keeps its traceback.
     """
+
+    exit_code = EXIT_USAGE
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -71,7 +76,7 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         code = main(argv)
     except user_error_types() as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return getattr(error, "exit_code", EXIT_USAGE)
     return 0 if code is None else int(code)
 
 
@@ -168,6 +173,38 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (Linux /proc/cpuinfo: x86 'flags', Arm 'Features'); None if unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+            for flag in line.partition(":")[2].split()}
+
+
+def cpu_has_native_bf16(flags: Iterable[str] | None = None) -> bool | None:
+    """Whether the CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, Arm BF16); None if unknown."""
+    flags = cpu_flags() if flags is None else set(flags)
+    if flags is None:
+        return None
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
+
+
+def speed_notes(device: torch.device, amp_dtype: torch.dtype | None, compile_: bool,
+                flags: Iterable[str] | None = None) -> list[str]:
+    """Warnings for settings that run, but far slower than the user probably expects."""
+    notes = []
+    if device.type == "cpu" and amp_dtype == torch.bfloat16 and cpu_has_native_bf16(flags) is False:
+        notes.append("warning: --amp bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): bf16 is "
+                     "emulated there, and a TwistNet-18 training step ran 20x slower than in fp32. Use --amp "
+                     "off (the default on the CPU).")
+    if device.type == "cpu" and compile_:
+        notes.append("note: --compile on the CPU: compiling the model takes minutes before the first step "
+                     "(and again before the first evaluation); for short runs that costs more than it saves.")
+    return notes
+
+
 def resolve_channels_last(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
@@ -205,27 +242,83 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-def _temp_beside(path: Path) -> Path:
+def temp_beside(path: Path) -> Path:
     # Unique per writer: two processes saving the same file never share (or rename) a temp file.
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = _temp_beside(path)
+def _replace_atomically(path: Path, write: Callable[[Path], None], size_bytes: int) -> None:
+    """Write through a temp file and rename it over `path`; on any failure the temp file goes and
+    `path` keeps its previous content. A failed write (full disk, quota) is a UserError."""
+    tmp = temp_beside(path)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) or _is_torch_write_error(error):
+            raise write_error(path, error, size_bytes) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _is_torch_write_error(error: RuntimeError) -> bool:
+    # torch.save reports a failed write(2) as a RuntimeError of its zip writer, without the errno
+    # ("[enforce fail at inline_container.cc] . unexpected pos 576 vs 534").
+    text = str(error)
+    return "unexpected pos" in text or "PytorchStreamWriter" in text or "inline_container" in text
+
+
+def write_error(path: Path, error: Exception, size_bytes: int) -> UserError:
+    """The error for a file that could not be written: 'no space left on <dir> (needs ~N MB)' when
+    the filesystem is (nearly) full, else the system's reason. Either way `path` is unchanged."""
+    folder = path.parent
+    needed_mb = max(1, math.ceil(size_bytes / 2**20))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < size_bytes)
+    kept = f"{path.name} keeps its previous content" if path.exists() else f"{path.name} was not written"
+    if full:
+        free_text = f", {free / 2**20:.0f} MB free" if free is not None else ""
+        return UserError(f"no space left on {folder} (needs ~{needed_mb} MB for {path.name}{free_text}); "
+                         f"{kept}. Free some space (or point --run_dir/--checkpoint_dir elsewhere) and run the "
+                         f"same command again.")
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return UserError(f"could not write {path} (~{needed_mb} MB): {reason}; {kept}.")
+
+
+def payload_bytes(obj: Any) -> int:
+    """Roughly how many bytes torch.save writes for `obj`: its tensors' data, plus a little."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(payload_bytes(v) for v in obj.values()) + 64 * len(obj)
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj) + 8 * len(obj)
+    return 64
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temp file beside `path`, then rename: a crash never leaves half a file."""
-    _replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp))
+    _replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp), payload_bytes(obj))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text))
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text), len(text.encode()))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; a missing or malformed file is a UserError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not readable JSON ({error})") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -244,8 +337,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def append_jsonl(path: str | os.PathLike, record: Mapping) -> None:
+    """Append one line; a failed write (full disk) is cut back off, so the file never ends in half
+    a record that would make it unreadable on the next resume."""
+    line = json.dumps(record) + "\n"
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        start = f.tell()
+        try:
+            f.write(line)
+            f.flush()
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise write_error(Path(path), error, len(line)) from None
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
@@ -275,6 +378,7 @@ class Console:
     def __init__(self, log_file: str | os.PathLike | None, enabled: bool = True, timestamps: bool = False) -> None:
         self.log_file = Path(log_file) if log_file is not None else None
         self.enabled, self.timestamps = enabled, timestamps
+        self.write_failed = False
 
     def __call__(self, message: str) -> None:
         if not self.enabled:
@@ -283,9 +387,15 @@ class Console:
             stamp = time.strftime("%H:%M:%S")
             message = "\n".join(f"{stamp} {line}" for line in message.split("\n"))
         if self.log_file is not None:
-            with open(self.log_file, "a") as f:
-                f.write(message + "\n")
-        print(message, flush=True)
+            try:
+                with open(self.log_file, "a") as f:
+                    f.write(message + "\n")
+            except OSError as error:  # a full disk must not turn a log line into a crash
+                if not self.write_failed:
+                    print(f"warning: cannot append to {self.log_file}: {error}", file=sys.stderr, flush=True)
+                self.write_failed = True
+        with contextlib.suppress(OSError):   # a closed terminal (SIGHUP) must not either
+            print(message, flush=True)
 
 
 def tex_escape(text: str) -> str:
@@ -345,18 +455,24 @@ def epoch_order(seed: int, epoch: int, size: int) -> tuple[torch.Tensor, torch.T
 # --------------------------------------------------------------------------------------------
 # Signals
 # --------------------------------------------------------------------------------------------
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class StopFlag:
-    """SIGINT/SIGTERM set a flag that the training loop checks between steps.
+    """SIGINT/SIGTERM/SIGHUP set a flag that the training loop checks between steps.
 
     Stopping only at a step boundary keeps the saved state consistent (never half an optimiser
-    step). A second signal exits at once, except within `grace_s` of the first: under torchrun a
-    terminal Ctrl-C reaches each worker twice (from the terminal and forwarded by the agent).
+    step). SIGHUP (a closed terminal, a dropped ssh session) is a stop like the others: save and
+    exit, never die mid-epoch. A second signal exits at once, except within `grace_s` of the
+    first: under torchrun a terminal Ctrl-C reaches each worker twice (from the terminal and
+    forwarded by the agent).
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, grace_s: float = 0.0) -> None:
         self.requested = False
+        self.reason = ""
         self.grace_s = grace_s
         self._first_at = 0.0
         self._previous: dict = {}
@@ -366,7 +482,12 @@ class StopFlag:
             if time.monotonic() - self._first_at < self.grace_s:
                 return
             raise KeyboardInterrupt
-        self.requested, self._first_at = True, time.monotonic()
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
+        """Ask the loop to stop at the next step boundary (also from another thread)."""
+        if not self.requested:
+            self.requested, self.reason, self._first_at = True, reason, time.monotonic()
 
     def __enter__(self) -> "StopFlag":
         for sig in self.SIGNALS:
@@ -543,6 +664,19 @@ def add_recipe_arguments(group: argparse._ActionsContainer, **defaults: Any) -> 
     group.add_argument("--clip_grad", type=float, default=d["clip_grad"], help="max gradient norm (0 disables)")
     group.add_argument("--ema", action="store_true", help="keep an EMA of the weights; validate, select and export it")
     group.add_argument("--ema_decay", type=float, default=d["ema_decay"], help="EMA decay per optimizer step")
+
+
+def check_recipe_arguments(args: argparse.Namespace) -> None:
+    """The recipe flags of add_recipe_arguments, refused with the allowed range when out of it
+    (else torch or timm would stop with a traceback, or the run would silently train nothing)."""
+    ranges = {"min_lr": (0, math.inf), "warmup_epochs": (0, math.inf), "momentum": (0, 1), "weight_decay": (0, math.inf),
+              "label_smoothing": (0, 1), "hflip": (0, 1), "randaug_n": (0, math.inf), "randaug_m": (0, 30),
+              "mixup": (0, math.inf), "cutmix": (0, math.inf), "clip_grad": (0, math.inf), "ema_decay": (0, 1)}
+    for name, (low, high) in ranges.items():
+        value = getattr(args, name)
+        if not low <= value <= high or math.isnan(value):
+            allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise UserError(f"--{name} {value}: must be {allowed}.")
 
 
 def build_recipe(model: nn.Module, args: argparse.Namespace, lr: float, steps_per_epoch: int,

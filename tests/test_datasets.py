@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
@@ -424,3 +425,87 @@ def test_synthtex_needs_second_order_statistics() -> None:
 
     assert mean_rgb_acc < chance + 0.1, mean_rgb_acc
     assert spectrum_acc > 3 * chance, spectrum_acc
+
+
+# --------------------------------------------------------------------------------------------
+# Reliability: what the checker and train.py both refuse or report
+# --------------------------------------------------------------------------------------------
+def test_a_thin_strip_is_capped_before_resizing(tmp_path: Path, capsys) -> None:
+    """A 127-byte 2 x 4000 PNG used to become 37 x 74000 (at 256 px: 256 x 512000, 1.3 GB)."""
+    root = fixtures.make_imagefolder(tmp_path / "data", classes=2)
+    strip = root / "train" / "class_0" / "strip.png"
+    Image.new("RGB", (2, 4000), (200, 10, 10)).save(strip)
+    assert strip.stat().st_size < 200
+    assert datasets.decode_image(str(strip), 37).size == (37, 370)
+    assert datasets.decode_image(str(strip), None).size == (2, 20)
+    cached = datasets.ImageListDataset([(str(strip), 0)], None, cache=True, image_size=37)
+    assert cached[0][0].size == (37, 370) and cached.cache[0].size == (37, 370)
+    assert datasets.main(["--dataset", "imagefolder", "--data_dir", str(root), "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "more than 10 times longer than wide" in out and f"{strip}: 2 x 4000" in out
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A phone photo stored sideways (EXIF orientation 6: rotate 90 degrees clockwise to view)."""
+    stored = Image.new("RGB", (60, 30), (0, 0, 0))
+    stored.paste((255, 255, 255), (0, 0, 30, 30))          # the stored image's left half is white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif, quality=95)
+    upright = datasets.decode_image(str(path), None)
+    assert upright.size == (30, 60)
+    top, bottom = np.asarray(upright)[:30].mean(), np.asarray(upright)[30:].mean()
+    assert top > 200 and bottom < 50                          # the white half is now on top
+
+
+def test_dtd_paths_with_dots_are_normalised(tmp_path: Path) -> None:
+    root = fixtures.make_dtd(tmp_path / "dtd")
+    split = root / "labels" / "train1.txt"
+    lines = split.read_text().splitlines()
+    moved = f"banded/../{lines[-1]}"          # a zigzagged image written through banded/
+    split.write_text("\n".join(lines[:-1] + [moved]) + "\n")
+    splits = datasets.load_splits("dtd", root, 1)
+    path, label = splits.train[-1]
+    assert ".." not in path and splits.classes[label] == lines[-1].split("/")[0] == "zigzagged"
+    (root / "labels" / "val1.txt").write_text((root / "labels" / "val1.txt").read_text() + moved + "\n")
+    with pytest.raises(datasets.DataLayoutError, match="in both the train and the val split"):
+        datasets.load_splits("dtd", root, 1)
+
+
+def test_imagefolder_val_without_class_folders_is_refused_by_both(tmp_path: Path, capsys) -> None:
+    root = fixtures.make_imagefolder(tmp_path / "data", classes=2)
+    for folder in (root / "val").iterdir():
+        shutil.rmtree(folder)
+    (root / "val" / "a.png").write_bytes((root / "train" / "class_0" / "train_0.png").read_bytes())
+    assert utils.run_main(datasets.main, ["--dataset", "imagefolder", "--data_dir", str(root)]) == 2
+    checker = capsys.readouterr().err
+    assert f"no class folders in {root / 'val'}" in checker
+    import train   # the entry point, in this process
+    assert utils.run_main(train.main, ["--dataset", "imagefolder", "--data_dir", str(root),
+                                       "--run_dir", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err == checker
+    assert not (tmp_path / "runs").exists()
+
+
+def test_single_class_dataset_is_refused(tmp_path: Path) -> None:
+    root = fixtures.make_imagefolder(tmp_path / "data", classes=1)
+    with pytest.raises(datasets.DataLayoutError, match="only one class"):
+        datasets.load_splits("imagefolder", root, 1)
+
+
+def test_checker_reports_gifs_dangling_links_and_classes_missing_from_val(tmp_path: Path, capsys) -> None:
+    root = fixtures.make_imagefolder(tmp_path / "data", classes=3)
+    fixtures.class_image(0, 99).save(root / "train" / "class_0" / "extra.gif")
+    (root / "train" / "class_1" / "photo.heic").write_bytes(b"\0" * 10)
+    (root / "train" / "class_2" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    shutil.rmtree(root / "val" / "class_2")
+    splits = datasets.load_splits("imagefolder", root, 1)
+    assert str(root / "train" / "class_0" / "extra.gif") in {p for p, _ in splits.train}   # read, not skipped
+    assert datasets.main(["--dataset", "imagefolder", "--data_dir", str(root), "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "1 class(es) have no val image" in out and "class_2" in out
+    assert "2 file(s) beside the images are not used" in out
+    assert "photo.heic: not an image format read here (.heic)" in out
+    assert "gone.png: a symbolic link to nothing" in out
+    assert "all 23 images open" in out          # 12 + 1 gif train, 4 val, 6 test

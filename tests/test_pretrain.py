@@ -31,6 +31,7 @@ import figures
 import models
 import plot_results
 import pretrain_imagenet as pretrain
+import rundirs
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,6 +272,30 @@ def test_resume_refuses_a_changed_recipe(straight: tuple[Path, Path], tmp_path: 
         run_inline("--resume", str(ckpt / "latest.pt"), "--lr", "0.5")
     with pytest.raises(utils.UserError, match="exists: pass --resume"):
         run_inline("--data_dir", str(tmp_path), "--checkpoint_dir", str(ckpt))
+
+
+def test_resume_refuses_what_is_not_a_pretraining_checkpoint(straight: tuple[Path, Path], tmp_path: Path) -> None:
+    """Random bytes, exported weights, a best.pt: named, explained, and never torch's unsafe advice."""
+    ckpt = copy_folder(straight[0], tmp_path / "ckpt")
+    foreign = {"random.pt": None, "twistnet18_imagenet.pt": "model weights only", "best.pt": "pretrain_imagenet.py best.pt"}
+    (ckpt / "random.pt").write_bytes(os.urandom(4000))
+    for name, what in foreign.items():
+        with pytest.raises(utils.UserError) as error:
+            run_inline("--resume", str(ckpt / name))
+        text = str(error.value)
+        assert str(ckpt / name) in text and "--resume takes the latest.pt" in text, text
+        assert (what or "not a torch.save file") in text and "will likely succeed" not in text
+
+
+def test_a_checkpoint_dir_in_use_is_refused(tmp_path: Path) -> None:
+    """Two pretraining jobs on one --checkpoint_dir would overwrite each other's latest.pt."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    with rundirs.RunLock(ckpt):
+        with pytest.raises(rundirs.RunLockedError, match=f"pid {os.getpid()} on host"):
+            run_inline("--data", "synthetic", "--epochs", "1", "--synthetic_images", "16",
+                       "--checkpoint_dir", str(ckpt))
+    assert sorted(p.name for p in ckpt.iterdir()) == []   # nothing written, and the lock went with its holder
 
 
 def copy_folder(src: Path, dst: Path) -> Path:

@@ -47,9 +47,9 @@ def run_path(run_dir: Path, model: str, fold: int = 1) -> Path:
 
 
 def summary_counts(out: str) -> dict[str, int]:
-    """The status table at the end of run_all's output."""
-    table = out[out.index("Sweep summary"):].splitlines()[2:7]
-    return {line[:14].strip(): int(line[14:]) for line in table}
+    """The status table at the end of run_all's output (rows with a count only)."""
+    table = out[out.index("Sweep summary"):].splitlines()[2:8]
+    return {name: int(n) for name, n in (line.strip().rsplit(None, 1) for line in table) if int(n)}
 
 
 def snapshot(run_dir: Path) -> dict[str, int]:
@@ -66,7 +66,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Co
 def test_sweep_runs_every_model_fold_and_seed(sweep) -> None:
     run_dir, proc = sweep
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert summary_counts(proc.stdout) == {"done": 4, "skipped": 0, "failed": 0, "interrupted": 0, "not started": 0}
+    assert summary_counts(proc.stdout) == {"done": 4}
     for model in MODELS:
         for fold in FOLDS:
             path = run_path(run_dir, model, fold)
@@ -91,7 +91,18 @@ def test_finished_runs_are_skipped_without_a_process(sweep, monkeypatch, capsys)
     monkeypatch.setattr(run_all.subprocess, "Popen", no_training)
     assert run_all.main(sweep_args(run_dir)) == 0
     out = capsys.readouterr().out
-    assert summary_counts(out) == {"done": 0, "skipped": 4, "failed": 0, "interrupted": 0, "not started": 0}
+    assert summary_counts(out) == {"skipped": 4}
+    assert snapshot(run_dir) == before
+
+
+def test_a_sweep_with_another_recipe_refuses_its_finished_runs(sweep, capsys) -> None:
+    """Re-running a sweep with a new recipe must not keep the old numbers as "skipped"."""
+    run_dir, _ = sweep
+    before = snapshot(run_dir)
+    assert utils.run_main(run_all.main, sweep_args(run_dir, "twistnet18,resnet18", "1-2", "--lr", "0.2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 4 finished run(s)") and err.count("finished with another recipe (--lr: 0.01 -> 0.2)") == 4
+    assert "--force" in err and "--tag" in err
     assert snapshot(run_dir) == before
 
 
@@ -211,10 +222,14 @@ def test_interrupted_run_resumes(resumed_with_a_failure) -> None:
 def test_failed_run_is_reported_and_the_others_finish(resumed_with_a_failure) -> None:
     run_dir, proc = resumed_with_a_failure
     assert proc.returncode == 1
-    assert summary_counts(proc.stdout) == {"done": 1, "skipped": 0, "failed": 1, "interrupted": 0, "not started": 0}
+    assert summary_counts(proc.stdout) == {"done": 1, "failed": 1}
     log_path = run_path(run_dir, "twistnet18") / "run_all.log"
     failed_section = proc.stdout[proc.stdout.index("Failed runs"):]
-    assert f"synthtex_fold1_twistnet18_seed42  exit 1  {log_path}" in failed_section
-    assert "Traceback" in log_path.read_text()
+    assert f"synthtex_fold1_twistnet18_seed42  exit 2  {log_path}" in failed_section
+    # The child's own last line (its error), not run_all's "===== exit code" marker written after it.
+    error_line = failed_section.splitlines()[2].strip()
+    assert error_line.startswith("error: Could not read checkpoint") and "last.pt" in error_line, failed_section
+    assert "not a torch.save file" in error_line and "--force" in error_line
+    assert "Traceback" not in log_path.read_text()
     # The failure came first in the plan, and the sweep went on to finish the next run.
     assert proc.stdout.index("failed      synthtex_fold1_twistnet18") < proc.stdout.index("done        synthtex_fold1_resnet18")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import summarize_runs  # noqa: E402
+import utils  # noqa: E402
 
 DATASETS = ("dtd", "fmd")
 LABELS = ("resnet18", "seresnet18", "twistnet18", "twistnet18-r4")
@@ -233,3 +235,50 @@ def test_flops_header_names_a_non_default_input_size(tmp_path: Path) -> None:
     assert summarize_runs.build_table([run("a", 32), run("b", 32)]).flops_header() == "FLOPs (G, 32 px)"
     assert summarize_runs.build_table([run("a", 32), run("b", 64)]).flops_header() == "FLOPs (G, mixed px)"
     assert summarize_runs.build_table([run("a", 224), run("b", None)]).flops_header() == "FLOPs (G)"
+
+
+# --------------------------------------------------------------------------------------------
+# Reliability: no mean over mixed recipes, no NaN in a mean, no p = 0 from a constant difference
+# --------------------------------------------------------------------------------------------
+def write_configured_run(root: Path, model: str, fold: int, test_acc: float, **config) -> Path:
+    path = root / f"dtd_fold{fold}_{model}_seed42"
+    path.mkdir(parents=True)
+    full = {"model": model, "dataset": "dtd", "fold": fold, "seed": 42, "epochs": 100, "lr": 0.01,
+            "data_dir": f"/data/copy{fold}", "workers": fold, **config}
+    (path / "results.json").write_text(json.dumps({"model": model, "tag": "", "dataset": "dtd", "fold": fold,
+                                                   "seed": 42, "test_acc": test_acc, "config": full}))
+    return path
+
+
+def test_a_cell_of_mixed_recipes_is_refused_or_split(tmp_path: Path, capsys) -> None:
+    """A sweep re-run with other --epochs into the same folder: the two recipes must not be averaged."""
+    write_configured_run(tmp_path, "twistnet18", 1, 70.0)
+    write_configured_run(tmp_path, "twistnet18", 2, 72.0)                 # other data_dir, workers: same recipe
+    write_configured_run(tmp_path, "twistnet18", 3, 40.0, epochs=10)
+    write_configured_run(tmp_path, "resnet18", 1, 65.0)
+    assert utils.run_main(summarize_runs.main, ["--run_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 cell(s) mix runs of different recipes") and "epochs: 10 | 100" in err
+    assert "--split_recipes" in err
+    with pytest.raises(utils.UserError, match="different recipes"):
+        summarize_runs.load_results([tmp_path])                          # figures refuse too
+
+    out = summarize(capsys, "--run_dir", str(tmp_path), "--split_recipes")
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert "40.00 (1)" in rows["twistnet18 [recipe 1]"] and "71.00 ± 1.41 (2)" in rows["twistnet18 [recipe 2]"]
+    assert "65.00 (1)" in rows["resnet18"]
+    assert "twistnet18 [recipe 1]: epochs=10" in out and "twistnet18 [recipe 2]: epochs=100" in out
+
+
+def test_nan_accuracies_are_left_out_with_a_note(tmp_path: Path, capsys) -> None:
+    write_configured_run(tmp_path, "twistnet18", 1, 70.0)
+    write_configured_run(tmp_path, "twistnet18", 2, float("nan"))
+    out = summarize(capsys, "--run_dir", str(tmp_path))
+    assert "70.00 (1)" in out and "nan" not in out.split("\n\n")[0].lower()
+    assert "left out" in out and "test accuracy is nan" in out
+
+
+def test_a_constant_paired_difference_gives_no_t_test_p_value(capsys) -> None:
+    p_w, p_t, note = summarize_runs.paired_test([70.0, 71.0, 72.0], [69.0, 70.0, 71.0])
+    assert math.isnan(p_t) and "constant difference" in note and 0 < p_w <= 1
+    assert summarize_runs.p_text(p_t) == "n/a"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import fixtures
+import train
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small, fast, deterministic: 32 px crops, no workers, one thread so CPU kernels are repeatable.
@@ -172,3 +177,159 @@ def test_synthtex_is_learnable_in_cpu_minutes(tmp_path: Path) -> None:
     assert chance == 12.5
     assert results["test_acc"] > 40.0, results["test_acc"]
     assert results["best_val_acc"] > 40.0, results["best_val_acc"]
+
+
+# --------------------------------------------------------------------------------------------
+# Reliability: what a run refuses, and what it never reports as a result
+# --------------------------------------------------------------------------------------------
+def run_inline(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """train.py's main in this process, the way run_main ends it: (exit status, stdout, stderr)."""
+    code = utils.run_main(train.main, [*BASE, *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_batch_sizes_and_epochs_that_cannot_train_are_refused(tmp_path: Path, capsys) -> None:
+    code, _, err = run_inline(capsys, "--run_dir", str(tmp_path), "--batch_size", "1", "--epochs", "1")
+    line = one_error_line(err)
+    assert code == 2 and "--batch_size 1 cannot train" in line and "BatchNorm" in line and "Mixup" in line
+    code, _, err = run_inline(capsys, "--run_dir", str(tmp_path), "--epochs", "0")
+    assert code == 2 and "--epochs 0" in one_error_line(err)
+    assert not any(tmp_path.iterdir())   # refused before anything was written
+
+
+def test_an_epoch_that_trained_no_image_is_an_error_not_a_result(tmp_path: Path, capsys) -> None:
+    """Every training image unreadable: the old loop skipped every batch and wrote random-init numbers."""
+    data = fixtures.make_imagefolder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1)
+    for image in (data / "train").rglob("*.png"):
+        fixtures.corrupt(image)
+    code, out, err = run_inline(capsys, "--dataset", "imagefolder", "--data_dir", str(data), "--epochs", "1",
+                                "--batch_size", "2", "--run_dir", str(tmp_path / "runs"))
+    assert code == 2 and "epoch 1 trained on no image" in one_error_line(err), out + err
+    run = tmp_path / "runs" / "imagefolder_fold1_twistnet18_seed42"
+    assert not (run / "results.json").exists() and not (run / "last.pt").exists()
+
+
+def test_a_finished_run_refuses_a_changed_recipe(finished_run: Path, capsys) -> None:
+    before = (finished_run / "results.json").stat().st_mtime_ns
+    code, out, err = run_inline(capsys, "--run_dir", str(finished_run.parent), "--epochs", "3", "--lr", "0.1")
+    line = one_error_line(err)
+    assert code == 2 and "already finished with another recipe" in line
+    assert "--epochs: 2 -> 3" in line and "--lr: 0.05 -> 0.1" in line and "--force" in line and "--tag" in line
+    assert "already finished:" not in out.lower()
+    assert (finished_run / "results.json").stat().st_mtime_ns == before
+
+
+def test_force_says_that_it_removes_a_finished_run(finished_run: Path, tmp_path: Path, capsys) -> None:
+    copy = tmp_path / finished_run.name
+    shutil.copytree(finished_run, copy)
+    code, out, _ = run_inline(capsys, "--run_dir", str(tmp_path), "--epochs", "1", "--force")
+    assert code == 0
+    said = next(line for line in out.splitlines() if line.startswith("--force:"))
+    for name in ("results.json", "best.pt", "last.pt", "log.jsonl", "train.log"):
+        assert name in said
+    assert "finished run with test accuracy" in said
+    assert [r["epoch"] for r in read_log(copy)] == [1]
+
+
+def test_a_start_killed_before_its_first_last_pt_does_not_log_epochs_twice(finished_run: Path,
+                                                                           tmp_path: Path, capsys) -> None:
+    """A kill between the epoch's log record and its last.pt leaves a log without a checkpoint."""
+    copy = tmp_path / finished_run.name
+    shutil.copytree(finished_run, copy)
+    for name in ("results.json", "last.pt", "best.pt"):
+        (copy / name).unlink()
+    assert [r["epoch"] for r in read_log(copy)] == [1, 2]
+    code, out, _ = run_inline(capsys, "--run_dir", str(tmp_path), "--epochs", "1")
+    assert code == 0 and "saved no last.pt; starting afresh" in out
+    assert [r["epoch"] for r in read_log(copy)] == [1]
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"\x8f\x02random bytes" * 50, "not a torch.save file"),
+    ("state_dict", "model weights only"),
+    ("malicious", "Python objects that safe loading refuses"),
+])
+def test_a_corrupt_or_foreign_last_pt_is_named_and_explained(tmp_path: Path, capsys, content, what: str) -> None:
+    run = tmp_path / "synthtex_fold1_twistnet18_seed42"
+    run.mkdir()
+    if content == "state_dict":
+        torch.save({"conv1.weight": torch.zeros(2, 2)}, run / "last.pt")
+    elif content == "malicious":
+        torch.save({"model": Payload(tmp_path / "payload_ran")}, run / "last.pt")
+    else:
+        (run / "last.pt").write_bytes(content)
+    code, _, err = run_inline(capsys, "--run_dir", str(tmp_path), "--epochs", "1")
+    line = one_error_line(err)
+    assert code == 2 and str(run / "last.pt") in line and what in line, line
+    assert "--force" in line and "will likely succeed" not in line and "Re-running" not in line
+    assert not (tmp_path / "payload_ran").exists()
+    assert [p.name for p in run.iterdir()] == ["last.pt"]     # nothing written, the lock gone
+
+
+class Payload:
+    """A pickle that would run code (create a file) when loaded unsafely."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_resume_and_finished_runs_refuse_other_data(tmp_path: Path, capsys) -> None:
+    """Same classes, other images: the data_dir is free to move, not to change."""
+    data_a = fixtures.make_imagefolder(tmp_path / "a", classes=3, train_per_class=4)
+    data_b = fixtures.make_imagefolder(tmp_path / "b", classes=3, train_per_class=5)
+    moved = tmp_path / "a_moved"
+    shutil.copytree(data_a, moved)
+    args = ("--dataset", "imagefolder", "--epochs", "1", "--batch_size", "4", "--run_dir", str(tmp_path / "runs"))
+    assert run_inline(capsys, *args, "--data_dir", str(data_a))[0] == 0
+    run = tmp_path / "runs" / "imagefolder_fold1_twistnet18_seed42"
+    results = json.loads((run / "results.json").read_text())
+    assert results["data_fingerprint"]["sizes"] == {"train": 12, "val": 6, "test": 6}
+
+    code, _, err = run_inline(capsys, *args, "--data_dir", str(data_b))
+    line = one_error_line(err)
+    assert code == 2 and "already finished on other data" in line and "train 12 -> 15" in line
+    code, out, _ = run_inline(capsys, *args, "--data_dir", str(moved))
+    assert code == 0 and "already finished" in out             # a moved copy is the same data
+
+    (run / "results.json").unlink()                             # as if interrupted after the epoch
+    code, _, err = run_inline(capsys, *args, "--data_dir", str(data_b))
+    line = one_error_line(err)
+    assert code == 2 and "last.pt was trained on other data" in line and "train 12 -> 15" in line
+    assert not (run / "results.json").exists()
+
+
+def test_a_fixed_size_model_at_the_wrong_size_fails_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    code, _, err = run_inline(capsys, "--model", "swin_tiny", "--epochs", "1", "--run_dir", str(tmp_path))
+    line = one_error_line(err)
+    assert code == 2 and "swin_tiny cannot take 32 px images" in line and "--img_size 224" in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_per_class_accuracy_of_a_class_without_test_images_is_null(tmp_path: Path, capsys) -> None:
+    data = fixtures.make_imagefolder(tmp_path / "data", classes=3, train_per_class=4)
+    shutil.rmtree(data / "test" / "class_0")
+    code, out, err = run_inline(capsys, "--dataset", "imagefolder", "--data_dir", str(data), "--epochs", "1",
+                                "--batch_size", "4", "--run_dir", str(tmp_path / "runs"))
+    assert code == 0, out + err
+    assert "have no test image" in out
+    results = json.loads((tmp_path / "runs" / "imagefolder_fold1_twistnet18_seed42" / "results.json").read_text())
+    per_class = results["per_class_acc"]
+    assert per_class[0] is None and all(isinstance(v, float) for v in per_class[1:])
+
+
+def test_a_diverging_loss_is_one_error_line(tmp_path: Path, capsys) -> None:
+    code, _, err = run_inline(capsys, "--run_dir", str(tmp_path), "--epochs", "1", "--lr", "1e30",
+                              "--warmup_epochs", "0")
+    line = one_error_line(err)
+    assert code == 2 and "the training loss is" in line and "lower --lr" in line

@@ -85,6 +85,34 @@ def test_other_scripts_report_user_errors_the_same_way(tmp_path: Path) -> None:
                           "fmd data folder not found")
 
 
+@pytest.mark.parametrize("script, argv, fragments", [
+    ("train", ["--lr", "-1"], ["--lr -1.0", "positive"]),
+    ("train", ["--momentum", "1.5"], ["--momentum 1.5", "in [0, 1]"]),
+    ("train", ["--model", "resnet18", "--model_kwargs", '{"r": 4}'], ["resnet18", "TwistNet models"]),
+    ("train", ["--batch_size", "1"], ["--batch_size 1 cannot train", "BatchNorm"]),
+    ("pretrain_imagenet", ["--data", "synthetic", "--resume", "{tmp}/random.pt"], ["random.pt", "not a torch.save file"]),
+    ("pretrain_imagenet", ["--data", "synthetic", "--base_lr", "0"], ["--base_lr 0.0", "positive"]),
+    ("plot_results", ["--plot", "confusion", "--results", "{tmp}/bad.json"], ["bad.json", "not readable JSON"]),
+])
+def test_more_user_errors_are_one_line_in_process(script: str, argv: list[str], fragments: list[str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Each of these stopped with a traceback (torch's SGD, timm, json, torch.load) before."""
+    import plot_results
+    (tmp_path / "random.pt").write_bytes(os.urandom(2000))
+    (tmp_path / "bad.json").write_text("{not json")
+    main = {"train": train.main, "pretrain_imagenet": pretrain_imagenet.main, "plot_results": plot_results.main}[script]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    extra = ["--run_dir", str(tmp_path / "runs")] if script == "train" else \
+        ["--checkpoint_dir", str(tmp_path / "ckpt")] if script == "pretrain_imagenet" else []
+    assert utils.run_main(main, argv + extra) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not (tmp_path / "runs").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Progress bars
 # --------------------------------------------------------------------------------------------
