@@ -1,4 +1,4 @@
-"""pretrain_spark.py: masks, the mask-aware encoder (no leak, statistics over visible positions),
+"""spark.py: masks, the mask-aware encoder (no leak, statistics over visible positions),
 decoder, loss, weight export; and datasets' unlabelled image folders.
 
 Usage:
@@ -23,7 +23,7 @@ import datasets
 import fixtures
 import model_tools
 import models
-import pretrain_spark as spark
+import spark
 from synthtex import render_synthtex
 
 R = spark.DOWNSAMPLE_RATIO

@@ -1,7 +1,7 @@
-"""SparK masked image modelling for TwistNet-18 and the registry's ResNets (library; a training CLI follows).
+"""SparK masked image modelling for TwistNet-18 and the registry's ResNets: the method (pretrain_spark.py trains with it).
 
 Usage:
-    import models, pretrain_spark as spark
+    import models, spark
     net = spark.build_spark_model("twistnet18", mask_ratio=0.6)      # encoder + light decoder + loss
     loss = net(images)                     # images [B, 3, H, W] with H, W multiples of 32; a random mask
     loss = net(images, active)             # or a given mask: active [B, 1, H/32, W/32], True = visible
