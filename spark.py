@@ -6,7 +6,8 @@ Usage:
     loss = net(images)                     # images [B, 3, H, W] with H, W multiples of 32; a random mask
     loss = net(images, active)             # or a given mask: active [B, 1, H/32, W/32], True = visible
     shown = net.reconstruct(images)        # masked input, reconstruction and composite, for figures
-    torch.save(net.encoder_state_dict(), "weights/twistnet18_spark.pt")   # a plain registry state_dict
+    torch.save(net.encoder_state_dict(), "weights/twistnet18_spark.pt")   # registry names, no classifier
+    spark.reconstruction_grid(shown).save("grid.png")   # input | masked | reconstruction | visible pasted back
 
     encoder = spark.SparkEncoder(models.build_model("resnet18"))
     active = spark.random_active_mask(8, 7, 7, 0.6, generator=torch.Generator().manual_seed(0))
@@ -40,20 +41,26 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+from PIL import Image, ImageDraw
 
 import model_tools
 import models
+import transforms
 
 DOWNSAMPLE_RATIO = 32           # stem /4, stages 2-4 /2 each: the mask patch size
 DEFAULT_MASK_RATIO = 0.6
-DEFAULT_DECODER_WIDTH = 768     # SparK's decoder width (for every encoder it pretrains)
+# SparK used 768 for every encoder (ResNet-50's last stage has 2048 channels). For ResNet-18 and
+# TwistNet-18 (512) that makes decoder + densify 24.7M parameters beside an 11.6M encoder; at 512
+# they are 11.1M and the coarsest densify projection is an identity, SparK's rule for equal widths.
+DEFAULT_DECODER_WIDTH = 512
 SPARK_MODELS = ("twistnet18", "twistnet18_no_spiral", "twistnet18_no_ais", "twistnet18_first_order",
                 "resnet18", "seresnet18")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+TITLE_HEIGHT = 12               # pixels above the reconstruction grid's columns
 FEATURE_PATH = ("conv1", "bn1", "act1", "maxpool") + STAGES   # the modules forward_features runs
 
 
@@ -499,6 +506,7 @@ class SparkReconstruction:
     `active` ([B, 1, h, w]) and `loss`."""
     loss: torch.Tensor
     active: torch.Tensor
+    images: torch.Tensor            # the input
     masked: torch.Tensor            # the input with masked patches zeroed (what the encoder saw)
     reconstruction: torch.Tensor    # the prediction, per-patch statistics of the input restored
     composite: torch.Tensor         # visible patches from the input, masked ones from the prediction
@@ -559,12 +567,56 @@ class SparkModel(nn.Module):
         pixels = unpatchify(patchify(prediction, patch) * std + mean, patch, h, w)
         visible = upsample_mask(active, images.shape[-2], images.shape[-1])
         return SparkReconstruction(
-            loss=masked_patch_loss(prediction, images, active), active=active, masked=images * visible,
+            loss=masked_patch_loss(prediction, images, active), active=active, images=images, masked=images * visible,
             reconstruction=pixels, composite=torch.where(visible, images, pixels))
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights: a state_dict of the registry model (loads with strict=True)."""
-        return self.encoder.model.state_dict()
+        """The encoder's weights: the registry model's state_dict without the classifier, which
+        pretraining never trains (models.load_twistnet_checkpoint leaves it at init)."""
+        return encoder_weights(self.state_dict())
+
+    def param_groups(self) -> list[dict]:
+        """The trained parameters in two optimizer groups, with `weight_decay` 1.0 (conv and linear
+        weights) and 0.0 (norm weights, biases, STCI gates and the mask tokens, as in SparK): the
+        trainer multiplies by its weight decay schedule."""
+        decay, no_decay = models.decay_param_groups(self, 1.0)
+        tokens = {id(d.mask_token) for d in self.densify}
+        no_decay["params"] += [p for p in decay["params"] if id(p) in tokens]
+        decay["params"] = [p for p in decay["params"] if id(p) not in tokens]
+        return [decay, no_decay]
+
+
+def encoder_weights(state: Mapping[str, torch.Tensor], prefix: str = "encoder.model.") -> dict[str, torch.Tensor]:
+    """The registry model's weights in a SparkModel state_dict (its keys under `prefix`), without
+    the classifier: the feature path's tensors, by the registry model's names."""
+    return {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in FEATURE_PATH}
+
+
+GRID_TITLES = ("input", "masked input", "reconstruction", "visible pasted back")
+SHORT_GRID_TITLES = ("input", "masked", "recon.", "pasted")   # for columns under ~120 px
+
+
+def reconstruction_grid(shown: SparkReconstruction, mean: Sequence[float] = transforms.IMAGENET_MEAN,
+                        std: Sequence[float] = transforms.IMAGENET_STD, pad: int = 2) -> Image.Image:
+    """An RGB image with one row per input image and the columns of GRID_TITLES (input | masked
+    input | reconstruction | reconstruction with the visible patches pasted back), under a line of
+    titles; the tensors are denormalised with mean/std. Cells are separated by `pad` white pixels."""
+    columns = [shown.images, shown.masked, shown.reconstruction, shown.composite]
+    cells = [(transforms.denormalise(c.detach().float().cpu(), mean, std) * 255).round().to(torch.uint8)
+             for c in columns]
+    b, _, height, width = cells[0].shape
+    grid = Image.new("RGB", (4 * width + 5 * pad, TITLE_HEIGHT + b * height + (b + 1) * pad), "white")
+    draw = ImageDraw.Draw(grid)
+    # PIL's default font is about 6 px a character.
+    titles = GRID_TITLES if max(len(t) for t in GRID_TITLES) * 6 <= width else SHORT_GRID_TITLES
+    for col, (title, cell) in enumerate(zip(titles, cells)):
+        x = pad + col * (width + pad)
+        draw.text((x + 1, 1), title, fill="black")
+        for row in range(b):
+            tile = Image.fromarray(cell[row].permute(1, 2, 0).numpy())
+            grid.paste(tile, (x, TITLE_HEIGHT + pad + row * (height + pad)))
+    return grid
 
 
 def build_spark_model(name: str, mask_ratio: float = DEFAULT_MASK_RATIO,
