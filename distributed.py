@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import json
 import math
 import os
 import shlex
@@ -44,10 +45,20 @@ from torch.utils.data import DataLoader, Dataset
 
 import datasets
 import model_tools
+import models
 import utils
 from utils import UserError
 
 LR_REFERENCE_BATCH = 256
+# May differ between an interrupted run and its resumption, in both scripts: where things are,
+# how fast they go, how much is printed. Everything else is the recipe and must match the checkpoint.
+RESUME_SAFE_KEYS = frozenset({
+    "data_dir", "workers", "prefetch", "checkpoint_dir", "weights_dir", "device", "amp", "channels_last",
+    "print_freq", "save_every_steps", "profile", "profile_warmup", "batch_size", "accum_steps",
+    "dist_timeout_min", "resume", "stop_after_steps", "deterministic",
+})
+# Never inherited from the checkpoint: they describe this launch only.
+PER_LAUNCH_KEYS = frozenset({"resume", "stop_after_steps", "checkpoint_dir"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +212,53 @@ def merge_resume_config(args: argparse.Namespace, explicit: set[str], saved: Map
 def truncate_log(path: str | os.PathLike, completed_epochs: int) -> None:
     """Drop epoch records written after the checkpoint (they will be written again)."""
     utils.write_jsonl(path, [r for r in utils.read_jsonl(path) if r.get("type") != "epoch" or r["epoch"] <= completed_epochs])
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def pretrain_parser(doc: str, base_lr: float, weights_file: str, checkpoint_dir: str, resume: str | None,
+                    resume_help: str, print_freq: int) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    """A pretraining script's parser and its groups ("data", "model", "recipe", "system",
+    "checkpoints and logs"), holding the options both scripts share, with one meaning: the batch
+    and learning rate, decoding, TwistNet hyper-parameters, devices and processes, checkpoints,
+    logs and profiling. The script adds its own options to the groups."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {name: p.add_argument_group(name) for name in ("data", "model", "recipe", "system", "checkpoints and logs")}
+    groups["data"].add_argument(
+        "--decode_size", type=int, default=None,
+        help="shorter side images are resized to when decoded (JPEGs over twice that size are decoded at "
+             "reduced DCT scale, PIL draft); default: the eval resize size (256 for --img_size 224); 0: full "
+             "resolution (slower; crops from the originals)")
+    groups["model"].add_argument("--model_kwargs", default="{}", type=json.loads,
+                                 help='JSON of TwistNet hyper-parameters, e.g. \'{"r": 4}\'')
+    g = groups["recipe"]
+    g.add_argument("--batch_size", type=int, default=256, help="images per process (per GPU) per micro-step")
+    g.add_argument("--accum_steps", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--base_lr", type=float, default=base_lr,
+                   help=f"learning rate per {LR_REFERENCE_BATCH} images; the run uses "
+                        f"base_lr x global_batch / {LR_REFERENCE_BATCH}")
+    g = groups["system"]
+    utils.add_device_arguments(g)   # with torchrun, --device cuda means cuda:LOCAL_RANK in each process
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
+    g.add_argument("--workers", type=int, default=8, help="DataLoader processes per training process")
+    g.add_argument("--prefetch", type=int, default=4, help="batches prefetched per worker")
+    g.add_argument("--dist_timeout_min", type=float, default=30, help="collective timeout")
+    g = groups["checkpoints and logs"]
+    g.add_argument("--checkpoint_dir", default=checkpoint_dir)
+    g.add_argument("--resume", default=resume, help=resume_help)
+    g.add_argument("--weights_dir", default=str(Path(__file__).resolve().parent / models.WEIGHTS_DIR_NAME),
+                   help=f"where the final {weights_file} is copied for downstream auto-detection")
+    g.add_argument("--save_every_steps", type=int, default=1000, help="also save latest.pt every N steps (0: off)")
+    g.add_argument("--print_freq", type=int, default=print_freq, help="progress line every N optimizer steps (0: off)")
+    g.add_argument("--profile", action="store_true",
+                   help="time every step (synchronising the GPU) and report data-wait vs compute, in wall-clock "
+                        "and in CPU time of the main process")
+    g.add_argument("--profile_warmup", type=int, default=3, help="steps per epoch left out of the profile")
+    g.add_argument("--stop_after_steps", type=int, default=0,
+                   help="behave as if interrupted after this many optimizer steps in total (0: never); "
+                        "for testing resumption and for fixed-length jobs")
+    return p, groups
 
 
 # --------------------------------------------------------------------------------------------

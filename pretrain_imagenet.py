@@ -39,7 +39,6 @@ Mixup 0.2, CutMix 1.0, RandAugment (2, 9).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -60,26 +59,19 @@ import utils
 from distributed import BatchPlan, DistContext
 from utils import UserError
 
-SCRIPT_DIR = Path(__file__).resolve().parent
-# May differ between an interrupted run and its resumption: where things are, how fast they go,
-# how much is printed. Everything else is the recipe and must match the checkpoint.
-RESUME_SAFE_KEYS = {
-    "data_dir", "workers", "prefetch", "checkpoint_dir", "weights_dir", "device", "amp", "compile",
-    "channels_last", "print_freq", "save_every_steps", "profile", "profile_warmup", "eval_every",
-    "val_batch_size", "batch_size", "accum_steps", "dist_timeout_min", "resume", "stop_after_steps",
-    "deterministic",
-}
-# Never inherited from the checkpoint: they describe this launch only.
-PER_LAUNCH_KEYS = {"resume", "stop_after_steps", "checkpoint_dir"}
+# Besides where things are and how fast they go (distributed.RESUME_SAFE_KEYS), these may differ
+# on a resume; everything else is the recipe and must match the checkpoint.
+RESUME_SAFE_KEYS = distributed.RESUME_SAFE_KEYS | {"compile", "eval_every", "val_batch_size"}
 
 
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
+    p, groups = distributed.pretrain_parser(
+        __doc__, base_lr=0.1, weights_file="<model>_imagenet.pt", checkpoint_dir="checkpoints", resume=None,
+        resume_help="a latest.pt to continue from, or 'auto': <checkpoint_dir>/latest.pt if present", print_freq=100)
+    g = groups["data"]
     g.add_argument("--data", default="folder", choices=("folder", "synthetic"),
                    help="folder: ImageNet layout under --data_dir; synthetic: random tensors made on "
                         "the device (no files, no decoding) to measure the model's ceiling")
@@ -87,15 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_images", type=int, default=12_800, help="train images per epoch with --data synthetic")
     g.add_argument("--synthetic_val_images", type=int, default=1_000, help="val images with --data synthetic")
     g.add_argument("--num_classes", type=int, default=1000, help="classes with --data synthetic")
-    g.add_argument("--decode_size", type=int, default=None,
-                   help="shorter side images are resized to when decoded (JPEGs over twice that size are "
-                        "decoded at reduced DCT scale, PIL draft); default: the eval resize size "
-                        "(256 for --img_size 224); 0: full resolution (slower; crops from the originals)")
 
-    g = p.add_argument_group("model")
+    g = groups["model"]
     g.add_argument("--model", default="twistnet18", help=f"one of: {', '.join(models.model_names())}")
-    g.add_argument("--model_kwargs", default="{}", type=json.loads,
-                   help='JSON of TwistNet hyper-parameters, e.g. \'{"r": 4}\'')
     g.add_argument("--init", default="random", choices=("random", "resnet18"),
                    help="resnet18: copy every ResNet-18 ImageNet tensor whose name and shape match "
                         "before training (STCI stays at its gated init)")
@@ -104,13 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--transfer_policy", default="all", choices=models.TRANSFER_POLICIES,
                    help="which ResNet-18 tensors --init resnet18 copies")
 
-    g = p.add_argument_group("recipe")
+    g = groups["recipe"]
     g.add_argument("--epochs", type=int, default=600, help="length of the cosine schedule")
-    g.add_argument("--batch_size", type=int, default=256, help="images per process (per GPU) per micro-step")
-    g.add_argument("--accum_steps", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--base_lr", type=float, default=0.1,
-                   help=f"learning rate per {distributed.LR_REFERENCE_BATCH} images; the run uses "
-                        f"base_lr x global_batch / {distributed.LR_REFERENCE_BATCH}")
     g.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)  # renamed: a clear error
     g.add_argument("--img_size", type=int, default=224, help="train crop at the end of training and eval crop")
     g.add_argument("--progressive", default="",
@@ -119,32 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     utils.add_recipe_arguments(g, mixup=0.2, ema_decay=0.9998)
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation")
 
-    g = p.add_argument_group("system")
-    utils.add_device_arguments(g)   # with torchrun, --device cuda means cuda:LOCAL_RANK in each process
+    g = groups["system"]
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
-    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
-    g.add_argument("--workers", type=int, default=8, help="DataLoader processes per training process")
-    g.add_argument("--prefetch", type=int, default=4, help="batches prefetched per worker")
     g.add_argument("--val_batch_size", type=int, default=None, help="per process (default: --batch_size)")
-    g.add_argument("--dist_timeout_min", type=float, default=30, help="collective timeout")
-
-    g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--checkpoint_dir", default="checkpoints")
-    g.add_argument("--resume", default=None,
-                   help="a latest.pt to continue from, or 'auto': <checkpoint_dir>/latest.pt if present")
-    g.add_argument("--weights_dir", default=str(SCRIPT_DIR / models.WEIGHTS_DIR_NAME),
-                   help="where the final <model>_imagenet.pt is copied for downstream auto-detection")
-    g.add_argument("--save_every_steps", type=int, default=1000, help="also save latest.pt every N steps (0: off)")
-    g.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (and after the last)")
-    g.add_argument("--print_freq", type=int, default=100, help="progress line every N optimizer steps")
-    g.add_argument("--profile", action="store_true",
-                   help="time every step (synchronising the GPU) and report data-wait vs compute, in wall-clock "
-                        "and in CPU time of the main process")
-    g.add_argument("--profile_warmup", type=int, default=3, help="steps per epoch left out of the profile")
-    g.add_argument("--stop_after_steps", type=int, default=0,
-                   help="behave as if interrupted after this many optimizer steps in total (0: never); "
-                        "for testing resumption and for fixed-length jobs")
+    groups["checkpoints and logs"].add_argument("--eval_every", type=int, default=1,
+                                                help="validate every N epochs (and after the last)")
     return p
 
 
@@ -381,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
-    start = distributed.start_or_resume(args, explicit, ctx, Pretrainer.kind, RESUME_SAFE_KEYS, PER_LAUNCH_KEYS,
-                                        saved_config)
+    start = distributed.start_or_resume(args, explicit, ctx, Pretrainer.kind, RESUME_SAFE_KEYS,
+                                        distributed.PER_LAUNCH_KEYS, saved_config)
     args, ckpt, plan = start.args, start.ckpt, start.plan
     validate_args(args, ctx)
     phases = utils.parse_progressive(args.progressive, args.img_size)

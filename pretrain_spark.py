@@ -1,0 +1,433 @@
+"""Pretraining without labels: SparK masked image modelling of TwistNet-18 on any folder of images.
+
+TwistNet-18 (or resnet18, seresnet18, the TwistNet ablation variants) learns from unlabelled images,
+on one process or many with torch.distributed.
+
+Usage:
+    # one process (one GPU, or the CPU); labels and class folders are ignored, sub-folders searched
+    python pretrain_spark.py --data_dir /data/imagenet/train --batch_size 256
+
+    # a texture collection, and a mix of folders
+    python pretrain_spark.py --data_dir data/dtd/images --epochs 800 --batch_size 64
+    python pretrain_spark.py --data_dir /data/imagenet/train data/dtd/images data/fmd/image
+
+    # no download: the unlabelled training images of synthtex
+    python pretrain_spark.py --data synthtex --img_size 96 --epochs 30 --batch_size 32 --device cpu
+
+    # 8 GPUs (--batch_size is per GPU; the lr is scaled by the global batch)
+    torchrun --standalone --nproc_per_node=8 pretrain_spark.py --data_dir /data/imagenet/train \\
+        --batch_size 128 --checkpoint_dir checkpoints_spark
+
+    # interrupted? the same command again continues (--resume auto is the default)
+
+SparK (Tian et al., ICLR 2023) hides 60% of the 32 x 32 patches of each image, runs the encoder on
+the visible patches only (spark.py makes every layer mask-aware), and trains a light decoder to
+reconstruct the hidden patches; the encoder's weights are what pretraining is for. Outputs (rank 0
+writes them):
+    <checkpoint_dir>/latest.pt             every epoch, every --save_every_steps steps and on Ctrl-C; exact resume
+    <checkpoint_dir>/<model>_spark.pt      the encoder's final weights (a registry state_dict, no classifier)
+    <checkpoint_dir>/log.jsonl             a header record (command, git commit, ...), one record per epoch
+    <checkpoint_dir>/train.log             the console output; stdout.txt and stderr.txt: copies of both streams
+    <checkpoint_dir>/reconstructions/epoch_NNNN.png   every --vis_every epochs: input | masked | reconstruction
+                                           | reconstruction with the visible patches pasted back
+    <weights_dir>/<model>_spark.pt         copy of the encoder weights: train.py --pretrained finds it
+
+Recipe defaults (SparK's, PRETRAIN_GUIDE.md "Without labels: SparK"): LAMB (betas 0.9, 0.95), lr 2e-4
+per 256 images scaled by the global batch, 20 warm-up epochs then cosine, weight decay 0.04 -> 0.2
+(cosine) on conv and linear weights only, gradient norm clipped at 5, mask ratio 0.6,
+RandomResizedCrop (scale 0.67-1) and flip, 800 epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import datasets
+import distributed
+import model_tools
+import models
+import spark
+import transforms
+import utils
+from distributed import BatchPlan, DistContext
+from utils import UserError
+
+SparkEncoder = spark.SparkEncoder   # the mask-aware encoder: pretrain_spark.SparkEncoder(model) as in spark.py
+
+RESUME_SAFE_KEYS = distributed.RESUME_SAFE_KEYS | {"vis_every", "vis_images", "no_progress"}
+FIGURES_DIR = "reconstructions"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p, groups = distributed.pretrain_parser(
+        __doc__, base_lr=2e-4, weights_file="<model>_spark.pt", checkpoint_dir="checkpoints_spark", resume="auto",
+        resume_help="'auto': continue <checkpoint_dir>/latest.pt if it exists (a re-run of the same command "
+                    "continues), else start; or the path of a latest.pt", print_freq=0)
+    g = groups["data"]
+    g.add_argument("--data", default="folder", choices=("folder", "synthtex"),
+                   help="folder: every image under --data_dir; synthtex: the training images of a synthtex "
+                        "fold (no download; labels dropped)")
+    g.add_argument("--data_dir", nargs="+", default=None,
+                   help="image folder(s), searched recursively; class folders and labels are ignored")
+    g.add_argument("--fold", type=int, default=1, help="the synthtex fold whose training images are used")
+    g.add_argument("--crop_scale", type=float, default=0.67, help="smallest area share of RandomResizedCrop")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+
+    g = groups["model"]
+    g.add_argument("--model", default="twistnet18", choices=spark.SPARK_MODELS,
+                   help="a registry CNN whose every layer has a mask-aware version (spark.py)")
+    g.add_argument("--mask_ratio", type=float, default=spark.DEFAULT_MASK_RATIO,
+                   help="share of the 32 x 32 patches of each image that are hidden")
+    g.add_argument("--decoder_width", type=int, default=spark.DEFAULT_DECODER_WIDTH,
+                   help="channels of the decoder's first block (halved in each of its 5 blocks); SparK used 768")
+
+    g = groups["recipe"]
+    g.add_argument("--epochs", type=int, default=800, help="length of the cosine schedules")
+    g.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine schedule (absolute)")
+    g.add_argument("--warmup_epochs", type=float, default=20, help="linear warm-up, per step, over this many epochs")
+    g.add_argument("--optimizer", default="lamb", choices=("lamb", "adamw"), help="timm's Lamb, or torch's AdamW")
+    g.add_argument("--beta2", type=float, default=0.95, help="second-moment decay of LAMB/AdamW (beta1 is 0.9)")
+    g.add_argument("--weight_decay", type=float, default=0.04,
+                   help="at the start, on conv/linear weights only (none on norms, biases, gates, mask tokens)")
+    g.add_argument("--weight_decay_end", type=float, default=0.2, help="at the end (cosine from --weight_decay)")
+    g.add_argument("--clip_grad", type=float, default=5.0,
+                   help="max global gradient norm (LAMB clips it itself, as in SparK; 0 disables)")
+    g.add_argument("--img_size", type=int, default=224, help="training crop, a multiple of 32 (the mask patch)")
+    g.add_argument("--progressive", default="",
+                   help="low resolution early: 'SIZE:FRACTION,...' (sizes multiples of 32), e.g. '128:0.5'")
+    g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation, masks")
+
+    g = groups["system"]
+    g.add_argument("--sync_bn", action="store_true",
+                   help="SyncBatchNorm in the decoder across processes (GPU only; the encoder's mask-aware "
+                        "BatchNorm keeps per-process statistics)")
+
+    g = groups["checkpoints and logs"]
+    g.add_argument("--vis_every", type=int, default=10,
+                   help="write a reconstruction figure every N epochs and after the last (0: never)")
+    g.add_argument("--vis_images", type=int, default=8, help="images in the reconstruction figure (a fixed set)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    return p
+
+
+def validate_args(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan) -> list[tuple[float, int]]:
+    """The progressive phases; a UserError for anything SparK cannot train with."""
+    spark.check_spark_model(args.model)
+    for name in ("epochs", "batch_size", "accum_steps", "vis_images"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+    if args.img_size % spark.DOWNSAMPLE_RATIO or args.img_size < 2 * spark.DOWNSAMPLE_RATIO:
+        raise UserError(f"--img_size {args.img_size}: SparK masks {spark.DOWNSAMPLE_RATIO}-px patches, so the size "
+                        f"must be a multiple of {spark.DOWNSAMPLE_RATIO} and at least {2 * spark.DOWNSAMPLE_RATIO}.")
+    phases = utils.parse_progressive(args.progressive, args.img_size)
+    if any(size % spark.DOWNSAMPLE_RATIO or size < 2 * spark.DOWNSAMPLE_RATIO for _, size in phases):
+        raise UserError(f"--progressive: every size must be a multiple of {spark.DOWNSAMPLE_RATIO}, at least "
+                        f"{2 * spark.DOWNSAMPLE_RATIO}; got {[s for _, s in phases]}")
+    if not 0 < args.mask_ratio < 1:
+        raise UserError(f"--mask_ratio must lie in (0, 1), got {args.mask_ratio}")
+    if args.decoder_width % spark.DOWNSAMPLE_RATIO or args.decoder_width <= 0:
+        raise UserError(f"--decoder_width must be a positive multiple of {spark.DOWNSAMPLE_RATIO} "
+                        f"(the decoder halves it 5 times), got {args.decoder_width}")
+    if args.min_lr >= plan.effective_lr(args.base_lr):
+        raise UserError(f"--min_lr {args.min_lr:g} is not below the peak lr {plan.effective_lr(args.base_lr):g} "
+                        f"(--base_lr x global batch / {distributed.LR_REFERENCE_BATCH}): lower it (the default is 0)")
+    if args.data == "folder" and not args.data_dir:
+        raise UserError("--data_dir is required (or --data synthtex): one or more folders of images, searched "
+                        "recursively, e.g. /data/imagenet/train or data/dtd/images.")
+    if args.sync_bn and ctx.distributed and ctx.device.type != "cuda":
+        raise UserError("--sync_bn needs GPUs (torch's SyncBatchNorm has no CPU kernel). Drop it on CPU.")
+    return phases
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def unlabelled_images(args: argparse.Namespace, size: int) -> Any:
+    """The training images at crop size `size`, through SparK's light augmentation; items are
+    (image, label) with labels never used."""
+    train_tf = transforms.build_train_transform(size, hflip=args.hflip, randaug_n=0, scale=(args.crop_scale, 1.0))
+    if args.data == "synthtex":
+        sets, _ = datasets.build_datasets("synthtex", None, args.fold, train_tf, None,
+                                          synthtex_size=transforms.eval_resize_size(args.img_size))
+        return sets["train"]
+    decode = transforms.eval_resize_size(args.img_size) if args.decode_size is None else args.decode_size
+    return datasets.unlabelled_dataset(args.data_dir, train_tf, image_size=decode or None)
+
+
+def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phases: list[tuple[float, int]],
+              start_epoch: int) -> distributed.EpochBatches:
+    size = utils.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
+    first = unlabelled_images(args, size)
+    where = "synthtex" if args.data == "synthtex" else " ".join(args.data_dir)
+    return distributed.EpochBatches(lambda s: unlabelled_images(args, s), len(first), plan, ctx, args.seed,
+                                    args.workers, args.prefetch, where, first_set=(size, first))
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------
+def build_recipe(net: spark.SparkModel, args: argparse.Namespace, lr: float, steps_per_epoch: int,
+                 device: torch.device) -> utils.Recipe:
+    """LAMB or AdamW on net.param_groups(), warm-up + cosine per step, the AMP scaler. Weight decay
+    is set before every step (SparkTrainer.optimizer_step) from `decay_scale` of each group."""
+    groups = net.param_groups()
+    for group in groups:
+        group["decay_scale"] = group.pop("weight_decay")
+    betas = (0.9, args.beta2)
+    if args.optimizer == "lamb":
+        from timm.optim import Lamb
+        optimizer: torch.optim.Optimizer = Lamb(groups, lr=lr, betas=betas, weight_decay=0.0,
+                                                max_grad_norm=args.clip_grad or None)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=0.0)
+    amp_dtype = utils.resolve_amp(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return utils.Recipe(optimizer, utils.build_scheduler(optimizer, args, lr, steps_per_epoch), scaler, amp_dtype,
+                        ema=None, mixup=None, criterion=None)
+
+
+def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """SparK's weight decay schedule: cosine from `start` at step 0 to `end` at the last step."""
+    progress = min(1.0, step / max(1, total_steps - 1))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_masks(seed: int, epoch: int, step: int, count: int, grid: tuple[int, int], mask_ratio: float) -> torch.Tensor:
+    """The masks [count, 1, h, w] of one optimizer step's global batch, in the order of its images
+    in the epoch: a function of (seed, epoch, step) only, so a resumed run draws the same masks,
+    on any number of processes."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) % 2**63)
+    return spark.random_active_mask(count, *grid, mask_ratio, generator=g)
+
+
+class SparkTrainer(distributed.Pretrainer):
+    """SparK pretraining of one process: the shared trainer with masks, LAMB/AdamW and the weight
+    decay schedule. `self.model` is the SparkModel; `self.backbone` the registry model inside it."""
+    kind = "spark"
+
+    def __init__(self, args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, net: spark.SparkModel,
+                 steps_per_epoch: int, console: Callable[[str], None]) -> None:
+        if args.sync_bn and ctx.distributed:
+            # The encoder's BatchNorms are mask-aware (and so is Densify's): converting them would
+            # make them plain BatchNorms that count the masked zeros.
+            net.decoder = nn.SyncBatchNorm.convert_sync_batchnorm(net.decoder)
+        super().__init__(args, ctx, plan, net, steps_per_epoch, console)
+        self.backbone = net.encoder.model
+        self.recipe = build_recipe(net, args, self.lr, steps_per_epoch, ctx.device)
+        self.amp_dtype = self.recipe.amp_dtype
+        self.total_steps = args.epochs * steps_per_epoch
+        self._masks: tuple[tuple, torch.Tensor] | None = None
+
+    def weight_decay(self, step: int) -> float:
+        return weight_decay_at(step, self.total_steps, self.args.weight_decay, self.args.weight_decay_end)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
+        return self.forward_model(images, self.masks_for(images, micro))
+
+    def masks_for(self, images: torch.Tensor, micro: int) -> torch.Tensor:
+        """This micro-batch's slice of the step's masks (datasets.ShardedEpochSampler's layout: micro-step
+        m of rank r holds positions m * B * W + r * B ... + B of the step's global batch)."""
+        grid = (images.shape[-2] // spark.DOWNSAMPLE_RATIO, images.shape[-1] // spark.DOWNSAMPLE_RATIO)
+        key = (self.epoch, self.step_in_epoch, grid)
+        if self._masks is None or self._masks[0] != key:
+            masks = step_masks(self.args.seed, self.epoch, self.step_in_epoch, self.plan.global_batch, grid,
+                               self.args.mask_ratio)
+            self._masks = (key, masks)
+        per_rank = self.plan.per_rank
+        start = (micro * self.ctx.world_size + self.ctx.rank) * per_rank
+        mine = self._masks[1][start:start + per_rank]
+        # Unreadable images leave a shorter batch (and a wholly unreadable one a dummy of 2).
+        return mine[torch.arange(images.shape[0]) % per_rank].to(images.device, non_blocking=True)
+
+    def optimizer_step(self) -> None:
+        decay = self.weight_decay(self.global_step)
+        for group in self.recipe.optimizer.param_groups:
+            group["weight_decay"] = decay * group["decay_scale"]
+        # LAMB clips the global gradient norm inside its step (as SparK's LAMB does).
+        self.recipe.step(self.model, self.args.clip_grad if self.args.optimizer == "adamw" else 0.0)
+
+    def encoder_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.encoder_state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstruction figures
+# --------------------------------------------------------------------------------------------
+class ReconstructionFigures:
+    """A fixed set of images (seeded choice, centre crops) with fixed masks, reconstructed in eval
+    mode (BatchNorm running statistics, none updated) every --vis_every epochs and after the last."""
+
+    def __init__(self, args: argparse.Namespace, net: spark.SparkModel, train_set: Any, device: torch.device,
+                 folder: Path) -> None:
+        self.args, self.net, self.device, self.folder = args, net, device, folder
+        shown = copy.copy(train_set)     # the same files, through the eval transform
+        shown.transform = transforms.build_eval_transform(args.img_size)
+        order = torch.randperm(len(shown), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        images = []
+        for index in order:
+            item = shown[index]
+            if item is not None:         # an unreadable image: take the next one
+                images.append(item[0])
+            if len(images) == args.vis_images:
+                break
+        self.images = torch.stack(images)
+        grid = args.img_size // spark.DOWNSAMPLE_RATIO
+        self.active = spark.random_active_mask(len(images), grid, grid, args.mask_ratio,
+                                               torch.Generator().manual_seed(args.seed + 1))
+
+    def due(self, epoch: int) -> bool:
+        every = self.args.vis_every
+        return every > 0 and (epoch % every == 0 or epoch == self.args.epochs)
+
+    def write(self, epoch: int) -> Path:
+        with model_tools.evaluating(self.net), torch.no_grad():
+            shown = self.net.reconstruct(self.images.to(self.device), self.active.to(self.device))
+        buffer = io.BytesIO()
+        spark.reconstruction_grid(shown).save(buffer, format="PNG")
+        path = self.folder / f"epoch_{epoch:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        utils.atomic_write_bytes(buffer.getvalue(), path)
+        return path
+
+
+# --------------------------------------------------------------------------------------------
+# Logs
+# --------------------------------------------------------------------------------------------
+def param_counts(net: spark.SparkModel) -> dict[str, int]:
+    """Parameters of the encoder (the exported weights), its STCI branches, and decoder + densify."""
+    return dict(encoder_params=sum(v.numel() for k, v in net.encoder.model.named_parameters()
+                                   if k.split(".", 1)[0] in spark.FEATURE_PATH),
+                stci_params=model_tools.stci_param_count(net.encoder.model),
+                decoder_params=models.count_params(net.decoder) + models.count_params(net.densify))
+
+
+def header_record(trainer: SparkTrainer, data: distributed.EpochBatches, kind: str) -> dict:
+    args = trainer.args
+    return distributed.header_record(kind, trainer, train_images=data.num_images, model=args.model,
+                                     **param_counts(trainer.model), mask_ratio=args.mask_ratio,
+                                     optimizer=args.optimizer)
+
+
+def start_line(trainer: SparkTrainer, data: distributed.EpochBatches) -> str:
+    args, counts = trainer.args, param_counts(trainer.model)
+    grid = args.img_size // spark.DOWNSAMPLE_RATIO
+    return (f"SparK {args.model}: encoder {counts['encoder_params'] / 1e6:.2f}M params (STCI "
+            f"{100 * counts['stci_params'] / counts['encoder_params']:.2f}%), decoder {counts['decoder_params'] / 1e6:.2f}M"
+            f" | {data.num_images} unlabelled images | mask {args.mask_ratio:g} of {grid}x{grid} patches | "
+            f"{trainer.plan.describe()} | {args.optimizer} lr {trainer.lr:.4g} ({args.base_lr:g} per "
+            f"{distributed.LR_REFERENCE_BATCH}) | {trainer.steps_per_epoch} steps/epoch | {trainer.ctx.device} amp "
+            f"{utils.amp_label(trainer.amp_dtype)} | {trainer.ctx.world_size} process(es)")
+
+
+def epoch_end(trainer: SparkTrainer, figures: ReconstructionFigures | None) -> dict:
+    """The weight decay of the epoch's first step (as its lr) and, when due, the reconstruction figure (rank 0)."""
+    extra: dict[str, Any] = {"weight_decay": trainer.weight_decay((trainer.epoch - 1) * trainer.steps_per_epoch)}
+    if figures is not None and figures.due(trainer.epoch):
+        extra["figure"] = str(figures.write(trainer.epoch))
+    return extra
+
+
+def epoch_line(r: dict, epochs: int) -> str:
+    figure = f" | {r['figure']}" if "figure" in r else ""
+    return (f"epoch {r['epoch']}/{epochs} | {r['img_size']}px | lr {r['lr']:.4g} wd {r['weight_decay']:.3f} | "
+            f"reconstruction loss {r['train_loss']:.4f} | {distributed.throughput_text(r)}{figure}")
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return distributed.run_in_job(run, args, utils.explicit_flags(build_parser(), argv))
+
+
+def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
+    start = distributed.start_or_resume(args, explicit, ctx, SparkTrainer.kind, RESUME_SAFE_KEYS,
+                                        distributed.PER_LAUNCH_KEYS)
+    args, ckpt = start.args, start.ckpt
+    phases = validate_args(args, ctx, start.plan)
+    utils.configure_kernels(args.deterministic, ctx.device)
+    ckpt_dir = Path(args.checkpoint_dir)
+    if ctx.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    console = utils.Console(ckpt_dir / "train.log", enabled=ctx.is_main)
+    with utils.tee_output(ckpt_dir, enabled=ctx.is_main):
+        console(f"command: {shlex.join([sys.executable, *sys.argv])} | git {utils.git_commit() or 'unknown'}")
+        if ckpt is not None and ckpt["epoch"] >= args.epochs:
+            return finished_run(args, ckpt, ckpt_dir, ctx, console)
+        return train(args, ctx, start, phases, ckpt_dir, console)
+
+
+def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStart, phases: list[tuple[float, int]],
+          ckpt_dir: Path, console: utils.Console) -> int:
+    # Identical initial weights on every rank; the masks come from their own seeded generators.
+    utils.seed_everything(args.seed)
+    data = load_data(args, ctx, start.plan, phases, start.ckpt["epoch"] if start.ckpt else 0)
+    net = spark.build_spark_model(args.model, args.mask_ratio, args.decoder_width, verbose=False, **args.model_kwargs)
+    trainer = SparkTrainer(args, ctx, start.plan, net, data.steps_per_epoch, console)
+    utils.seed_everything(args.seed * 1000 + ctx.rank + 1)
+    if start.ckpt is not None:
+        distributed.resume_trainer(trainer, start.ckpt, start.path, ckpt_dir / "log.jsonl",
+                                   lambda: header_record(trainer, data, "resume"))
+        console(f"Resumed from {start.path}: epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}/"
+                f"{trainer.steps_per_epoch}")
+        start.ckpt = None
+    elif ctx.is_main:
+        utils.write_jsonl(ckpt_dir / "log.jsonl", [header_record(trainer, data, "header")])
+    console(start_line(trainer, data))
+    figures = (ReconstructionFigures(args, net, unlabelled_images(args, args.img_size), ctx.device,
+                                     ckpt_dir / FIGURES_DIR) if ctx.is_main and args.vis_every > 0 else None)
+
+    # A terminal Ctrl-C reaches each torchrun worker twice: a second signal within 2 s is that echo.
+    with utils.StopFlag(grace_s=2.0) as stop:
+        if not distributed.train_epochs(trainer, data, phases, ckpt_dir, stop, lambda: epoch_end(trainer, figures),
+                                        lambda record: epoch_line(record, args.epochs),
+                                        progress_bar=not args.no_progress):
+            console(f"Interrupted at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}/"
+                    f"{trainer.steps_per_epoch}: saved {ckpt_dir / 'latest.pt'}. Run the same command again "
+                    f"to continue.")
+            return 130
+    if ctx.is_main:
+        final = export(trainer.encoder_weights(), args, ckpt_dir, console)
+        last = utils.read_jsonl(ckpt_dir / "log.jsonl")[-1]
+        utils.append_jsonl(ckpt_dir / "log.jsonl", {"type": "final", "train_loss": last.get("train_loss"),
+                                                    "weights": str(final)})
+    console("done")
+    if ctx.distributed:
+        dist.barrier(group=ctx.cpu_group)
+    return 0
+
+
+def export(state: dict[str, torch.Tensor], args: argparse.Namespace, ckpt_dir: Path,
+           console: Callable[[str], None]) -> Path:
+    # synthtex images are real images (procedural textures), so its weights are copied like any other.
+    return distributed.export_weights(state, f"{args.model}_spark.pt", ckpt_dir, args.weights_dir, console,
+                                      "Encoder weights")
+
+
+def finished_run(args: argparse.Namespace, ckpt: dict, ckpt_dir: Path, ctx: DistContext,
+                 console: Callable[[str], None]) -> int:
+    """A re-run of a finished run: nothing to train; the encoder weights are written again (to a
+    --weights_dir that may be new)."""
+    console(f"{ckpt_dir / 'latest.pt'} is a finished run ({ckpt['epoch']} of {args.epochs} epochs): nothing to "
+            f"train. Use another --checkpoint_dir for a new run.")
+    if ctx.is_main:
+        export(spark.encoder_weights(ckpt["model"]), args, ckpt_dir, console)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(utils.run_main(main))
