@@ -230,8 +230,16 @@ def pretrain_parser(doc: str, base_lr: float, weights_file: str, checkpoint_dir:
         help="shorter side images are resized to when decoded (JPEGs over twice that size are decoded at "
              "reduced DCT scale, PIL draft); default: the eval resize size (256 for --img_size 224); 0: full "
              "resolution (slower; crops from the originals)")
-    groups["model"].add_argument("--model_kwargs", default="{}", type=json.loads,
-                                 help='JSON of TwistNet hyper-parameters, e.g. \'{"r": 4}\'')
+    g = groups["model"]
+    g.add_argument("--model_kwargs", default="{}", type=json.loads,
+                   help='JSON of TwistNet hyper-parameters, e.g. \'{"r": 4}\'')
+    g.add_argument("--init", default="random", choices=("random", "resnet18"),
+                   help="resnet18: copy every ResNet-18 ImageNet tensor whose name and shape match "
+                        "before training (STCI stays at its gated init)")
+    g.add_argument("--resnet18_weights", default=None,
+                   help="local timm/torchvision ResNet-18 state_dict for --init resnet18 (else timm's hub)")
+    g.add_argument("--transfer_policy", default="all", choices=models.TRANSFER_POLICIES,
+                   help="which ResNet-18 tensors --init resnet18 copies")
     g = groups["recipe"]
     g.add_argument("--batch_size", type=int, default=256, help="images per process (per GPU) per micro-step")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-steps per optimizer step")
@@ -319,6 +327,18 @@ def start_or_resume(args: argparse.Namespace, explicit: set[str], ctx: DistConte
                            args.accum_steps if "accum_steps" in explicit else None)
     args.accum_steps = plan.accum_steps
     return RunStart(args, ckpt, path, plan)
+
+
+def build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext, console: Callable[[str], None],
+                warm_start: bool) -> nn.Module:
+    """The registry model (--model, --model_kwargs), warm-started from ResNet-18 with --init resnet18
+    on a fresh run (rank 0 loads; DDP broadcasts its weights to the other ranks)."""
+    model = models.build_model(args.model, num_classes, pretrained=False, verbose=False, **args.model_kwargs)
+    if warm_start and args.init == "resnet18" and ctx.is_main:
+        source = models.load_resnet18_state_dict(args.resnet18_weights, log=console)
+        report = models.transfer_weights(model, source, policy=args.transfer_policy)
+        console(report.summary(f"ResNet-18 -> {args.model} (policy '{args.transfer_policy}')"))
+    return model
 
 
 # --------------------------------------------------------------------------------------------

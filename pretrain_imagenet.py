@@ -82,13 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = groups["model"]
     g.add_argument("--model", default="twistnet18", help=f"one of: {', '.join(models.model_names())}")
-    g.add_argument("--init", default="random", choices=("random", "resnet18"),
-                   help="resnet18: copy every ResNet-18 ImageNet tensor whose name and shape match "
-                        "before training (STCI stays at its gated init)")
-    g.add_argument("--resnet18_weights", default=None,
-                   help="local timm/torchvision ResNet-18 state_dict for --init resnet18 (else timm's hub)")
-    g.add_argument("--transfer_policy", default="all", choices=models.TRANSFER_POLICIES,
-                   help="which ResNet-18 tensors --init resnet18 copies")
 
     g = groups["recipe"]
     g.add_argument("--epochs", type=int, default=600, help="length of the cosine schedule")
@@ -218,17 +211,6 @@ class ValData:
 # --------------------------------------------------------------------------------------------
 # Model and optimisation
 # --------------------------------------------------------------------------------------------
-def build_pretrain_model(args: argparse.Namespace, num_classes: int, ctx: DistContext,
-                         console: Callable[[str], None], warm_start: bool) -> nn.Module:
-    """The registry model, optionally warm-started from ResNet-18 (rank 0 loads; DDP broadcasts)."""
-    model = models.build_model(args.model, num_classes, pretrained=False, verbose=False, **args.model_kwargs)
-    if warm_start and args.init == "resnet18" and ctx.is_main:
-        source = models.load_resnet18_state_dict(args.resnet18_weights, log=console)
-        report = models.transfer_weights(model, source, policy=args.transfer_policy)
-        console(report.summary(f"ResNet-18 -> {args.model} (policy '{args.transfer_policy}')"))
-    return model
-
-
 class Pretrainer(distributed.Pretrainer):
     """Supervised pretraining of one process: the shared trainer with SGD, Mixup/CutMix, EMA, validation."""
     kind = "imagenet"
@@ -357,7 +339,7 @@ def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
     # Identical initial weights on every rank; afterwards each rank draws its own Mixup stream.
     utils.seed_everything(args.seed)
     train_data, val_data = load_data(args, ctx, plan, phases, start_epoch=ckpt["epoch"] if ckpt else 0)
-    model = build_pretrain_model(args, train_data.num_classes, ctx, console, warm_start=ckpt is None)
+    model = distributed.build_model(args, train_data.num_classes, ctx, console, warm_start=ckpt is None)
     trainer = Pretrainer(args, ctx, plan, model, train_data.num_classes, train_data.steps_per_epoch, console)
     utils.seed_everything(args.seed * 1000 + ctx.rank + 1)
     if ckpt is not None:

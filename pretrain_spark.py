@@ -376,7 +376,8 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
     # Identical initial weights on every rank; the masks come from their own seeded generators.
     utils.seed_everything(args.seed)
     data = load_data(args, ctx, start.plan, phases, start.ckpt["epoch"] if start.ckpt else 0)
-    net = spark.build_spark_model(args.model, args.mask_ratio, args.decoder_width, verbose=False, **args.model_kwargs)
+    model = distributed.build_model(args, 1000, ctx, console, warm_start=start.ckpt is None)
+    net = spark.SparkModel(model, args.mask_ratio, args.decoder_width)
     trainer = SparkTrainer(args, ctx, start.plan, net, data.steps_per_epoch, console)
     utils.seed_everything(args.seed * 1000 + ctx.rank + 1)
     if start.ckpt is not None:

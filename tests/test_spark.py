@@ -618,6 +618,24 @@ def test_loss_falls_and_unreadable_images_are_skipped(unlabelled: Path, tmp_path
     assert not (ckpt / "reconstructions").exists()
 
 
+def test_init_resnet18_starts_from_the_resnet18_weights(unlabelled: Path, tmp_path: Path, one_torch_thread: None,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """SparK on few images can start from a ResNet-18 backbone (as SparK's --init_weight suggests)."""
+    import timm
+    torch.manual_seed(5)
+    source = timm.create_model("resnet18").state_dict()
+    torch.save(source, tmp_path / "resnet18.pth")
+    ckpt = tmp_path / "ckpt"
+    assert spark_script.main([*TINY, "--data_dir", str(unlabelled), "--checkpoint_dir", str(ckpt), "--init", "resnet18",
+                              "--resnet18_weights", str(tmp_path / "resnet18.pth"), "--stop_after_steps", "1"]) == 130
+    assert "ResNet-18 -> twistnet18 (policy 'all')" in capsys.readouterr().out
+    # One LAMB step at lr 1e-6 (a third of the first warm-up epoch) moves each weight by ~1e-6 of its norm.
+    after_one_step = load(ckpt / "latest.pt")["model"]
+    for name in ("conv1.weight", "layer4.1.conv2.weight"):
+        change = after_one_step[f"encoder.model.{name}"] - source[name]
+        assert change.norm() < 1e-4 * source[name].norm(), name
+
+
 def test_reconstruction_grid_shows_input_masked_reconstruction_and_composite() -> None:
     net = spark.build_spark_model("resnet18", decoder_width=64, verbose=False).eval()
     x, active = images(2, 64, 96), mask(2, 2, 3)
