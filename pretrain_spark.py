@@ -168,12 +168,14 @@ def unlabelled_images(args: argparse.Namespace, size: int) -> Any:
 
 
 def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phases: list[tuple[float, int]],
-              start_epoch: int) -> distributed.EpochBatches:
+              start_epoch: int) -> tuple[distributed.EpochBatches, Any]:
+    """The epochs' batches, and the dataset found (for the figures: the folders are listed once)."""
     size = utils.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
     first = unlabelled_images(args, size)
     where = "synthtex" if args.data == "synthtex" else " ".join(args.data_dir)
-    return distributed.EpochBatches(lambda s: unlabelled_images(args, s), len(first), plan, ctx, args.seed,
+    data = distributed.EpochBatches(lambda s: unlabelled_images(args, s), len(first), plan, ctx, args.seed,
                                     args.workers, args.prefetch, where, first_set=(size, first))
+    return data, first
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +285,8 @@ class ReconstructionFigures:
                 images.append(item[0])
             if len(images) == args.vis_images:
                 break
+        if not images:
+            raise UserError("None of the training images can be read (see the warnings above).")
         self.images = torch.stack(images)
         grid = args.img_size // spark.DOWNSAMPLE_RATIO
         self.active = spark.random_active_mask(len(images), grid, grid, args.mask_ratio,
@@ -375,7 +379,7 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
           ckpt_dir: Path, console: utils.Console) -> int:
     # Identical initial weights on every rank; the masks come from their own seeded generators.
     utils.seed_everything(args.seed)
-    data = load_data(args, ctx, start.plan, phases, start.ckpt["epoch"] if start.ckpt else 0)
+    data, images = load_data(args, ctx, start.plan, phases, start.ckpt["epoch"] if start.ckpt else 0)
     model = distributed.build_model(args, 1000, ctx, console, warm_start=start.ckpt is None)
     net = spark.SparkModel(model, args.mask_ratio, args.decoder_width)
     trainer = SparkTrainer(args, ctx, start.plan, net, data.steps_per_epoch, console)
@@ -389,8 +393,8 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
     elif ctx.is_main:
         utils.write_jsonl(ckpt_dir / "log.jsonl", [header_record(trainer, data, "header")])
     console(start_line(trainer, data))
-    figures = (ReconstructionFigures(args, net, unlabelled_images(args, args.img_size), ctx.device,
-                                     ckpt_dir / FIGURES_DIR) if ctx.is_main and args.vis_every > 0 else None)
+    figures = (ReconstructionFigures(args, net, images, ctx.device, ckpt_dir / FIGURES_DIR)
+               if ctx.is_main and args.vis_every > 0 else None)
 
     # A terminal Ctrl-C reaches each torchrun worker twice: a second signal within 2 s is that echo.
     with utils.StopFlag(grace_s=2.0) as stop:

@@ -27,9 +27,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import datasets
+import figures
 import fixtures
 import model_tools
 import models
+import plot_results
 import pretrain_imagenet
 import pretrain_spark as spark_script
 import spark
@@ -553,6 +555,21 @@ def test_two_process_run_writes_every_output(straight: tuple[Path, list[str]]) -
     assert "epoch 2/2 | 64px" in (ckpt / "stdout.txt").read_text()
     with Image.open(ckpt / "reconstructions" / "epoch_0002.png") as png:   # 3 rows of 4 columns
         assert png.size == (4 * 64 + 5 * 2, spark.TITLE_HEIGHT + 3 * 64 + 4 * 2)
+
+
+def test_plots_read_the_log(straight: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """plot_results' curves (the loss alone: no accuracy panel) and gates read a SparK log."""
+    log = straight[0] / "log.jsonl"
+    epochs = plot_results.read_log(log)
+    with figures.paper_style():
+        curves = plot_results.curves_figure(epochs)
+        gates = plot_results.gate_figure(epochs)
+    loss_axis, = curves.axes
+    train, = loss_axis.get_lines()
+    assert list(train.get_ydata()) == [r["train_loss"] for r in epochs]
+    assert len(gates.axes[0].get_lines()) == 4
+    written = plot_results.make_plots(["--plot", "curves", "--log_file", str(log), "--save_dir", str(tmp_path)])
+    assert sorted(p.suffix for p in written) == [".pdf", ".png"]
 
 
 def test_resume_from_the_middle_of_epoch_2_matches_the_uninterrupted_run(
