@@ -510,9 +510,9 @@ def build_model(
     """Build a registry model.
 
     pretrained: False (random init), a checkpoint path (TwistNet models), or True (TwistNet:
-    auto-detect weights/<name>_imagenet.pt; for an ablation variant without its own file,
-    weights/twistnet18_imagenet.pt loaded non-strictly (every tensor whose name and shape match);
-    else ResNet-18 transfer; baselines: timm weights).
+    auto-detect weights/<name>_imagenet.pt, else weights/<name>_spark.pt (twistnet_weight_candidates);
+    for an ablation variant without its own file, twistnet18's loaded non-strictly (every tensor
+    whose name and shape match); else ResNet-18 transfer; baselines: timm weights).
     transfer_policy: 'all' or 'stem+layer1+layer2', for the ResNet-18 fallback.
     resnet18_weights: a local timm/torchvision ResNet-18 state_dict used instead of timm's hub.
     verbose / log: what is loaded and transferred is reported with `log` (default: print when verbose).
@@ -540,15 +540,14 @@ def build_model(
     if pretrained is False or pretrained is None:
         return model
     if pretrained is True:
-        found = find_twistnet_weights(name)
+        found = find_twistnet_weights(name, log)
         if found is not None:
-            log(f"[Auto-detected] Found TwistNet weights: {found}")
             load_twistnet_checkpoint(model, found, log=log)
             return model
-        base = find_twistnet_weights("twistnet18") if name != "twistnet18" else None
+        base = find_twistnet_weights("twistnet18", log) if name != "twistnet18" else None
         if base is not None:
             # What the paper's code does for its ablations: the full model's file, by name and shape.
-            log(f"[Auto-detected] No {name}_imagenet.pt; loading TwistNet-18 weights {base} non-strictly")
+            log(f"[Auto-detected] No weights of {name}'s own; loading TwistNet-18 weights {base} non-strictly")
             report = transfer_weights(model, extract_state_dict(load_checkpoint_file(base)), policy="all")
             log(report.summary(f"{base.name} -> {name}"))
             return model
@@ -616,10 +615,10 @@ def _build_timm(spec: ModelSpec, num_classes: int, pretrained: Any,
 
 def _warn_fallback(name: str, log: Callable) -> None:
     looked = twistnet_weight_candidates(name) + (twistnet_weight_candidates() if name != "twistnet18" else [])
-    msg = (f"No TwistNet ImageNet weights found for '{name}' (looked for "
+    msg = (f"No TwistNet ImageNet or SparK weights found for '{name}' (looked for "
            f"{', '.join(str(p) for p in looked)}). Falling back to "
            f"ResNet-18 ImageNet weights: the STCI branches start untrained. "
-           f"Run pretrain_imagenet.py (see PRETRAIN_GUIDE.md) for TwistNet weights.")
+           f"Run pretrain_imagenet.py or pretrain_spark.py (see PRETRAIN_GUIDE.md) for TwistNet weights.")
     warnings.warn(msg, stacklevel=3)
     log("!" * 100 + f"\n[WARNING] {msg}\n" + "!" * 100)
 
@@ -628,19 +627,25 @@ def _warn_fallback(name: str, log: Callable) -> None:
 # Weight loading
 # --------------------------------------------------------------------------------------------
 def twistnet_weight_candidates(name: str = "twistnet18") -> list[Path]:
-    """Where pretrained TwistNet weights are looked for, in order: ./weights, then beside models.py."""
-    filename = f"{name}_imagenet.pt"
+    """Where pretrained TwistNet weights are looked for, in order: <name>_imagenet.pt (supervised
+    ImageNet, pretrain_imagenet.py: the paper's route), then <name>_spark.pt (self-supervised,
+    pretrain_spark.py); each under ./weights, then beside models.py."""
     here = Path(__file__).resolve().parent
-    candidates = [Path.cwd() / WEIGHTS_DIR_NAME / filename, here / WEIGHTS_DIR_NAME / filename]
-    unique: list[Path] = []
+    candidates = [folder / WEIGHTS_DIR_NAME / f"{name}_{kind}.pt" for kind in ("imagenet", "spark")
+                  for folder in (Path.cwd(), here)]
+    unique: dict[Path, Path] = {}
     for c in candidates:
-        if c.resolve() not in [u.resolve() for u in unique]:
-            unique.append(c)
-    return unique
+        unique.setdefault(c.resolve(), c)
+    return list(unique.values())
 
 
-def find_twistnet_weights(name: str = "twistnet18") -> Path | None:
-    return next((p for p in twistnet_weight_candidates(name) if p.is_file()), None)
+def find_twistnet_weights(name: str = "twistnet18", log: Callable | None = None) -> Path | None:
+    """The first existing twistnet_weight_candidates(name); `log` says which, and which others exist."""
+    found = [p for p in twistnet_weight_candidates(name) if p.is_file()]
+    if found and log is not None:
+        others = f" (also present, not used: {', '.join(map(str, found[1:]))})" if found[1:] else ""
+        log(f"[Auto-detected] Found TwistNet weights: {found[0]}{others}")
+    return found[0] if found else None
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
@@ -709,7 +714,8 @@ def _pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
                              log: Callable = print) -> int:
-    """Load a TwistNet checkpoint into `model`; the classifier is skipped when its shape differs.
+    """Load a TwistNet checkpoint into `model`; the classifier is skipped when its shape differs and
+    left at init when the file has none (SparK's encoder weights).
 
     Any other missing, unexpected or mis-shaped tensor makes the checkpoint incompatible: a
     ModelConfigError says which, because a half-loaded model would silently train from a wrong start.
@@ -718,7 +724,7 @@ def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
     own = model.state_dict()
     classifier = ("fc.weight", "fc.bias")
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape and k not in classifier]
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and k not in classifier]
     unexpected = [k for k in state if k not in own]
     if mismatched or missing or unexpected:
         def show(keys: list[str]) -> str:
@@ -731,8 +737,10 @@ def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
         )
     skip = [k for k in classifier if k in state and state[k].shape != own[k].shape]
     to_load = {k: v for k, v in state.items() if k not in skip}
-    model.load_state_dict(to_load, strict=not skip)
+    model.load_state_dict(to_load, strict=not skip and all(k in state for k in classifier))
     note = f" (classifier skipped: {tuple(state['fc.weight'].shape)} vs {tuple(own['fc.weight'].shape)})" if skip else ""
+    note = note or (" (every backbone and STCI tensor; classifier left at init: not in the file)"
+                    if not any(k in state for k in classifier) else "")
     log(f"[TwistNet Pretrained] Loaded {len(to_load)} tensors from {path}{note}")
     return len(to_load)
 

@@ -372,14 +372,16 @@ def ablation_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str
 # Per-run figures
 # --------------------------------------------------------------------------------------------
 def curves_figure(records: Sequence[dict], title: str = "") -> Figure:
-    """Loss and accuracy over epochs, train solid and validation dashed."""
-    fig = new_figure(PAGE_WIDTH_IN, 2.4)
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    """Loss and accuracy over epochs, train solid and validation dashed; the loss alone for a log
+    without accuracies (pretrain_spark.py's reconstruction loss)."""
+    with_acc = any(r.get(k) is not None for r in records for k in ("train_acc", "val_acc"))
+    fig = new_figure(PAGE_WIDTH_IN if with_acc else COLUMN_WIDTH_IN, 2.4)
+    ax_loss, ax_acc = fig.subplots(1, 2) if with_acc else (fig.subplots(1, 1), None)
     palette = sns.color_palette("colorblind")
     losses = [r[k] for r in records for k in ("train_loss", "val_loss") if r.get(k)]
     if losses and min(losses) > 0 and max(losses) / min(losses) > LOG_SCALE_RATIO:
         ax_loss.set_yscale("log")  # one diverged early epoch would flatten the rest of the curve
-    for ax, metric, ylabel in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy (%)")):
+    for ax, metric, ylabel in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy (%)"))[:1 + with_acc]:
         for split, colour, style in (("train", palette[0], "-"), ("val", palette[1], "--")):
             points = [(r["epoch"], r[f"{split}_{metric}"]) for r in records
                       if r.get(f"{split}_{metric}") is not None]

@@ -1,576 +1,438 @@
-"""SparK masked image modelling for TwistNet-18 and the registry's ResNets (library; a training CLI follows).
+"""Pretraining without labels: SparK masked image modelling of TwistNet-18 on any folder of images.
+
+TwistNet-18 (or resnet18, seresnet18, the TwistNet ablation variants) learns from unlabelled images,
+on one process or many with torch.distributed.
 
 Usage:
-    import models, pretrain_spark as spark
-    net = spark.build_spark_model("twistnet18", mask_ratio=0.6)      # encoder + light decoder + loss
-    loss = net(images)                     # images [B, 3, H, W] with H, W multiples of 32; a random mask
-    loss = net(images, active)             # or a given mask: active [B, 1, H/32, W/32], True = visible
-    shown = net.reconstruct(images)        # masked input, reconstruction and composite, for figures
-    torch.save(net.encoder_state_dict(), "weights/twistnet18_spark.pt")   # a plain registry state_dict
+    # one process (one GPU, or the CPU); labels and class folders are ignored, sub-folders searched
+    python pretrain_spark.py --data_dir /data/imagenet/train --batch_size 256
 
-    encoder = spark.SparkEncoder(models.build_model("resnet18"))
-    active = spark.random_active_mask(8, 7, 7, 0.6, generator=torch.Generator().manual_seed(0))
-    stages = encoder(images, active)       # the four stage maps, computed mask-aware
+    # a texture collection, and a mix of folders
+    python pretrain_spark.py --data_dir data/dtd/images --epochs 800 --batch_size 64
+    python pretrain_spark.py --data_dir /data/imagenet/train data/dtd/images data/fmd/image
 
-SparK (Tian et al., "Designing BERT for convolutional networks: sparse and hierarchical masked
-modeling", ICLR 2023) pretrains a CNN without labels by reconstructing masked patches:
-- the mask patch is the encoder's downsample ratio (32 here); a random `mask_ratio` of the patches
-  of each image is dropped, exactly round(h * w * (1 - mask_ratio)) patches stay visible; the mask
-  is drawn at the coarsest feature map and upsampled to every resolution;
-- masked pixels are zeroed and every operator of the encoder is made mask-aware with dense PyTorch
-  ops, so the encoder behaves like a sparse CNN that sees the visible patches only: conv and
-  max-pool outputs are re-masked, BatchNorm takes its statistics (and running statistics) over
-  visible positions only, and so do TwistNet's STCI GroupNorm and AIS pooling and the SE pooling of
-  seresnet18. Masked positions stay exactly zero at every layer, so nothing of a masked patch can
-  reach a visible one;
-- a light UNet-like decoder takes the four stage maps, each "densified" (normalised over visible
-  positions, masked positions filled with a learned mask token, projected to the decoder width),
-  and predicts per-patch normalised pixels; the loss is the mean squared error on masked patches.
+    # no download: the unlabelled training images of synthtex
+    python pretrain_spark.py --data synthtex --img_size 96 --epochs 30 --batch_size 32 --device cpu
 
-The encoder is the registry model itself: its modules are switched in place to mask-aware
-subclasses that keep every parameter and buffer name, so `encoder.model.state_dict()` loads into
-`models.build_model(name, ...)` with strict=True. Outside an encoder call (no mask set) those
-modules compute exactly what the originals do. Parameters the features never use (the classifier)
-are frozen, so the optimizer and DistributedDataParallel see only what pretraining trains.
-Convert only `decoder` and `densify` with nn.SyncBatchNorm.convert_sync_batchnorm: converting the
-encoder would replace its mask-aware BatchNorm with a plain one.
+    # 8 GPUs (--batch_size is per GPU; the lr is scaled by the global batch)
+    torchrun --standalone --nproc_per_node=8 pretrain_spark.py --data_dir /data/imagenet/train \\
+        --batch_size 128 --checkpoint_dir checkpoints_spark
+
+    # interrupted? the same command again continues (--resume auto is the default)
+
+SparK (Tian et al., ICLR 2023) hides 60% of the 32 x 32 patches of each image, runs the encoder on
+the visible patches only (spark.py makes every layer mask-aware), and trains a light decoder to
+reconstruct the hidden patches; the encoder's weights are what pretraining is for. Outputs (rank 0
+writes them):
+    <checkpoint_dir>/latest.pt             every epoch, every --save_every_steps steps and on Ctrl-C; exact resume
+    <checkpoint_dir>/<model>_spark.pt      the encoder's final weights (a registry state_dict, no classifier)
+    <checkpoint_dir>/log.jsonl             a header record (command, git commit, ...), one record per epoch
+    <checkpoint_dir>/train.log             the console output; stdout.txt and stderr.txt: copies of both streams
+    <checkpoint_dir>/reconstructions/epoch_NNNN.png   every --vis_every epochs: input | masked | reconstruction
+                                           | reconstruction with the visible patches pasted back
+    <weights_dir>/<model>_spark.pt         copy of the encoder weights: train.py --pretrained finds it
+
+Recipe defaults (SparK's, PRETRAIN_GUIDE.md "Without labels: SparK"): LAMB (betas 0.9, 0.95), lr 2e-4
+per 256 images scaled by the global batch, 20 warm-up epochs then cosine, weight decay 0.04 -> 0.2
+(cosine) on conv and linear weights only, gradient norm clipped at 5, mask ratio 0.6,
+RandomResizedCrop (scale 0.67-1) and flip, 800 epochs.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+import argparse
+import copy
+import io
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
+import datasets
+import distributed
 import model_tools
 import models
+import rundirs
+import spark
+import transforms
+import utils
+from distributed import BatchPlan, DistContext
+from utils import UserError
 
-DOWNSAMPLE_RATIO = 32           # stem /4, stages 2-4 /2 each: the mask patch size
-DEFAULT_MASK_RATIO = 0.6
-DEFAULT_DECODER_WIDTH = 768     # SparK's decoder width (for every encoder it pretrains)
-SPARK_MODELS = ("twistnet18", "twistnet18_no_spiral", "twistnet18_no_ais", "twistnet18_first_order",
-                "resnet18", "seresnet18")
-STAGES = ("layer1", "layer2", "layer3", "layer4")
-FEATURE_PATH = ("conv1", "bn1", "act1", "maxpool") + STAGES   # the modules forward_features runs
+SparkEncoder = spark.SparkEncoder   # the mask-aware encoder: pretrain_spark.SparkEncoder(model) as in spark.py
 
-
-# --------------------------------------------------------------------------------------------
-# Masks
-# --------------------------------------------------------------------------------------------
-def num_visible(h: int, w: int, mask_ratio: float) -> int:
-    """Visible patches per image of an h x w patch grid: round(h w (1 - mask_ratio)), at least one
-    visible and one masked."""
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-    patches = h * w
-    if patches < 2:
-        raise ValueError(f"A {h} x {w} patch grid cannot hold a visible and a masked patch: images must be "
-                         f"at least {2 * DOWNSAMPLE_RATIO} px on one side (the mask patch is {DOWNSAMPLE_RATIO} px).")
-    return min(max(round(patches * (1.0 - mask_ratio)), 1), patches - 1)
-
-
-def random_active_mask(batch: int, h: int, w: int, mask_ratio: float = DEFAULT_MASK_RATIO,
-                       generator: torch.Generator | None = None,
-                       device: torch.device | str | None = None) -> torch.Tensor:
-    """A bool mask [batch, 1, h, w] (True = visible) with exactly num_visible(h, w, mask_ratio)
-    visible patches per image, drawn uniformly; drawn on the generator's device, returned on `device`."""
-    keep = num_visible(h, w, mask_ratio)
-    scores = torch.rand(batch, h * w, generator=generator,
-                        device=generator.device if generator is not None else None)
-    chosen = scores.argsort(dim=1)[:, :keep]
-    active = torch.zeros(batch, h * w, dtype=torch.bool, device=scores.device).scatter_(1, chosen, True)
-    return active.view(batch, 1, h, w).to(device if device is not None else scores.device)
-
-
-def upsample_mask(active: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The coarse mask [B, 1, h, w] repeated to [B, 1, height, width] (each factor an integer)."""
-    h, w = active.shape[-2:]
-    if height % h or width % w:
-        raise ValueError(f"A {height} x {width} map is not a whole multiple of the {h} x {w} mask grid")
-    return active.repeat_interleave(height // h, dim=2).repeat_interleave(width // w, dim=3)
-
-
-class MaskState:
-    """The mask of the encoder call in progress, shared by the mask-aware modules of one encoder.
-
-    `at(x)` gives the mask [B, 1, H, W] at x's resolution (True = visible), or None outside an
-    encoder call, when every mask-aware module computes what its dense original computes.
-    """
-
-    def __init__(self) -> None:
-        self.active: torch.Tensor | None = None
-        self._by_size: dict[tuple[int, int], torch.Tensor] = {}
-
-    @contextlib.contextmanager
-    def applied(self, active: torch.Tensor) -> Iterator[None]:
-        self.active, self._by_size = active, {}
-        try:
-            yield
-        finally:
-            self.active, self._by_size = None, {}
-
-    def at(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.active is None:
-            return None
-        size = (x.shape[-2], x.shape[-1])
-        if size not in self._by_size:
-            self._by_size[size] = upsample_mask(self.active, *size)
-        return self._by_size[size]
+RESUME_SAFE_KEYS = distributed.RESUME_SAFE_KEYS | {"vis_every", "vis_images", "no_progress"}
+FIGURES_DIR = "reconstructions"
 
 
 # --------------------------------------------------------------------------------------------
-# Mask-aware operations (dense ops; masked positions come out exactly zero)
+# Command line
 # --------------------------------------------------------------------------------------------
-def batch_norm_visible(x: torch.Tensor, active: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
-    """BatchNorm whose batch statistics, and the running statistics updated from them, come from
-    the visible positions only; masked positions come out zero.
+def build_parser() -> argparse.ArgumentParser:
+    p, groups = distributed.pretrain_parser(
+        __doc__, base_lr=2e-4, weights_file="<model>_spark.pt", checkpoint_dir="checkpoints_spark", resume="auto",
+        resume_help="'auto': continue <checkpoint_dir>/latest.pt if it exists (a re-run of the same command "
+                    "continues), else start; or the path of a latest.pt", print_freq=0)
+    g = groups["data"]
+    g.add_argument("--data", default="folder", choices=("folder", "synthtex"),
+                   help="folder: every image under --data_dir; synthtex: the training images of a synthtex "
+                        "fold (no download; labels dropped)")
+    g.add_argument("--data_dir", nargs="+", default=None,
+                   help="image folder(s), searched recursively; class folders and labels are ignored")
+    g.add_argument("--fold", type=int, default=1, help="the synthtex fold whose training images are used")
+    g.add_argument("--crop_scale", type=float, default=0.67, help="smallest area share of RandomResizedCrop")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
 
-    The running statistics are updated as nn.BatchNorm2d does (momentum, or a cumulative average
-    with momentum=None; unbiased variance). In eval mode they normalise every position alike.
-    Written with dense masked moments rather than BatchNorm over the gathered visible positions
-    (SparK's way): no host sync, any memory format, and 1.6-3x faster on CPU (measured at 32 x 64 x 32 x 32).
-    """
-    if not (norm.training or norm.running_mean is None):
-        return nn.BatchNorm2d.forward(norm, x) * active
-    c = x.shape[1]
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    weight = active.to(dtype)
-    count = weight.sum(dim=(0, 2, 3)).clamp_min(1)        # [1]: every channel has the same positions
-    values = x.to(dtype)
-    mean = (values * weight).sum(dim=(0, 2, 3)) / count
-    centred = (values - mean.view(1, c, 1, 1)) * weight
-    var = centred.square().sum(dim=(0, 2, 3)) / count
-    scale = torch.rsqrt(var + norm.eps)
-    if norm.affine:
-        out = centred * (scale * norm.weight).view(1, c, 1, 1) + norm.bias.view(1, c, 1, 1)
+    g = groups["model"]
+    g.add_argument("--model", default="twistnet18", choices=spark.SPARK_MODELS,
+                   help="a registry CNN whose every layer has a mask-aware version (spark.py)")
+    g.add_argument("--mask_ratio", type=float, default=spark.DEFAULT_MASK_RATIO,
+                   help="share of the 32 x 32 patches of each image that are hidden")
+    g.add_argument("--decoder_width", type=int, default=spark.DEFAULT_DECODER_WIDTH,
+                   help="channels of the decoder's first block (halved in each of its 5 blocks); SparK used 768")
+
+    g = groups["recipe"]
+    g.add_argument("--epochs", type=int, default=800, help="length of the cosine schedules")
+    g.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine schedule (absolute)")
+    g.add_argument("--warmup_epochs", type=float, default=20, help="linear warm-up, per step, over this many epochs")
+    g.add_argument("--optimizer", default="lamb", choices=("lamb", "adamw"), help="timm's Lamb, or torch's AdamW")
+    g.add_argument("--beta2", type=float, default=0.95, help="second-moment decay of LAMB/AdamW (beta1 is 0.9)")
+    g.add_argument("--weight_decay", type=float, default=0.04,
+                   help="at the start, on conv/linear weights only (none on norms, biases, gates, mask tokens)")
+    g.add_argument("--weight_decay_end", type=float, default=0.2, help="at the end (cosine from --weight_decay)")
+    g.add_argument("--clip_grad", type=float, default=5.0,
+                   help="max global gradient norm (LAMB clips it itself, as in SparK; 0 disables)")
+    g.add_argument("--img_size", type=int, default=224, help="training crop, a multiple of 32 (the mask patch)")
+    g.add_argument("--progressive", default="",
+                   help="low resolution early: 'SIZE:FRACTION,...' (sizes multiples of 32), e.g. '128:0.5'")
+    g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation, masks")
+
+    g = groups["system"]
+    g.add_argument("--sync_bn", action="store_true",
+                   help="SyncBatchNorm in the decoder across processes (GPU only; the encoder's mask-aware "
+                        "BatchNorm keeps per-process statistics)")
+
+    g = groups["checkpoints and logs"]
+    g.add_argument("--vis_every", type=int, default=10,
+                   help="write a reconstruction figure every N epochs and after the last (0: never)")
+    g.add_argument("--vis_images", type=int, default=8, help="images in the reconstruction figure (a fixed set)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    return p
+
+
+def validate_args(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan) -> list[tuple[float, int]]:
+    """The progressive phases; a UserError for anything SparK cannot train with."""
+    spark.check_spark_model(args.model)
+    for name in ("epochs", "batch_size", "accum_steps", "vis_images"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1")
+    if args.img_size % spark.DOWNSAMPLE_RATIO or args.img_size < 2 * spark.DOWNSAMPLE_RATIO:
+        raise UserError(f"--img_size {args.img_size}: SparK masks {spark.DOWNSAMPLE_RATIO}-px patches, so the size "
+                        f"must be a multiple of {spark.DOWNSAMPLE_RATIO} and at least {2 * spark.DOWNSAMPLE_RATIO}.")
+    phases = utils.parse_progressive(args.progressive, args.img_size)
+    if any(size % spark.DOWNSAMPLE_RATIO or size < 2 * spark.DOWNSAMPLE_RATIO for _, size in phases):
+        raise UserError(f"--progressive: every size must be a multiple of {spark.DOWNSAMPLE_RATIO}, at least "
+                        f"{2 * spark.DOWNSAMPLE_RATIO}; got {[s for _, s in phases]}")
+    if not 0 < args.mask_ratio < 1:
+        raise UserError(f"--mask_ratio must lie in (0, 1), got {args.mask_ratio}")
+    if args.decoder_width % spark.DOWNSAMPLE_RATIO or args.decoder_width <= 0:
+        raise UserError(f"--decoder_width must be a positive multiple of {spark.DOWNSAMPLE_RATIO} "
+                        f"(the decoder halves it 5 times), got {args.decoder_width}")
+    if args.min_lr >= plan.effective_lr(args.base_lr):
+        raise UserError(f"--min_lr {args.min_lr:g} is not below the peak lr {plan.effective_lr(args.base_lr):g} "
+                        f"(--base_lr x global batch / {distributed.LR_REFERENCE_BATCH}): lower it (the default is 0)")
+    if args.data == "folder" and not args.data_dir:
+        raise UserError("--data_dir is required (or --data synthtex): one or more folders of images, searched "
+                        "recursively, e.g. /data/imagenet/train or data/dtd/images.")
+    if args.sync_bn and ctx.distributed and ctx.device.type != "cuda":
+        raise UserError("--sync_bn needs GPUs (torch's SyncBatchNorm has no CPU kernel). Drop it on CPU.")
+    return phases
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def unlabelled_images(args: argparse.Namespace, size: int) -> Any:
+    """The training images at crop size `size`, through SparK's light augmentation; items are
+    (image, label) with labels never used."""
+    train_tf = transforms.build_train_transform(size, hflip=args.hflip, randaug_n=0, scale=(args.crop_scale, 1.0))
+    if args.data == "synthtex":
+        sets, _ = datasets.build_datasets("synthtex", None, args.fold, train_tf, None,
+                                          synthtex_size=transforms.eval_resize_size(args.img_size))
+        return sets["train"]
+    decode = transforms.eval_resize_size(args.img_size) if args.decode_size is None else args.decode_size
+    return datasets.unlabelled_dataset(args.data_dir, train_tf, image_size=decode or None)
+
+
+def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phases: list[tuple[float, int]],
+              start_epoch: int) -> tuple[distributed.EpochBatches, Any]:
+    """The epochs' batches, and the dataset found (for the figures: the folders are listed once)."""
+    size = utils.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
+    first = unlabelled_images(args, size)
+    where = "synthtex" if args.data == "synthtex" else " ".join(args.data_dir)
+    data = distributed.EpochBatches(lambda s: unlabelled_images(args, s), len(first), plan, ctx, args.seed,
+                                    args.workers, args.prefetch, where, first_set=(size, first))
+    return data, first
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------
+def build_recipe(net: spark.SparkModel, args: argparse.Namespace, lr: float, steps_per_epoch: int,
+                 device: torch.device) -> utils.Recipe:
+    """LAMB or AdamW on net.param_groups(), warm-up + cosine per step, the AMP scaler. Weight decay
+    is set before every step (SparkTrainer.optimizer_step) from `decay_scale` of each group."""
+    groups = net.param_groups()
+    for group in groups:
+        group["decay_scale"] = group.pop("weight_decay")
+    betas = (0.9, args.beta2)
+    if args.optimizer == "lamb":
+        from timm.optim import Lamb
+        optimizer: torch.optim.Optimizer = Lamb(groups, lr=lr, betas=betas, weight_decay=0.0,
+                                                max_grad_norm=args.clip_grad or None)
     else:
-        out = centred * scale.view(1, c, 1, 1)
-    if norm.training and norm.track_running_stats:
-        _update_running_stats(norm, mean.detach(), var.detach(), count)
-    return (out * weight).to(x.dtype)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=0.0)
+    amp_dtype = utils.resolve_amp(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return utils.Recipe(optimizer, utils.build_scheduler(optimizer, args, lr, steps_per_epoch), scaler, amp_dtype,
+                        ema=None, mixup=None, criterion=None)
 
 
-@torch.no_grad()
-def _update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
-    norm.num_batches_tracked.add_(1)
-    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    unbiased = var * count / (count - 1).clamp_min(1)
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
+def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """SparK's weight decay schedule: cosine from `start` at step 0 to `end` at the last step."""
+    progress = min(1.0, step / max(1, total_steps - 1))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def group_norm_visible(x: torch.Tensor, active: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """GroupNorm with each (image, group)'s statistics over its visible positions; computed in at
-    least float32, as autocast runs GroupNorm."""
-    b, c, h, w = x.shape
-    groups = norm.num_groups
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    weight = active.to(dtype).view(b, 1, 1, h * w)
-    grouped = x.to(dtype).reshape(b, groups, c // groups, h * w)
-    count = (weight.sum(dim=(2, 3), keepdim=True) * (c // groups)).clamp_min(1)
-    mean = (grouped * weight).sum(dim=(2, 3), keepdim=True) / count
-    centred = (grouped - mean) * weight
-    var = centred.square().sum(dim=(2, 3), keepdim=True) / count
-    out = (centred * torch.rsqrt(var + norm.eps)).view(b, c, h, w)
-    if norm.affine:
-        out = out * norm.weight.view(1, c, 1, 1) + norm.bias.view(1, c, 1, 1)
-    return out * active
+def step_masks(seed: int, epoch: int, step: int, count: int, grid: tuple[int, int], mask_ratio: float) -> torch.Tensor:
+    """The masks [count, 1, h, w] of one optimizer step's global batch, in the order of its images
+    in the epoch: a function of (seed, epoch, step) only, so a resumed run draws the same masks,
+    on any number of processes."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) % 2**63)
+    return spark.random_active_mask(count, *grid, mask_ratio, generator=g)
 
 
-def visible_mean(x: torch.Tensor, active: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
-    """Global average pool over the visible positions of each image: [B, C] (or [B, C, 1, 1])."""
-    weight = active.to(x.dtype)
-    total = (x * weight).sum(dim=(2, 3), keepdim=keepdim)
-    return total / weight.sum(dim=(2, 3), keepdim=keepdim).clamp_min(1)
+class SparkTrainer(distributed.Pretrainer):
+    """SparK pretraining of one process: the shared trainer with masks, LAMB/AdamW and the weight
+    decay schedule. `self.model` is the SparkModel; `self.backbone` the registry model inside it."""
+    kind = "spark"
 
+    def __init__(self, args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, net: spark.SparkModel,
+                 steps_per_epoch: int, console: Callable[[str], None]) -> None:
+        if args.sync_bn and ctx.distributed:
+            # The encoder's BatchNorms are mask-aware (and so is Densify's): converting them would
+            # make them plain BatchNorms that count the masked zeros.
+            net.decoder = nn.SyncBatchNorm.convert_sync_batchnorm(net.decoder)
+        super().__init__(args, ctx, plan, net, steps_per_epoch, console)
+        self.backbone = net.encoder.model
+        self.recipe = build_recipe(net, args, self.lr, steps_per_epoch, ctx.device)
+        self.amp_dtype = self.recipe.amp_dtype
+        self.total_steps = args.epochs * steps_per_epoch
+        self._masks: tuple[tuple, torch.Tensor] | None = None
 
-# --------------------------------------------------------------------------------------------
-# Mask-aware module classes: subclasses of the originals, switched in place (same state_dict)
-# --------------------------------------------------------------------------------------------
-class MaskAware:
-    """Mixin of the mask-aware classes. `spark_mask` is the owning encoder's MaskState;
-    `pooled_children` names children that see pooled vectors only and stay as they are
-    (None: all of them)."""
-    spark_mask: MaskState
-    pooled_children: tuple[str, ...] | None = ()
+    def weight_decay(self, step: int) -> float:
+        return weight_decay_at(step, self.total_steps, self.args.weight_decay, self.args.weight_decay_end)
 
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
+        return self.forward_model(images, self.masks_for(images, micro))
 
-class MaskedConv2d(MaskAware, nn.Conv2d):
-    """Conv2d whose output is re-masked: a dense stand-in for a submanifold sparse conv."""
+    def masks_for(self, images: torch.Tensor, micro: int) -> torch.Tensor:
+        """This micro-batch's slice of the step's masks (datasets.ShardedEpochSampler's layout: micro-step
+        m of rank r holds positions m * B * W + r * B ... + B of the step's global batch)."""
+        grid = (images.shape[-2] // spark.DOWNSAMPLE_RATIO, images.shape[-1] // spark.DOWNSAMPLE_RATIO)
+        key = (self.epoch, self.step_in_epoch, grid)
+        if self._masks is None or self._masks[0] != key:
+            masks = step_masks(self.args.seed, self.epoch, self.step_in_epoch, self.plan.global_batch, grid,
+                               self.args.mask_ratio)
+            self._masks = (key, masks)
+        per_rank = self.plan.per_rank
+        start = (micro * self.ctx.world_size + self.ctx.rank) * per_rank
+        mine = self._masks[1][start:start + per_rank]
+        # Unreadable images leave a shorter batch (and a wholly unreadable one a dummy of 2).
+        return mine[torch.arange(images.shape[0]) % per_rank].to(images.device, non_blocking=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        active = self.spark_mask.at(out)
-        return out if active is None else out * active
+    def optimizer_step(self) -> None:
+        decay = self.weight_decay(self.global_step)
+        for group in self.recipe.optimizer.param_groups:
+            group["weight_decay"] = decay * group["decay_scale"]
+        # LAMB clips the global gradient norm inside its step (as SparK's LAMB does).
+        self.recipe.step(self.model, self.args.clip_grad if self.args.optimizer == "adamw" else 0.0)
 
-
-class MaskedMaxPool2d(MaskAware, nn.MaxPool2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        active = self.spark_mask.at(out)
-        return out if active is None else out * active
-
-
-class MaskedBatchNorm2d(MaskAware, nn.BatchNorm2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        active = self.spark_mask.at(x)
-        return super().forward(x) if active is None else batch_norm_visible(x, active, self)
-
-
-class MaskedGroupNorm(MaskAware, nn.GroupNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        active = self.spark_mask.at(x)
-        return super().forward(x) if active is None else group_norm_visible(x, active, self)
-
-
-class MaskedSTCI(MaskAware, models.MultiHeadSTCI):
-    """STCI whose AIS pools over visible positions (its convs, BatchNorms and GroupNorm are
-    switched separately; AIS's Linear layers see the pooled vector only)."""
-    pooled_children = ("ais",)
-
-    def ais_weights(self, feats: torch.Tensor) -> torch.Tensor | None:
-        active = self.spark_mask.at(feats)
-        if self.ais is None or active is None:
-            return super().ais_weights(feats)
-        return self.ais(visible_mean(feats, active))
-
-
-@functools.cache
-def _masked_se_classes() -> tuple[type, type]:
-    """(timm's SEModule, its mask-aware subclass); timm is imported for timm models only (it is slow)."""
-    from timm.layers import SEModule
-
-    class MaskedSEModule(MaskAware, SEModule):
-        """timm's SE module squeezing over visible positions (the rest as in SEModule.forward)."""
-        pooled_children = None
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            active = self.spark_mask.at(x)
-            if active is None:
-                return super().forward(x)
-            squeezed = visible_mean(x, active, keepdim=True)
-            if self.add_maxpool:
-                peak = x.masked_fill(~active, float("-inf")).amax(dim=(2, 3), keepdim=True)
-                squeezed = 0.5 * squeezed + 0.5 * peak
-            return x * self.gate(self.fc2(self.act(self.bn(self.fc1(squeezed)))))
-
-    return SEModule, MaskedSEModule
-
-
-def _mask_aware_classes(timm_model: bool) -> dict[type, type]:
-    classes: dict[type, type] = {nn.Conv2d: MaskedConv2d, nn.MaxPool2d: MaskedMaxPool2d,
-                                 nn.BatchNorm2d: MaskedBatchNorm2d, nn.GroupNorm: MaskedGroupNorm,
-                                 models.MultiHeadSTCI: MaskedSTCI}
-    if timm_model:
-        se_module, masked_se = _masked_se_classes()
-        classes[se_module] = masked_se
-    return classes
-
-
-def _pass_through_classes(timm_model: bool) -> tuple[type, ...]:
-    """Modules that need no mask: containers, and pointwise maps that keep zeros at zero."""
-    classes: tuple[type, ...] = (nn.Sequential, nn.ReLU, nn.Identity, models.TwistBlock)
-    if timm_model:
-        from timm.layers import DropPath
-        from timm.models.resnet import BasicBlock
-        classes += (BasicBlock, DropPath)
-    return classes
-
-
-def _unsupported(what: str) -> models.ModelConfigError:
-    return models.ModelConfigError(f"SparK pretraining has no mask-aware version of {what}. "
-                                   f"Supported models: {', '.join(SPARK_MODELS)}.")
-
-
-def _make_mask_aware(module: nn.Module, name: str, state: MaskState, timm_model: bool) -> None:
-    """Switch `module` and its descendants to their mask-aware classes, all sharing `state`."""
-    swaps, passing = _mask_aware_classes(timm_model), _pass_through_classes(timm_model)
-    cls = type(module)
-    if cls in swaps:
-        if isinstance(module, nn.MaxPool2d) and module.return_indices:
-            raise _unsupported(f"a MaxPool2d returning indices (at '{name}')")
-        module.__class__ = swaps[cls]
-        module.spark_mask = state
-        skip = module.pooled_children
-        if skip is None:
-            return
-    elif cls in passing:
-        skip = ()
-    else:
-        raise _unsupported(f"{cls.__module__}.{cls.__qualname__} (at '{name}')")
-    for child_name, child in module.named_children():
-        if child_name not in skip:
-            _make_mask_aware(child, f"{name}.{child_name}", state, timm_model)
-
-
-def check_spark_model(name: str) -> None:
-    """ModelConfigError unless `name` is a registry model SparK can pretrain."""
-    models.get_spec(name)  # an unknown name: the registry's own error, with the closest match
-    if name not in SPARK_MODELS:
-        raise models.ModelConfigError(f"SparK pretraining does not support '{name}' (it needs a CNN whose every "
-                                      f"operator has a mask-aware version). Supported: {', '.join(SPARK_MODELS)}.")
-
-
-def _is_timm_resnet(model: nn.Module) -> bool:
-    return type(model).__name__ == "ResNet" and type(model).__module__.startswith("timm.")
+    def encoder_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.encoder_state_dict().items()}
 
 
 # --------------------------------------------------------------------------------------------
-# Encoder
+# Reconstruction figures
 # --------------------------------------------------------------------------------------------
-class SparkEncoder(nn.Module):
-    """A registry CNN (TwistNet-18 and its variants, timm resnet18 / seresnet18) made mask-aware.
+class ReconstructionFigures:
+    """A fixed set of images (seeded choice, centre crops) with fixed masks, reconstructed in eval
+    mode (BatchNorm running statistics, none updated) every --vis_every epochs and after the last."""
 
-    encoder(images, active) -> [layer1, layer2, layer3, layer4] outputs, for images [B, 3, H, W]
-    and active, a bool [B, 1, H/32, W/32] (True = visible). Masked pixels are zeroed; the maps are
-    exactly zero at masked positions, and their visible positions do not depend on masked pixels.
-    The model's modules are switched in place (see the module docstring), so build a new model
-    for a second encoder.
-    """
-    downsample_ratio = DOWNSAMPLE_RATIO
+    def __init__(self, args: argparse.Namespace, net: spark.SparkModel, train_set: Any, device: torch.device,
+                 folder: Path) -> None:
+        self.args, self.net, self.device, self.folder = args, net, device, folder
+        shown = copy.copy(train_set)     # the same files, through the eval transform
+        shown.transform = transforms.build_eval_transform(args.img_size)
+        order = torch.randperm(len(shown), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        images = []
+        for index in order:
+            item = shown[index]
+            if item is not None:         # an unreadable image: take the next one
+                images.append(item[0])
+            if len(images) == args.vis_images:
+                break
+        if not images:
+            raise UserError("None of the training images can be read (see the warnings above).")
+        self.images = torch.stack(images)
+        grid = args.img_size // spark.DOWNSAMPLE_RATIO
+        self.active = spark.random_active_mask(len(images), grid, grid, args.mask_ratio,
+                                               torch.Generator().manual_seed(args.seed + 1))
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        timm_model = _is_timm_resnet(model)
-        if not (isinstance(model, models.TwistNet) or timm_model):
-            raise _unsupported(f"{type(model).__module__}.{type(model).__qualname__}")
-        if any(isinstance(m, MaskAware) for m in model.modules()):
-            raise ValueError("This model is already inside a SparkEncoder; build a fresh one.")
-        self.masks = MaskState()
-        for name in FEATURE_PATH:
-            child = getattr(model, name, None)
-            if child is not None:
-                _make_mask_aware(child, name, self.masks, timm_model)
-        for name, param in model.named_parameters():
-            if name.split(".", 1)[0] not in FEATURE_PATH:
-                param.requires_grad_(False)
-        self.model = model
-        self.feature_channels = [getattr(model, stage)[-1].conv2.out_channels for stage in STAGES]
+    def due(self, epoch: int) -> bool:
+        every = self.args.vis_every
+        return every > 0 and (epoch % every == 0 or epoch == self.args.epochs)
 
-    def check_inputs(self, images: torch.Tensor, active: torch.Tensor) -> None:
-        if images.dim() != 4 or images.shape[-2] % self.downsample_ratio or images.shape[-1] % self.downsample_ratio:
-            raise ValueError(f"images must be [B, C, H, W] with H and W multiples of {self.downsample_ratio}, "
-                             f"got {tuple(images.shape)}")
-        grid = (images.shape[0], 1, images.shape[-2] // self.downsample_ratio,
-                images.shape[-1] // self.downsample_ratio)
-        if active.dtype != torch.bool or tuple(active.shape) != grid:
-            raise ValueError(f"active must be a bool tensor of shape {grid} for images {tuple(images.shape)}, "
-                             f"got {active.dtype} {tuple(active.shape)}")
-
-    def forward(self, images: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
-        self.check_inputs(images, active)
-        masked = images * upsample_mask(active, images.shape[-2], images.shape[-1])
-        stages = {name: getattr(self.model, name) for name in STAGES}
-        with self.masks.applied(active), model_tools.capture(stages, detach=False) as outputs:
-            self.model.forward_features(masked)
-        return [outputs[name] for name in STAGES]
+    def write(self, epoch: int) -> Path:
+        with model_tools.evaluating(self.net), torch.no_grad():
+            shown = self.net.reconstruct(self.images.to(self.device), self.active.to(self.device))
+        buffer = io.BytesIO()
+        spark.reconstruction_grid(shown).save(buffer, format="PNG")
+        path = self.folder / f"epoch_{epoch:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        utils.atomic_write_bytes(buffer.getvalue(), path)
+        return path
 
 
 # --------------------------------------------------------------------------------------------
-# Decoder
+# Logs
 # --------------------------------------------------------------------------------------------
-class UpBlock(nn.Module):
-    """x2 upsampling (transposed conv), then two 3x3 convs with BatchNorm: SparK's UNet block."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.up = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1)
-        self.conv = nn.Sequential(
-            nn.Conv2d(cin, cin, 3, padding=1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(inplace=True),
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.up(x))
+def param_counts(net: spark.SparkModel) -> dict[str, int]:
+    """Parameters of the encoder (the exported weights), its STCI branches, and decoder + densify."""
+    return dict(encoder_params=sum(v.numel() for k, v in net.encoder.model.named_parameters()
+                                   if k.split(".", 1)[0] in spark.FEATURE_PATH),
+                stci_params=model_tools.stci_param_count(net.encoder.model),
+                decoder_params=models.count_params(net.decoder) + models.count_params(net.densify))
 
 
-class LightDecoder(nn.Module):
-    """log2(32) = 5 UpBlocks halving the width from `width`, then a 1x1 conv to pixels.
-
-    forward(features): features[i] (i = 0 the coarsest, `width / 2**i` channels) is added before
-    block i; the output has the input image's resolution and 3 channels.
-    """
-
-    def __init__(self, width: int = DEFAULT_DECODER_WIDTH, upsample_ratio: int = DOWNSAMPLE_RATIO) -> None:
-        super().__init__()
-        blocks = upsample_ratio.bit_length() - 1
-        if upsample_ratio != 1 << blocks:
-            raise ValueError(f"upsample_ratio must be a power of 2, got {upsample_ratio}")
-        if width % upsample_ratio:
-            raise ValueError(f"decoder width must be a multiple of {upsample_ratio} (it halves {blocks} times), got {width}")
-        self.width = width
-        widths = [width >> i for i in range(blocks + 1)]
-        self.blocks = nn.ModuleList(UpBlock(cin, cout) for cin, cout in zip(widths[:-1], widths[1:]))
-        self.proj = nn.Conv2d(widths[-1], 3, kernel_size=1)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.ConvTranspose2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        x: torch.Tensor | int = 0
-        for i, block in enumerate(self.blocks):
-            if i < len(features):
-                x = x + features[i]
-            x = block(x)
-        return self.proj(x)
+def header_record(trainer: SparkTrainer, data: distributed.EpochBatches, kind: str) -> dict:
+    args = trainer.args
+    return distributed.header_record(kind, trainer, train_images=data.num_images, model=args.model,
+                                     **param_counts(trainer.model), mask_ratio=args.mask_ratio,
+                                     optimizer=args.optimizer)
 
 
-class Densify(nn.Module):
-    """One stage's encoder map made dense for the decoder: BatchNorm over visible positions, masked
-    positions filled with a learned mask token, a projection to the decoder width there."""
+def start_line(trainer: SparkTrainer, data: distributed.EpochBatches) -> str:
+    args, counts = trainer.args, param_counts(trainer.model)
+    grid = args.img_size // spark.DOWNSAMPLE_RATIO
+    return (f"SparK {args.model}: encoder {counts['encoder_params'] / 1e6:.2f}M params (STCI "
+            f"{100 * counts['stci_params'] / counts['encoder_params']:.2f}%), decoder {counts['decoder_params'] / 1e6:.2f}M"
+            f" | {data.num_images} unlabelled images | mask {args.mask_ratio:g} of {grid}x{grid} patches | "
+            f"{trainer.plan.describe()} | {args.optimizer} lr {trainer.lr:.4g} ({args.base_lr:g} per "
+            f"{distributed.LR_REFERENCE_BATCH}) | {trainer.steps_per_epoch} steps/epoch | {trainer.ctx.device} amp "
+            f"{utils.amp_label(trainer.amp_dtype)} | {trainer.ctx.world_size} process(es)")
 
-    def __init__(self, channels: int, width: int, coarsest: bool) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm2d(channels)
-        self.mask_token = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        nn.init.trunc_normal_(self.mask_token, mean=0.0, std=0.02, a=-0.02, b=0.02)
-        if coarsest and channels == width:
-            self.proj: nn.Module = nn.Identity()
-        else:
-            kernel = 1 if coarsest else 3
-            self.proj = nn.Conv2d(channels, width, kernel, padding=kernel // 2)
 
-    def forward(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] (an encoder stage map), active [B, 1, H, W] (True = visible)."""
-        x = batch_norm_visible(x, active, self.norm)
-        x = torch.where(active, x, self.mask_token.to(x.dtype))
-        return self.proj(x)
+def epoch_end(trainer: SparkTrainer, figures: ReconstructionFigures | None) -> dict:
+    """The weight decay of the epoch's first step (as its lr) and, when due, the reconstruction figure (rank 0)."""
+    extra: dict[str, Any] = {"weight_decay": trainer.weight_decay((trainer.epoch - 1) * trainer.steps_per_epoch)}
+    if figures is not None and figures.due(trainer.epoch):
+        extra["figure"] = str(figures.write(trainer.epoch))
+    return extra
+
+
+def epoch_line(r: dict, epochs: int) -> str:
+    figure = f" | {r['figure']}" if "figure" in r else ""
+    return (f"epoch {r['epoch']}/{epochs} | {r['img_size']}px | lr {r['lr']:.4g} wd {r['weight_decay']:.3f} | "
+            f"reconstruction loss {r['train_loss']:.4f} | {distributed.throughput_text(r)}{figure}")
 
 
 # --------------------------------------------------------------------------------------------
-# Targets and loss
+# Run
 # --------------------------------------------------------------------------------------------
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, C, h p, w p] -> [B, h w, p p C], patches in row-major order (as active.flatten(1))."""
-    b, c, height, width = images.shape
-    h, w = height // patch, width // patch
-    x = images.reshape(b, c, h, patch, w, patch)
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, h * w, patch * patch * c)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return distributed.run_in_job(run, args, utils.explicit_flags(build_parser(), argv))
 
 
-def unpatchify(patches: torch.Tensor, patch: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of patchify for an h x w patch grid."""
-    b = patches.shape[0]
-    c = patches.shape[-1] // (patch * patch)
-    x = patches.reshape(b, h, w, patch, patch, c)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, h * patch, w * patch)
+def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
+    start = distributed.start_or_resume(args, explicit, ctx, SparkTrainer.kind, RESUME_SAFE_KEYS,
+                                        distributed.PER_LAUNCH_KEYS)
+    args, ckpt = start.args, start.ckpt
+    phases = validate_args(args, ctx, start.plan)
+    utils.configure_kernels(args.deterministic, ctx.device)
+    ckpt_dir = Path(args.checkpoint_dir)
+    with distributed.checkpoint_dir_lock(ckpt_dir, ctx) as lock:
+        console = utils.Console(ckpt_dir / "train.log", enabled=ctx.is_main)
+        with utils.tee_output(ckpt_dir, enabled=ctx.is_main):
+            console(f"command: {shlex.join([sys.executable, *sys.argv])} | git {utils.git_commit() or 'unknown'}")
+            if ckpt is not None and ckpt["epoch"] >= args.epochs:
+                return finished_run(args, ckpt, ckpt_dir, ctx, console)
+            return train(args, ctx, start, phases, ckpt_dir, console, lock)
 
 
-def normalised_patches(images: torch.Tensor, patch: int, eps: float = 1e-6
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(target, mean, std): every patch's pixels standardised by its own mean and std (SparK's
-    target; std = sqrt(unbiased var + eps))."""
-    patches = patchify(images, patch)
-    mean = patches.mean(dim=-1, keepdim=True)
-    std = (patches.var(dim=-1, keepdim=True) + eps).sqrt()
-    return (patches - mean) / std, mean, std
+def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStart, phases: list[tuple[float, int]],
+          ckpt_dir: Path, console: utils.Console, lock: rundirs.RunLock | None) -> int:
+    # Identical initial weights on every rank; the masks come from their own seeded generators.
+    utils.seed_everything(args.seed)
+    data, images = load_data(args, ctx, start.plan, phases, start.ckpt["epoch"] if start.ckpt else 0)
+    model = distributed.build_model(args, 1000, ctx, console, warm_start=start.ckpt is None)
+    net = spark.SparkModel(model, args.mask_ratio, args.decoder_width)
+    trainer = SparkTrainer(args, ctx, start.plan, net, data.steps_per_epoch, console)
+    utils.seed_everything(args.seed * 1000 + ctx.rank + 1)
+    if start.ckpt is not None:
+        distributed.resume_trainer(trainer, start.ckpt, start.path, ckpt_dir / "log.jsonl",
+                                   lambda: header_record(trainer, data, "resume"))
+        console(f"Resumed from {start.path}: epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}/"
+                f"{trainer.steps_per_epoch}")
+        start.ckpt = None
+    elif ctx.is_main:
+        utils.write_jsonl(ckpt_dir / "log.jsonl", [header_record(trainer, data, "header")])
+    console(start_line(trainer, data))
+    figures = (ReconstructionFigures(args, net, images, ctx.device, ckpt_dir / FIGURES_DIR)
+               if ctx.is_main and args.vis_every > 0 else None)
+
+    # A terminal Ctrl-C reaches each torchrun worker twice: a second signal within 2 s is that echo.
+    with utils.StopFlag(grace_s=2.0) as stop:
+        if not distributed.train_epochs(trainer, data, phases, ckpt_dir, stop, lambda: epoch_end(trainer, figures),
+                                        lambda record: epoch_line(record, args.epochs), lock,
+                                        progress_bar=not args.no_progress):
+            console(f"Interrupted at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}/"
+                    f"{trainer.steps_per_epoch}: saved {ckpt_dir / 'latest.pt'}. Run the same command again "
+                    f"to continue.")
+            return 130
+    if ctx.is_main:
+        final = export(trainer.encoder_weights(), args, ckpt_dir, console)
+        last = utils.read_jsonl(ckpt_dir / "log.jsonl")[-1]
+        utils.append_jsonl(ckpt_dir / "log.jsonl", {"type": "final", "train_loss": last.get("train_loss"),
+                                                    "weights": str(final)})
+    console("done")
+    if ctx.distributed:
+        dist.barrier(group=ctx.cpu_group)
+    return 0
 
 
-def masked_patch_loss(prediction: torch.Tensor, images: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the prediction and the per-patch normalised images, averaged
-    over the masked patches only (visible ones do not count)."""
-    patch = images.shape[-1] // active.shape[-1]
-    target, _, _ = normalised_patches(images, patch)
-    per_patch = (patchify(prediction, patch) - target).square().mean(dim=-1)   # [B, L]
-    masked = (~active).flatten(1).to(per_patch.dtype)
-    return (per_patch * masked).sum() / masked.sum().clamp_min(1)
+def export(state: dict[str, torch.Tensor], args: argparse.Namespace, ckpt_dir: Path,
+           console: Callable[[str], None]) -> Path:
+    # synthtex images are real images (procedural textures), so its weights are copied like any other.
+    return distributed.export_weights(state, f"{args.model}_spark.pt", ckpt_dir, args.weights_dir, console,
+                                      "Encoder weights")
 
 
-# --------------------------------------------------------------------------------------------
-# Encoder + decoder + loss
-# --------------------------------------------------------------------------------------------
-@dataclass
-class SparkReconstruction:
-    """What SparkModel.reconstruct returns, all [B, 3, H, W] in the input's pixel space except
-    `active` ([B, 1, h, w]) and `loss`."""
-    loss: torch.Tensor
-    active: torch.Tensor
-    masked: torch.Tensor            # the input with masked patches zeroed (what the encoder saw)
-    reconstruction: torch.Tensor    # the prediction, per-patch statistics of the input restored
-    composite: torch.Tensor         # visible patches from the input, masked ones from the prediction
+def finished_run(args: argparse.Namespace, ckpt: dict, ckpt_dir: Path, ctx: DistContext,
+                 console: Callable[[str], None]) -> int:
+    """A re-run of a finished run: nothing to train; the encoder weights are written again (to a
+    --weights_dir that may be new)."""
+    console(f"{ckpt_dir / 'latest.pt'} is a finished run ({ckpt['epoch']} of {args.epochs} epochs): nothing to "
+            f"train. Use another --checkpoint_dir for a new run.")
+    if ctx.is_main:
+        export(spark.encoder_weights(ckpt["model"]), args, ckpt_dir, console)
+    return 0
 
 
-class SparkModel(nn.Module):
-    """SparK: SparkEncoder(model) + densify layers + LightDecoder + masked-patch loss.
-
-    forward(images, active=None, generator=None) -> the loss; without `active` a random mask
-    with `mask_ratio` is drawn (from `generator` if given).
-    """
-
-    def __init__(self, model: nn.Module, mask_ratio: float = DEFAULT_MASK_RATIO,
-                 decoder_width: int = DEFAULT_DECODER_WIDTH) -> None:
-        super().__init__()
-        num_visible(2, 1, mask_ratio)  # validates the ratio
-        self.mask_ratio = mask_ratio
-        self.encoder = SparkEncoder(model)
-        self.decoder = LightDecoder(decoder_width, DOWNSAMPLE_RATIO)
-        coarse_first = list(reversed(self.encoder.feature_channels))
-        self.densify = nn.ModuleList(Densify(channels, decoder_width >> i, coarsest=i == 0)
-                                     for i, channels in enumerate(coarse_first))
-
-    @property
-    def downsample_ratio(self) -> int:
-        return self.encoder.downsample_ratio
-
-    def random_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A random mask for this batch, on its device."""
-        b, _, height, width = images.shape
-        return random_active_mask(b, height // self.downsample_ratio, width // self.downsample_ratio,
-                                  self.mask_ratio, generator, device=images.device)
-
-    def predict(self, images: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """The decoder's output [B, 3, H, W], in per-patch normalised pixel space."""
-        features = self.encoder(images, active)[::-1]   # coarsest first
-        dense = [stage(feat, upsample_mask(active, *feat.shape[-2:]))
-                 for stage, feat in zip(self.densify, features)]
-        return self.decoder(dense)
-
-    def forward(self, images: torch.Tensor, active: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        if active is None:
-            active = self.random_mask(images, generator)
-        return masked_patch_loss(self.predict(images, active), images, active)
-
-    @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, active: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> SparkReconstruction:
-        """Loss, masked input, reconstruction and composite, for figures (no gradients; the
-        BatchNorm running statistics update in train mode as in forward)."""
-        if active is None:
-            active = self.random_mask(images, generator)
-        prediction = self.predict(images, active)
-        patch = self.downsample_ratio
-        h, w = active.shape[-2:]
-        _, mean, std = normalised_patches(images, patch)
-        pixels = unpatchify(patchify(prediction, patch) * std + mean, patch, h, w)
-        visible = upsample_mask(active, images.shape[-2], images.shape[-1])
-        return SparkReconstruction(
-            loss=masked_patch_loss(prediction, images, active), active=active, masked=images * visible,
-            reconstruction=pixels, composite=torch.where(visible, images, pixels))
-
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights: a state_dict of the registry model (loads with strict=True)."""
-        return self.encoder.model.state_dict()
-
-
-def build_spark_model(name: str, mask_ratio: float = DEFAULT_MASK_RATIO,
-                      decoder_width: int = DEFAULT_DECODER_WIDTH, num_classes: int = 1000,
-                      **build_kwargs: Any) -> SparkModel:
-    """SparkModel around models.build_model(name, num_classes, **build_kwargs) (pretrained=...,
-    verbose=..., TwistNet hyper-parameters); an unsupported name is a ModelConfigError."""
-    check_spark_model(name)
-    return SparkModel(models.build_model(name, num_classes, **build_kwargs), mask_ratio, decoder_width)
+if __name__ == "__main__":
+    sys.exit(utils.run_main(main))

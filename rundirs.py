@@ -281,7 +281,7 @@ class RunLock:
 CHECKPOINT_KINDS: tuple[tuple[str, frozenset[str]], ...] = (
     ("a train.py last.pt (the resume state of a fine-tuning run)",
      frozenset({"model", "optimizer", "scheduler", "partial", "rng", "config"})),
-    ("a pretrain_imagenet.py latest.pt (the resume state of a pretraining run)",
+    ("a pretraining latest.pt (the resume state of pretrain_imagenet.py or pretrain_spark.py)",
      frozenset({"model", "optimizer", "scheduler", "global_batch", "rank_states", "config"})),
     ("a pretrain_imagenet.py best.pt (best-validation weights, not a resume state)",
      frozenset({"model", "val_acc", "val_top5", "config"})),

@@ -39,7 +39,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -321,6 +321,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise UserError(f"{path} is not readable JSON ({error})") from None
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    _replace_atomically(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON-lines file ([] if it does not exist)."""
     path = Path(path)
@@ -396,6 +400,56 @@ class Console:
                 self.write_failed = True
         with contextlib.suppress(OSError):   # a closed terminal (SIGHUP) must not either
             print(message, flush=True)
+
+
+class _Tee:
+    """A text stream that writes through to `stream` and, whole lines at a time, to a file; of a
+    line redrawn with carriage returns (a live progress bar) the file keeps the last frame."""
+
+    def __init__(self, stream: Any, path: Path) -> None:
+        self.stream, self.file, self._line = stream, open(path, "a", encoding="utf-8"), ""
+
+    def write(self, text: str) -> int:
+        written = self.stream.write(text)
+        *lines, self._line = (self._line + text.replace("\x1b[A", "")).split("\n")
+        for line in lines:
+            self.file.write(line.rsplit("\r", 1)[-1] + "\n")
+        if lines:
+            self.file.flush()
+        return written
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def isatty(self) -> bool:
+        return _is_terminal(self.stream)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def tee_output(folder: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+    """Inside the block, copy this process's stdout and stderr to <folder>/stdout.txt and
+    stderr.txt (appended: a resumed run continues them). A user error leaving the block is copied
+    to stderr.txt too, as run_main prints it after the block."""
+    if not enabled:
+        yield
+        return
+    out, err = _Tee(sys.stdout, Path(folder) / "stdout.txt"), _Tee(sys.stderr, Path(folder) / "stderr.txt")
+    sys.stdout, sys.stderr = out, err
+    try:
+        yield
+    except user_error_types() as error:
+        err.file.write(f"error: {error}\n")
+        raise
+    finally:
+        sys.stdout, sys.stderr = out.stream, err.stream
+        for tee in (out, err):
+            rest = tee._line.rsplit("\r", 1)[-1]
+            tee.file.write(f"{rest}\n" if rest.strip() else "")
+            tee.file.close()
 
 
 def tex_escape(text: str) -> str:

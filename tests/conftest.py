@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -21,6 +23,16 @@ for _path in (str(ROOT), str(TESTS)):
         sys.path.insert(0, _path)
 
 import fixtures  # noqa: E402  (needs the path above)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread inside the test: CPU kernels stay bitwise repeatable (resumed runs compare
+    with ==), and two threads on two shared cores do not spin-wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

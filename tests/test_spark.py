@@ -1,5 +1,7 @@
-"""pretrain_spark.py: masks, the mask-aware encoder (no leak, statistics over visible positions),
-decoder, loss, weight export; and datasets' unlabelled image folders.
+"""spark.py: masks, the mask-aware encoder (no leak, statistics over visible positions),
+decoder, loss, weight export; datasets' unlabelled image folders; and pretrain_spark.py: two
+processes under torchrun (gloo), exact resume from the middle of epoch 2, every output file, the
+falling loss, refusals, and the weights downstream (train.py --pretrained, auto-detection).
 
 Usage:
     .venv/bin/python -m pytest -q tests/test_spark.py
@@ -9,6 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -17,14 +23,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import datasets
+import figures
 import fixtures
 import model_tools
 import models
-import pretrain_spark as spark
+import plot_results
+import pretrain_imagenet
+import pretrain_spark as spark_script
+import spark
+import transforms
+import utils
 from synthtex import render_synthtex
+
+ROOT = Path(__file__).resolve().parents[1]
 
 R = spark.DOWNSAMPLE_RATIO
 SE_AND_STCI = ("twistnet18", "seresnet18")
@@ -333,8 +348,9 @@ def test_encoder_weights_load_into_the_registry_model(name: str, tmp_path: Path)
     optimizer.step()
     state = net.encoder_state_dict()
     fresh = models.build_model(name, 1000, verbose=False)
-    assert list(state) == list(fresh.state_dict())
-    fresh.load_state_dict(state, strict=True)
+    assert list(state) == [k for k in fresh.state_dict() if not k.startswith("fc.")]   # no untrained classifier
+    fresh.load_state_dict(state, strict=False)
+    fresh.fc.load_state_dict(net.encoder.model.fc.state_dict())
     x = images(2, 64, 64, seed=3)
     assert torch.equal(fresh.eval()(x), net.encoder.model.eval()(x))
     if name.startswith("twistnet"):   # the downstream path: a checkpoint file, another class count
@@ -436,3 +452,297 @@ def _empty(tmp_path: Path) -> Path:
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("no images")
     return tmp_path / "empty"
+
+
+# --------------------------------------------------------------------------------------------
+# The training script (pretrain_spark.py)
+# --------------------------------------------------------------------------------------------
+SCRIPT = str(ROOT / "pretrain_spark.py")
+# One thread per process keeps the CPU kernels bitwise repeatable (resumed runs compare with ==)
+# and stops two processes from fighting over two cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TINY = ["--device", "cpu", "--workers", "0", "--img_size", "64", "--batch_size", "4", "--decoder_width", "128",
+        "--epochs", "2", "--warmup_epochs", "1", "--vis_every", "1", "--vis_images", "3", "--no_progress"]
+IMAGES = 24      # 3 optimizer steps of 8 images per epoch (2 processes x 4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           SCRIPT, *TINY, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def records(ckpt_dir: Path, kind: str) -> list[dict]:
+    return [r for r in utils.read_jsonl(ckpt_dir / "log.jsonl") if r["type"] == kind]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 JPEGs in class folders (which pretraining ignores), 72 px."""
+    root = fixtures.make_imagenet_folder(tmp_path_factory.mktemp("unlabelled"), classes=3, train_per_class=8,
+                                         val_per_class=0, size=72)
+    return root / "train"
+
+
+@pytest.fixture(scope="module")
+def straight(unlabelled: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """(checkpoint dir, command) of an uninterrupted two-process, two-epoch run."""
+    base = tmp_path_factory.mktemp("straight")
+    command = ["--data_dir", str(unlabelled), "--checkpoint_dir", str(base / "ckpt"),
+               "--weights_dir", str(base / "weights")]
+    torchrun(*command)
+    return base / "ckpt", command
+
+
+@pytest.fixture(scope="module")
+def interrupted(unlabelled: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The same run stopped one step into epoch 2, and its output."""
+    ckpt = tmp_path_factory.mktemp("interrupted") / "ckpt"
+    proc = torchrun("--data_dir", str(unlabelled), "--checkpoint_dir", str(ckpt), "--weights_dir",
+                    str(ckpt.parent / "weights"), "--stop_after_steps", "4", check=False)
+    assert proc.returncode != 0, "a stopped run must not report success"
+    return ckpt, proc.stdout + proc.stderr
+
+
+def test_two_process_run_writes_every_output(straight: tuple[Path, list[str]]) -> None:
+    ckpt, _ = straight
+    for name in ("latest.pt", "twistnet18_spark.pt", "log.jsonl", "train.log", "stdout.txt", "stderr.txt",
+                 "reconstructions/epoch_0001.png", "reconstructions/epoch_0002.png"):
+        assert (ckpt / name).is_file(), name
+    weights = load(ckpt / "twistnet18_spark.pt")
+    copy_ = load(ckpt.parent / "weights" / "twistnet18_spark.pt")
+    assert list(weights) == list(copy_) and all(torch.equal(weights[k], copy_[k]) for k in weights)
+    fresh = models.build_model("twistnet18", 47, verbose=False).state_dict()
+    assert set(fresh) - set(weights) == {"fc.weight", "fc.bias"} and set(weights) <= set(fresh)
+    latest = load(ckpt / "latest.pt")
+    assert latest["kind"] == "spark" and latest["epoch"] == 2 and len(latest["rank_states"]) == 2
+    assert all(torch.equal(weights[k], latest["model"][f"encoder.model.{k}"]) for k in weights)
+
+    header, = records(ckpt, "header")
+    assert header["world_size"] == 2 and header["backend"] == "gloo" and header["global_batch"] == 8
+    assert header["base_lr"] == 2e-4 and header["lr"] == pytest.approx(2e-4 * 8 / 256)
+    assert header["train_images"] == IMAGES and header["optimizer"] == "lamb" and header["mask_ratio"] == 0.6
+    assert "pretrain_spark.py" in header["command"] and header["git_commit"] and header["config"]["epochs"] == 2
+    epochs = records(ckpt, "epoch")
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for r in epochs:
+        assert r["train_images"] == IMAGES and r["skipped_images"] == 0 and r["img_size"] == 64
+        assert 0.5 < r["train_loss"] < 1.5 and r["images_per_s"] > 0 and r["eta_s"] >= 0
+        assert 0 <= r["data_wait_share"] <= 1 and r["epoch_time_s"] > 0 and len(r["gates"]) == 4
+        assert r["figure"] == str(ckpt / "reconstructions" / f"epoch_{r['epoch']:04d}.png")
+    assert epochs[0]["weight_decay"] == pytest.approx(0.04)           # the epoch's first step, as its lr
+    assert epochs[1]["weight_decay"] == pytest.approx(spark_script.weight_decay_at(3, 6, 0.04, 0.2))
+    assert epochs[1]["lr"] == pytest.approx(2e-4 * 8 / 256)         # warm-up over epoch 1 only
+    final, = records(ckpt, "final")
+    assert final["weights"] == str(ckpt / "twistnet18_spark.pt") and final["train_loss"] == epochs[-1]["train_loss"]
+
+    log = (ckpt / "train.log").read_text()
+    assert log.startswith("command: ") and "pretrain_spark.py" in log and "| git " in log
+    assert "epoch 2/2 | 64px" in log and "ETA" in log and "reconstruction loss" in log
+    assert "epoch 2/2 | 64px" in (ckpt / "stdout.txt").read_text()
+    with Image.open(ckpt / "reconstructions" / "epoch_0002.png") as png:   # 3 rows of 4 columns
+        assert png.size == (4 * 64 + 5 * 2, spark.TITLE_HEIGHT + 3 * 64 + 4 * 2)
+
+
+def test_plots_read_the_log(straight: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """plot_results' curves (the loss alone: no accuracy panel) and gates read a SparK log."""
+    log = straight[0] / "log.jsonl"
+    epochs = plot_results.read_log(log)
+    with figures.paper_style():
+        curves = plot_results.curves_figure(epochs)
+        gates = plot_results.gate_figure(epochs)
+    loss_axis, = curves.axes
+    train, = loss_axis.get_lines()
+    assert list(train.get_ydata()) == [r["train_loss"] for r in epochs]
+    assert len(gates.axes[0].get_lines()) == 4
+    written = plot_results.make_plots(["--plot", "curves", "--log_file", str(log), "--save_dir", str(tmp_path)])
+    assert sorted(p.suffix for p in written) == [".pdf", ".png"]
+
+
+def test_resume_from_the_middle_of_epoch_2_matches_the_uninterrupted_run(
+        straight: tuple[Path, list[str]], interrupted: tuple[Path, str], tmp_path: Path) -> None:
+    stopped, output = interrupted
+    assert "Interrupted at epoch 2, step 1/3" in output and "Run the same command again" in output
+    saved = load(stopped / "latest.pt")
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 1, 4)
+    assert [r["epoch"] for r in records(stopped, "epoch")] == [1]
+
+    # The uninterrupted run's command, in a copy of the stopped run's directory: --resume auto.
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(stopped, ckpt)
+    command = [a if a != str(straight[0]) else str(ckpt) for a in straight[1]]
+    proc = torchrun(*command)
+    assert "Resumed from" in proc.stdout and "epoch 2, step 1/3" in proc.stdout
+    a, b = records(straight[0], "epoch"), records(ckpt, "epoch")
+    assert [r["epoch"] for r in b] == [1, 2] and len(records(ckpt, "resume")) == 1
+    for ra, rb in zip(a, b):
+        for key in ("lr", "train_loss", "train_images", "weight_decay", "gates"):
+            assert ra[key] == rb[key], (ra["epoch"], key, ra[key], rb[key])
+    wa, wb = load(straight[0] / "twistnet18_spark.pt"), load(ckpt / "twistnet18_spark.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la, lb = load(straight[0] / "latest.pt"), load(ckpt / "latest.pt")
+    assert all(torch.equal(la["model"][k], lb["model"][k]) for k in la["model"])    # decoder too
+
+
+def test_rerun_of_a_finished_run_and_refusals(straight: tuple[Path, list[str]], interrupted: tuple[Path, str],
+                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    finished = tmp_path / "finished"
+    shutil.copytree(straight[0], finished)
+    command = [a if a != str(straight[0]) else str(finished) for a in straight[1]]
+    before = (finished / "log.jsonl").read_text()
+    assert utils.run_main(spark_script.main, [*TINY, *command]) == 0
+    assert "is a finished run (2 of 2 epochs): nothing to train" in capsys.readouterr().out
+    assert (finished / "log.jsonl").read_text() == before
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(interrupted[0], stopped)
+    args = [*TINY, "--data_dir", str(tmp_path), "--checkpoint_dir", str(stopped)]
+    assert utils.run_main(spark_script.main, [*args, "--mask_ratio", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--mask_ratio: 0.6 -> 0.5" in err
+    with pytest.raises(utils.UserError, match="not a pretrain_imagenet.py checkpoint .a spark one"):
+        pretrain_imagenet.main(["--resume", str(stopped / "latest.pt"), "--device", "cpu"])
+
+
+def test_loss_falls_and_unreadable_images_are_skipped(unlabelled: Path, tmp_path: Path, one_torch_thread: None,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(unlabelled, data)
+    fixtures.corrupt(sorted(data.rglob("*.JPEG"))[5])
+    ckpt = tmp_path / "ckpt"
+    with pytest.warns(datasets.UnreadableImageWarning, match="_5.JPEG"):
+        assert spark_script.main([*TINY, "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--weights_dir",
+                                  str(tmp_path / "w"), "--batch_size", "8", "--epochs", "6", "--warmup_epochs", "0",
+                                  "--base_lr", "0.32", "--vis_every", "0"]) == 0
+    epochs = records(ckpt, "epoch")
+    assert all(r["skipped_images"] == 1 and r["train_images"] == IMAGES - 1 for r in epochs)
+    losses = [r["train_loss"] for r in epochs]
+    assert 0.95 < losses[0] < 1.05           # a near-zero prediction of unit-variance targets
+    assert losses[-1] < 0.97 * losses[0], losses     # measured 0.997 -> 0.945 (LAMB, lr 0.01)
+    assert not (ckpt / "reconstructions").exists()
+
+
+def test_init_resnet18_starts_from_the_resnet18_weights(unlabelled: Path, tmp_path: Path, one_torch_thread: None,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """SparK on few images can start from a ResNet-18 backbone (as SparK's --init_weight suggests)."""
+    import timm
+    torch.manual_seed(5)
+    source = timm.create_model("resnet18").state_dict()
+    torch.save(source, tmp_path / "resnet18.pth")
+    ckpt = tmp_path / "ckpt"
+    assert spark_script.main([*TINY, "--data_dir", str(unlabelled), "--checkpoint_dir", str(ckpt), "--init", "resnet18",
+                              "--resnet18_weights", str(tmp_path / "resnet18.pth"), "--stop_after_steps", "1"]) == 130
+    assert "ResNet-18 -> twistnet18 (policy 'all')" in capsys.readouterr().out
+    # One LAMB step at lr 1e-6 (a third of the first warm-up epoch) moves each weight by ~1e-6 of its norm.
+    after_one_step = load(ckpt / "latest.pt")["model"]
+    for name in ("conv1.weight", "layer4.1.conv2.weight"):
+        change = after_one_step[f"encoder.model.{name}"] - source[name]
+        assert change.norm() < 1e-4 * source[name].norm(), name
+
+
+def test_reconstruction_grid_shows_input_masked_reconstruction_and_composite() -> None:
+    net = spark.build_spark_model("resnet18", decoder_width=64, verbose=False).eval()
+    x, active = images(2, 64, 96), mask(2, 2, 3)
+    shown = net.reconstruct(x, active)
+    grid = np.asarray(spark.reconstruction_grid(shown, pad=2))
+    assert grid.shape == (spark.TITLE_HEIGHT + 2 * 64 + 3 * 2, 4 * 96 + 5 * 2, 3)
+    cells = [[grid[spark.TITLE_HEIGHT + 2 + r * 66:][:64, 2 + c * 98:][:, :96] for c in range(4)] for r in range(2)]
+    visible = spark.upsample_mask(active, 64, 96)[:, 0].numpy()
+    for r in range(2):
+        source, masked, reconstruction, composite = cells[r]
+        v = visible[r]
+        assert (masked[v] == source[v]).all() and (composite[v] == source[v]).all()
+        assert (composite[~v] == reconstruction[~v]).all()
+        # A masked pixel is zero after normalisation: the mean colour once denormalised.
+        mean_colour = np.round(255 * np.array(transforms.IMAGENET_MEAN)).astype(np.uint8)
+        assert (np.abs(masked[~v].astype(int) - mean_colour) <= 1).all()
+    assert not (cells[0][0] == cells[0][2]).all()
+
+
+def test_the_script_shares_the_imagenet_script_flags_and_exports_spark_encoder() -> None:
+    assert spark_script.SparkEncoder is spark.SparkEncoder
+    ours, theirs = spark_script.build_parser(), pretrain_imagenet.build_parser()
+    for flag in ("--data_dir", "--data", "--model", "--epochs", "--batch_size", "--img_size", "--checkpoint_dir",
+                 "--resume", "--weights_dir", "--device", "--workers", "--amp", "--base_lr", "--accum_steps",
+                 "--progressive", "--profile", "--stop_after_steps", "--channels_last", "--decode_size"):
+        assert any(flag in a.option_strings for a in ours._actions), flag
+        assert any(flag in a.option_strings for a in theirs._actions), flag
+    assert ours.parse_args([]).resume == "auto"
+
+
+def test_schedules_masks_and_parameter_groups() -> None:
+    wd = [spark_script.weight_decay_at(s, 11, 0.04, 0.2) for s in range(11)]
+    assert wd[0] == pytest.approx(0.04) and wd[-1] == pytest.approx(0.2) and wd == sorted(wd)
+    a = spark_script.step_masks(0, 3, 5, 8, (2, 2), 0.6)
+    assert torch.equal(a, spark_script.step_masks(0, 3, 5, 8, (2, 2), 0.6))
+    assert not torch.equal(a, spark_script.step_masks(0, 3, 6, 8, (2, 2), 0.6))
+    net = spark.build_spark_model("twistnet18", decoder_width=64, verbose=False)
+    decay, no_decay = net.param_groups()
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (1.0, 0.0)
+    ids = {id(p) for p in no_decay["params"]}
+    assert all(id(d.mask_token) in ids for d in net.densify)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(id(b.gate) in ids for b in net.encoder.model.twist_blocks().values())
+    trained = {id(p) for p in net.parameters() if p.requires_grad}
+    assert {id(p) for p in decay["params"]} | ids == trained and not ({id(p) for p in decay["params"]} & ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Downstream: the SparK weights in train.py and build_model
+# --------------------------------------------------------------------------------------------
+def test_train_py_pretrained_loads_every_backbone_and_stci_tensor(straight: tuple[Path, list[str]],
+                                                                 tmp_path: Path) -> None:
+    weights = straight[0] / "twistnet18_spark.pt"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "synthtex", "--model", "twistnet18",
+           "--pretrained", str(weights), "--epochs", "1", "--img_size", "32", "--workers", "0", "--no_progress",
+           "--batch_size", "32", "--run_dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    n = len(load(weights))
+    assert n == 204     # TwistNet-18's state_dict (206 tensors) less the classifier
+    assert (f"[TwistNet Pretrained] Loaded {n} tensors from {weights} (every backbone and STCI tensor; "
+            f"classifier left at init: not in the file)") in proc.stdout
+
+
+def test_auto_detection_prefers_imagenet_then_spark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    cwd, script = tmp_path.resolve() / "cwd", tmp_path.resolve() / "script"
+    for folder in (cwd / "weights", script / "weights"):
+        folder.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(models, "__file__", str(script / "models.py"))
+    state = build("twistnet18").state_dict()
+    files = {"imagenet": script / "weights" / "twistnet18_imagenet.pt", "spark": cwd / "weights" / "twistnet18_spark.pt"}
+    for value, (kind, path) in enumerate(files.items(), 1):
+        torch.save({k: torch.full_like(v, value) if k == "conv1.weight" else v
+                    for k, v in state.items() if not (kind == "spark" and k.startswith("fc."))}, path)
+
+    def detect(name: str = "twistnet18") -> tuple[nn.Module, str]:
+        model = models.build_model(name, 47, pretrained=True)
+        return model, capsys.readouterr().out
+
+    model, out = detect()     # supervised ImageNet first, even beside models.py against ./weights
+    assert f"Found TwistNet weights: {files['imagenet']} (also present, not used: {files['spark']})" in out
+    assert (model.conv1.weight == 1).all() and "classifier skipped" in out
+    files["imagenet"].unlink()
+    model, out = detect()
+    assert f"Found TwistNet weights: {files['spark']}\n" in out and "classifier left at init" in out
+    assert (model.conv1.weight == 2).all()
+    model, out = detect("twistnet18_no_ais")   # an ablation variant borrows twistnet18's SparK weights
+    assert f"loading TwistNet-18 weights {files['spark']} non-strictly" in out and (model.conv1.weight == 2).all()
+    files["spark"].unlink()
+    with pytest.warns(UserWarning, match="No TwistNet ImageNet or SparK weights found"):
+        with pytest.raises(models.CheckpointNotFoundError):   # the ResNet-18 fallback, from a file here
+            models.build_model("twistnet18", 47, pretrained=True, resnet18_weights=tmp_path / "absent.pth")

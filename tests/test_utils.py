@@ -16,6 +16,7 @@ import torch
 import compute_flops
 import models
 import pretrain_imagenet
+import pretrain_spark
 import train
 import utils
 
@@ -142,7 +143,7 @@ def test_progress_disable_writes_nothing() -> None:
 @pytest.mark.parametrize("flag", ["--device", "--amp", "--channels_last"])
 def test_device_flags_are_the_same_in_every_script(flag: str) -> None:
     parsers = {"train.py": train.build_parser(), "pretrain_imagenet.py": pretrain_imagenet.build_parser(),
-               "compute_flops.py": compute_flops.build_parser()}
+               "pretrain_spark.py": pretrain_spark.build_parser(), "compute_flops.py": compute_flops.build_parser()}
     actions = {name: next(a for a in p._actions if flag in a.option_strings) for name, p in parsers.items()}
     described = {name: (a.choices, a.default, a.nargs, a.const, a.help) for name, a in actions.items()}
     assert len(set(described.values())) == 1, described
