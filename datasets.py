@@ -1,4 +1,4 @@
-"""Dataset protocols of TwistNet-2D: deterministic splits, image loading, and a layout checker.
+"""Dataset protocols of TwistNet-2D: deterministic splits, the datasets of a fold, a layout checker.
 
 Usage:
     python datasets.py --dataset dtd --data_dir data/dtd --fold 1      # describe and check a fold
@@ -7,7 +7,8 @@ Usage:
     python datasets.py --download dtd --data_dir data/dtd    # fetch, verify, unpack, check (also fmd,
                                                              # kth_tips2, cub200, flowers102)
 
-    from datasets import build_datasets, collate_skip_unreadable
+    from datasets import build_datasets
+    from loading import collate_skip_unreadable
     sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, cache=True)   # native resolution
     sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, decode_size=256)  # fast path
     loader = DataLoader(sets["train"], batch_size=32, collate_fn=collate_skip_unreadable)
@@ -30,48 +31,34 @@ Protocols (`--data_dir` points at the data as its authors distribute it):
     synthtex     nothing: procedural textures generated in memory        any fold
 
 Every split is a function of (dataset, fold) alone: seeds come from a hash of the two, never from
-the global random state, so the training seed cannot change which images are tested.
+the global random state, so the training seed cannot change which images are tested. Decoding
+and the Dataset classes are in loading.py, the download in download.py.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import os
-import random
-import shutil
 import sys
-import tarfile
 import types
-import urllib.error
-import urllib.request
-import warnings
-import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps
-from torch.utils.data import Dataset, Sampler, default_collate
+from PIL import Image
+from torch.utils.data import Dataset
 
+import download
 import utils
+from loading import (CACHE_MAX_SHORT, IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, ImageListDataset, SynthTexDataset,
+                     is_image_file)
 
 from synthtex import SYNTHTEX_CLASSES, SYNTHTEX_PER_CLASS, render_synthtex, synthtex_label, synthtex_samples_per_fold
 
-# Shorter side (px) above which a cached image is shrunk: 2x the eval resize of 256. It keeps every
-# image of FMD (384), KTH-TIPS2-b (200), CUB-200 and Flowers-102 (<= 500) and most of DTD (300-640)
-# at native resolution, and a 224 px RandomResizedCrop is upsampled from a capped image only when
-# it covers less than (224 / 512)^2 = 19% of it.
-CACHE_MAX_SHORT = 512
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"})
 SPLIT_NAMES = ("train", "val", "test")
-# Longest side / shortest side an image keeps when decoded: a 2 x 4000 strip would otherwise become
-# 256 x 512000 when its shorter side is resized to 256 (1.3 GB of pixels from a 127-byte PNG).
-MAX_ASPECT_RATIO = 10.0
 
 
 class DataNotFoundError(utils.UserError, FileNotFoundError):
@@ -300,11 +287,6 @@ def require_file(path: Path, what: str, dataset: str, root: Path) -> Path:
     if not path.is_file():
         raise DataNotFoundError(f"{what} not found: {path}. {layout_hint(dataset, root)}")
     return path
-
-
-def is_image_file(path: Path) -> bool:
-    # Hidden files include macOS "._name.jpg" resource forks, which are not images.
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -593,7 +575,6 @@ def synthtex_splits(root: Path | None, fold: int) -> Splits:
     return Splits(list(SYNTHTEX_CLASSES), parts["train"], parts["val"], parts["test"])
 
 
-
 DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({spec.name: spec for spec in (
     # In the paper's column order: tables and figures sort datasets by it.
     DatasetSpec("dtd", "DTD", "images/<class>/*.jpg and labels/train{k}.txt, val{k}.txt, test{k}.txt (k = 1..10)",
@@ -611,167 +592,6 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({spec.name: spec fo
                 needs_data_dir=False),
 )})
 DATASET_NAMES = tuple(DATASETS)
-
-
-# --------------------------------------------------------------------------------------------
-# Image loading
-# --------------------------------------------------------------------------------------------
-class UnreadableImageWarning(UserWarning):
-    """An image listed in a split could not be decoded; the sample is skipped."""
-
-
-def resized_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Resize (bicubic) so the shorter side is `size`, the long side rounded as torchvision's Resize.
-
-    Matching torchvision's rounding makes the eval Resize a no-op on an image decoded at the eval
-    resize size (decode_size), so it is not resampled twice.
-    """
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if short == size:
-        return image
-    new_long = int(size * long / short)
-    new_size = (size, new_long) if width <= height else (new_long, size)
-    return image.resize(new_size, Image.Resampling.BICUBIC)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    # 16-bit and float greyscale would be clipped by convert("RGB"); scale them to 8 bits first.
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if values.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(values / peak * 255 + 0.5, 0, 255).astype(np.uint8))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def cap_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
-    """Centre-crop the long side to max_ratio x the short side; other images are returned as they are.
-
-    Applied on decode, before any resize: resizing an extreme strip by its shorter side makes an
-    image of gigabytes, while the crops a texture model takes see only the centre anyway.
-    """
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if long <= max_ratio * short:
-        return image
-    keep = max(1, int(max_ratio * short))
-    offset = (long - keep) // 2
-    box = (offset, 0, offset + keep, height) if width > height else (0, offset, width, offset + keep)
-    return image.crop(box)
-
-
-def decode_image(path: str, decode_size: int | None = None) -> Image.Image:
-    """Decode to RGB, upright (EXIF orientation applied), with the aspect ratio capped at
-    MAX_ASPECT_RATIO, at native resolution or resized so the shorter side is decode_size.
-
-    Native resolution is the default: crops are then cut from the full image, as in the paper's
-    code. decode_size is the fast path for large images (ImageNet): JPEGs much larger than needed
-    are decoded at a reduced DCT scale (PIL's draft) before the resize. Every later crop is then
-    taken from that smaller copy, so small crops are upsampled more often.
-    """
-    with Image.open(path) as image:
-        if decode_size and image.format == "JPEG" and min(image.size) > 2 * decode_size:
-            image.draft("RGB", (decode_size, decode_size))
-        image.load()
-        # Phone photos store the sensor's orientation in EXIF; a direction-sensitive model must see
-        # them as the photographer did.
-        ImageOps.exif_transpose(image, in_place=True)
-        image = to_rgb(image)
-    image = cap_aspect_ratio(image)
-    return resized_shorter_side(image, decode_size) if decode_size else image
-
-
-class ImageListDataset(Dataset):
-    """(path, label) samples decoded with PIL; an unreadable image yields None (and one warning).
-
-    Images are decoded at native resolution, or with `decode_size` resized so the shorter side is
-    decode_size (see decode_image). With `cache=True` the decoded image is kept in memory, so after
-    the first epoch no file is read again; an image whose shorter side exceeds `cache_max_short`
-    (default CACHE_MAX_SHORT = 512, None: no cap) is first shrunk to it (bicubic), on every epoch
-    alike. Below the cap caching changes speed, never results; above it crops come from the
-    512 px copy.
-
-    Memory: PIL keeps an RGB image as 4 bytes per pixel, so a cached image takes about
-    4 * w * h bytes at its cached size, e.g. 1.23 MB for 640 x 480 (measured: 1.20 MB of RSS per
-    image over 100 such images), 4 * 512 * 682 = 1.4 MB at most for a 4:3 image at the cap,
-    0.16 MB for KTH-TIPS2-b's 200 x 200. A split of n images takes n times that. The cache is
-    filled lazily, so with DataLoader workers each worker fills its own copy: memory grows to
-    (workers x dataset) at worst, an image may be decoded once per worker, and only
-    persistent_workers=True keeps the caches across epochs (without it every epoch starts
-    cold). With workers=0 the one cache is full after the first epoch.
-    """
-
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None,
-                 cache: bool = False, decode_size: int | None = None,
-                 cache_max_short: int | None = CACHE_MAX_SHORT) -> None:
-        self.samples = list(samples)
-        self.targets = [label for _, label in self.samples]
-        self.transform = transform
-        self.decode_size = decode_size
-        self.cache_max_short = cache_max_short
-        self.cache: dict[int, Image.Image] | None = {} if cache else None
-        self.warned: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, index: int) -> Image.Image | None:
-        if self.cache is not None and index in self.cache:
-            return self.cache[index]
-        path = self.samples[index][0]
-        try:
-            image = decode_image(path, self.decode_size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            self.warn_unreadable(path, error)
-            return None
-        if self.cache is not None:
-            if self.cache_max_short and min(image.size) > self.cache_max_short:
-                image = resized_shorter_side(image, self.cache_max_short)
-            self.cache[index] = image
-        return image
-
-    def warn_unreadable(self, path: str, error: Exception) -> None:
-        if path not in self.warned:
-            self.warned.add(path)
-            warnings.warn(f"Skipping unreadable image {path}: {error}", UnreadableImageWarning, stacklevel=3)
-
-    def __getitem__(self, index: int) -> tuple[Any, int] | None:
-        image = self.load(index)
-        if image is None:
-            return None
-        label = self.samples[index][1]
-        return (self.transform(image) if self.transform else image), label
-
-
-class SynthTexDataset(Dataset):
-    """synthtex samples rendered from their ids when first asked for (a few ms each).
-
-    With `cache` the rendered images are kept (per DataLoader worker, as in ImageListDataset).
-    """
-
-    def __init__(self, samples: Sequence[tuple[int, int]], transform: Callable | None,
-                 size: int = 128, cache: bool = False) -> None:
-        self.samples = list(samples)
-        self.targets = [label for _, label in self.samples]
-        self.transform = transform
-        self.size = size
-        self.cache: dict[int, Image.Image] | None = {} if cache else None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, index: int) -> Image.Image:
-        if self.cache is not None and index in self.cache:
-            return self.cache[index]
-        image = render_synthtex(self.samples[index][0], self.size)
-        if self.cache is not None:
-            self.cache[index] = image
-        return image
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = self.load(index)
-        label = self.samples[index][1]
-        return (self.transform(image) if self.transform else image), label
 
 
 def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_transform: Callable | None,
@@ -803,27 +623,6 @@ def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_t
     return sets, splits.classes
 
 
-def loader_options(workers: int, prefetch: int, device: torch.device) -> dict:
-    """DataLoader options every script uses: the skipping collate, persistent workers that ignore
-    Ctrl-C (the main process stops at a step boundary and saves), pinned memory on CUDA."""
-    return dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_unreadable,
-                persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
-                worker_init_fn=utils.ignore_interrupts_in_worker if workers > 0 else None)
-
-
-def collate_skip_unreadable(batch: Sequence[tuple[Any, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Collate (images, labels, n_skipped), dropping the None items of unreadable images.
-
-    A wholly unreadable batch gives empty tensors, so the caller can skip the step and log it.
-    """
-    items = [item for item in batch if item is not None]
-    skipped = len(batch) - len(items)
-    if not items:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
-    images, labels = default_collate(items)
-    return images, labels, skipped
-
-
 # --------------------------------------------------------------------------------------------
 # Unlabelled images (self-supervised pretraining)
 # --------------------------------------------------------------------------------------------
@@ -851,7 +650,7 @@ def list_images_recursive(folder: str | Path) -> list[Path]:
 
 
 def unlabelled_dataset(folders: str | Path | Sequence[str | Path], transform: Callable | None,
-                       cache: bool = False, image_size: int | None = None) -> ImageListDataset:
+                       cache: bool = False, decode_size: int | None = None) -> ImageListDataset:
     """Every image under the folder(s), searched recursively, as (image, 0) items; labels (class
     folders) are ignored. An unreadable image gives None, which collate_skip_unreadable skips
     and counts. A folder without any image is a DataNotFoundError."""
@@ -863,283 +662,7 @@ def unlabelled_dataset(folders: str | Path | Sequence[str | Path], transform: Ca
             raise DataNotFoundError(f"No images under {folder} (searched recursively for "
                                     f"{', '.join(sorted(IMAGE_EXTENSIONS))}).")
         paths += images
-    return ImageListDataset([(str(path), 0) for path in paths], transform, cache, image_size)
-
-
-# --------------------------------------------------------------------------------------------
-# Sample order: deterministic per (seed, epoch), resumable mid-epoch, sharded across processes
-# --------------------------------------------------------------------------------------------
-class SeededSamples(Dataset):
-    """Wraps a dataset so that item (index, seed) is drawn with all RNGs seeded by `seed`.
-
-    With the samplers below, every sample's random augmentation depends on its position in the
-    epoch only, not on which worker loads it or what ran before: that makes resuming exact.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            utils.seed_everything(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
-
-
-class EpochSeededSampler(Sampler):
-    """Yields (index, sample_seed) in the order of utils.epoch_order(seed, epoch).
-
-    `skip` drops the samples an interrupted run already trained on, so an epoch can be finished
-    later with the same data.
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order, seeds = utils.epoch_order(self.seed, self.epoch, self.size)
-        return iter(list(zip(order.tolist(), seeds.tolist()))[self.skip:])
-
-    def __len__(self) -> int:
-        return self.size - self.skip
-
-
-class ShardedEpochSampler(Sampler):
-    """The epoch order of utils.epoch_order, cut into global batches shared by the processes.
-
-    Micro-step m covers global positions [m*B*W, (m+1)*B*W) and rank r takes its r-th slice of B,
-    so an optimizer step always sees the same images for a given global batch, whatever the
-    number of processes. The tail that does not fill a global batch is dropped (a different tail
-    every epoch). Yields (index, sample_seed).
-    """
-
-    def __init__(self, size: int, seed: int, rank: int, world_size: int, batch_size: int,
-                 micro_batches: int) -> None:
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.batch_size, self.micro_batches = batch_size, micro_batches
-        self.epoch, self.skip_micro = 0, 0
-
-    def set_epoch(self, epoch: int, skip_micro: int = 0) -> None:
-        self.epoch, self.skip_micro = epoch, skip_micro
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order, seeds = utils.epoch_order(self.seed, self.epoch, self.size)
-        block = self.batch_size * self.world_size
-        starts = torch.arange(self.skip_micro, self.micro_batches) * block + self.rank * self.batch_size
-        positions = (starts[:, None] + torch.arange(self.batch_size)).flatten()
-        return iter(zip(order[positions].tolist(), seeds[positions].tolist()))
-
-    def __len__(self) -> int:
-        return (self.micro_batches - self.skip_micro) * self.batch_size
-
-
-# --------------------------------------------------------------------------------------------
-# Download: the official archives, resumed, verified and unpacked into the layout read above
-# --------------------------------------------------------------------------------------------
-DOWNLOAD_BASE_URL_ENV = "TWISTNET_DOWNLOAD_BASE_URL"
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
-
-
-class DownloadError(utils.UserError):
-    """A download that failed, or a file that does not match its published size or checksum."""
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of a dataset's release. None: no value known (then it is not checked)."""
-    url: str
-    size: int | None
-    md5: str | None
-    sha256: str | None
-
-    @property
-    def name(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
-
-
-# The publishers' pages list no checksums except CaltechDATA (CUB's md5). The md5s below are those
-# torchvision (DTD, Flowers-102) and DeepMind's NEVIS'22 loaders (FMD, KTH-TIPS2-b) check; sizes and
-# sha256 are TensorFlow Datasets' records (CUB's for its mirror of the same file, md5 equal).
-# None of them can be checked from here; where a value is unknown it is None, never guessed.
-# subdir: the folder inside the unpacked release that becomes --data_dir ("" = the release itself).
-DOWNLOADS: dict[str, tuple[tuple[RemoteFile, ...], str]] = {
-    "dtd": ((RemoteFile("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz", 625239812,
-                        "fff73e5086ae6bdbea199a49dfb8a4c1",
-                        "e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205"),), "dtd"),
-    "fmd": ((RemoteFile("https://people.csail.mit.edu/celiu/CVPR2010/FMD/FMD.zip", None,
-                        "0721ba72cd981aa9599a81bbfaaebd75", None),), ""),
-    "kth_tips2": ((RemoteFile("https://www.csc.kth.se/cvap/databases/kth-tips/kth-tips2-b_col_200x200.tar", None,
-                              "00470a104a57f5a5be22cc8a0f234c4e", None),), ""),
-    "cub200": ((RemoteFile("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", 1150585339,
-                           "97eceeb196236b17998738112f37df78",
-                           "0c685df5597a8b24909f6a7c9db6d11e008733779a671760afef78feb49bf081"),), ""),
-    "flowers102": ((RemoteFile("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz", 344862509,
-                               "52808999861908f626f3c1f4e79d11fa",
-                               "2d01ecc807db462958cfe3d92f57a8c252b4abd240eb955770201e45f783b246"),
-                    RemoteFile("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/imagelabels.mat", 502,
-                               "e0620be6f572b9609742df49c70aed4d",
-                               "4903e94206bac23bf772aadf06451916df56b58fc483a62db32a97b82656651d"),
-                    RemoteFile("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/setid.mat", 14989,
-                               "a5357ecc9cb78c4bef273ce3793fc85c",
-                               "46b8678f91fd95d3c8f4feab80d271a6c834a1dd896fe29fd3e6ad9ce5c8dccd")), ""),
-}
-
-
-def download_dataset(dataset: str, data_dir: str | Path, base_url: str | None = None, keep_archives: bool = False,
-                     attempts: int = 3, log: Callable[[str], None] = print) -> Path:
-    """Fetch a dataset's release into data_dir, in the layout load_splits reads; returns data_dir.
-
-    Files go to <data_dir>.download/ (a cut download resumes from its .part file with an HTTP
-    Range request, here and on a re-run), are checked against the sizes and checksums above, and
-    are unpacked into a temporary folder beside data_dir that is renamed to data_dir only once
-    the layout check passes: a failure leaves no half-unpacked data_dir. base_url (or the
-    TWISTNET_DOWNLOAD_BASE_URL environment variable) replaces the servers, for mirrors and tests.
-    """
-    if dataset not in DOWNLOADS:
-        raise DataLayoutError(f"No download for {dataset!r}; downloadable: {', '.join(DOWNLOADS)}.")
-    files, subdir = DOWNLOADS[dataset]
-    root = Path(data_dir)
-    if root.exists() and not root.is_dir():
-        raise DataLayoutError(f"--data_dir {root} is a file; give the folder the dataset should go to.")
-    if root.is_dir() and any(root.iterdir()):
-        try:
-            load_splits(dataset, root, 1)
-        except utils.UserError as error:
-            raise DataLayoutError(f"{root} exists and is not a complete {dataset} ({error}). Remove it or choose "
-                                  "another --data_dir.") from None
-        log(f"{dataset} is already in {root}")
-        return root
-    base_url = base_url or os.environ.get(DOWNLOAD_BASE_URL_ENV) or None
-    store = root.parent / f"{root.name}.download"
-    store.mkdir(parents=True, exist_ok=True)
-    local = []
-    for remote in files:
-        path = store / remote.name
-        if not path.is_file():
-            url = f"{base_url.rstrip('/')}/{remote.name}" if base_url else remote.url
-            fetch(url, path, remote.size, attempts, log)
-        verify_download(path, remote, log)
-        local.append(path)
-    unpack_into_place(dataset, local, subdir, root, log)
-    if not keep_archives:
-        shutil.rmtree(store)
-    return root
-
-
-def fetch(url: str, path: Path, size: int | None, attempts: int, log: Callable[[str], None]) -> None:
-    """Download url to path through path.part, resuming the part file (HTTP Range) after a cut."""
-    part = path.with_name(path.name + ".part")
-    error: Exception | None = None
-    for _ in range(attempts):
-        have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                if have and response.status != 206:
-                    have = 0                                # the server ignored the range: start over
-                length = response.headers.get("Content-Length")
-                total = have + int(length) if length else size
-                if have:
-                    log(f"resuming {path.name} at {have} bytes")
-                with open(part, "ab" if have else "wb") as out, \
-                        utils.progress(total=total, initial=have, unit="B", unit_scale=True, desc=path.name) as bar:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-            if total is None or part.stat().st_size >= total:
-                part.replace(path)
-                return
-            error = EOFError(f"connection closed at {part.stat().st_size} of {total} bytes")
-        except urllib.error.HTTPError as http_error:
-            if http_error.code == 416 and have:             # nothing left to send: the part is whole
-                part.replace(path)
-                return
-            raise DownloadError(f"{url}: HTTP {http_error.code} {http_error.reason}.") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as cut:
-            error = cut
-        log(f"{path.name}: download interrupted ({error}); resuming")
-    raise DownloadError(f"{url}: download incomplete after {attempts} attempts ({error}). Run the same command "
-                        f"again to resume from {part}.")
-
-
-def file_digests(path: Path) -> tuple[str, str]:
-    md5, sha256 = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            md5.update(block)
-            sha256.update(block)
-    return md5.hexdigest(), sha256.hexdigest()
-
-
-def verify_download(path: Path, remote: RemoteFile, log: Callable[[str], None]) -> None:
-    """Check size, md5 and sha256 where known; a mismatch deletes the file and raises DownloadError."""
-    got = {"size": path.stat().st_size}
-    got["md5"], got["sha256"] = file_digests(path)
-    wrong = [f"{key}: expected {getattr(remote, key)}, got {value}" for key, value in got.items()
-             if getattr(remote, key) is not None and getattr(remote, key) != value]
-    if wrong:
-        path.unlink()
-        raise DownloadError(f"{path.name} does not match its release ({'; '.join(wrong)}). The file was deleted; "
-                            "run the same command to download it again, or check --base_url.")
-    unknown = [key for key in ("size", "md5", "sha256") if getattr(remote, key) is None]
-    note = f" (no published {', '.join(unknown)}: got {', '.join(str(got[k]) for k in unknown)})" if unknown else ""
-    log(f"{path.name}: verified{note}")
-
-
-def unpack_into_place(dataset: str, files: Sequence[Path], subdir: str, root: Path, log: Callable[[str], None]) -> None:
-    """Unpack the archives (and copy the other files) into a temporary folder, check the layout,
-    then rename the release (or its subdir) to root."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir, not mkdtemp: the folder becomes data_dir, so it gets the umask's mode, not 0700.
-    temp = root.parent / f".{root.name}.unpack-{os.getpid()}-{os.urandom(4).hex()}"
-    temp.mkdir()
-    try:
-        for path in files:
-            if path.name.endswith(ARCHIVE_SUFFIXES):
-                log(f"unpacking {path.name}")
-                unpack_archive(path, temp)
-            else:
-                shutil.copy2(path, temp / path.name)
-        release = temp / subdir
-        load_splits(dataset, release, 1)
-        if root.is_dir():
-            root.rmdir()                                    # empty (checked by the caller)
-        release.replace(root)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def unpack_archive(path: Path, dest: Path) -> None:
-    """Extract a tar/zip after checking that no member is absolute, climbs out with '..', or is a link."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                check_member(path, name)
-            archive.extractall(dest)
-        return
-    with tarfile.open(path) as archive:
-        for member in archive.getmembers():
-            check_member(path, member.name, member.isfile() or member.isdir())
-        # The data filter (Python >= 3.11.4) re-checks the same, where it exists.
-        archive.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-
-
-def check_member(archive: Path, name: str, regular: bool = True) -> None:
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if not regular or name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-        raise DownloadError(f"{archive.name}: unsafe member {name!r} (absolute, '..', a link or a device); "
-                            "refusing to unpack it.")
+    return ImageListDataset([(str(path), 0) for path in paths], transform, cache, decode_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1197,10 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", choices=DATASET_NAMES, help="the protocol to describe (required unless --download)")
     parser.add_argument("--data_dir", default=None, help="dataset root as distributed (unused for synthtex)")
-    parser.add_argument("--download", choices=tuple(DOWNLOADS), default=None,
+    parser.add_argument("--download", choices=tuple(download.DOWNLOADS), default=None,
                         help="fetch the official release into --data_dir (resumable, verified), then check its layout")
     parser.add_argument("--base_url", default=None,
-                        help=f"fetch the release files from this URL instead (a mirror); also ${DOWNLOAD_BASE_URL_ENV}")
+                        help=f"fetch the release files from this URL instead (a mirror); also ${download.DOWNLOAD_BASE_URL_ENV}")
     parser.add_argument("--keep_archives", action="store_true", help="keep the downloaded archives after unpacking")
     parser.add_argument("--fold", type=int, default=1)
     parser.add_argument("--no_open_check", action="store_true", help="only check the layout, open no image")
@@ -1219,7 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not args.dataset:
         parser.error("--dataset is required (or --download NAME)")
     if args.download:
-        download_dataset(args.download, args.data_dir, args.base_url, args.keep_archives)
+        download.download_dataset(args.download, args.data_dir, lambda root: load_splits(args.download, root, 1),
+                                  args.base_url, args.keep_archives)
     splits = load_splits(args.dataset, args.data_dir, args.fold)
     print(describe_splits(args.dataset, args.data_dir, args.fold, splits))
     # The same notes train.py prints when it starts.

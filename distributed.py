@@ -43,9 +43,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-import datasets
+import loading
 import model_tools
 import models
+import recipes
 import rundirs
 import utils
 from utils import UserError
@@ -375,9 +376,9 @@ class EpochBatches:
     """The training micro-batches of an epoch, from a dataset built for each resolution.
 
     The order is a function of (seed, epoch) and each image's augmentation is seeded by its
-    position in it (datasets.ShardedEpochSampler, SeededSamples), so an epoch can be resumed from
+    position in it (loading.ShardedEpochSampler, SeededSamples), so an epoch can be resumed from
     any step, and an optimizer step sees the same images whatever the number of processes.
-    Items are (images, labels, unreadable_count) from datasets.collate_skip_unreadable.
+    Items are (images, labels, unreadable_count) from loading.collate_skip_unreadable.
     """
 
     def __init__(self, build: Callable[[int], Dataset], num_images: int, plan: BatchPlan, ctx: DistContext,
@@ -396,7 +397,7 @@ class EpochBatches:
         self._first_set = first_set
         self._loader: DataLoader | None = None
         self._loader_size: int | None = None
-        self._sampler: datasets.ShardedEpochSampler | None = None
+        self._sampler: loading.ShardedEpochSampler | None = None
 
     def batches(self, epoch: int, skip_steps: int, size: int) -> Iterable:
         if self._loader_size != size:
@@ -406,7 +407,7 @@ class EpochBatches:
         self._sampler.set_epoch(epoch, skip_steps * self.plan.accum_steps)
         return self._loader
 
-    def _make_loader(self, size: int) -> tuple[DataLoader, datasets.ShardedEpochSampler]:
+    def _make_loader(self, size: int) -> tuple[DataLoader, loading.ShardedEpochSampler]:
         if self._first_set is not None and self._first_set[0] == size:
             dataset = self._first_set[1]
         else:
@@ -414,11 +415,11 @@ class EpochBatches:
         self._first_set = None
         if len(dataset) != self.num_images:
             raise UserError(f"{self.where} changed during the run: {len(dataset)} images, {self.num_images} before.")
-        sampler = datasets.ShardedEpochSampler(len(dataset), self.seed, self.ctx.rank, self.ctx.world_size,
+        sampler = loading.ShardedEpochSampler(len(dataset), self.seed, self.ctx.rank, self.ctx.world_size,
                                                self.plan.per_rank, self.micro_batches)
-        loader = DataLoader(datasets.SeededSamples(dataset), batch_size=self.plan.per_rank, sampler=sampler,
+        loader = DataLoader(loading.SeededSamples(dataset), batch_size=self.plan.per_rank, sampler=sampler,
                             drop_last=True, generator=torch.Generator().manual_seed(self.seed),
-                            **datasets.loader_options(self.workers, self.prefetch, self.ctx.device))
+                            **loading.loader_options(self.workers, self.prefetch, self.ctx.device))
         return loader, sampler
 
 
@@ -480,7 +481,7 @@ class Pretrainer:
             self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.forward_model = self.ddp if self.ddp is not None else model
         self.lr = plan.effective_lr(args.base_lr)
-        self.recipe: utils.Recipe
+        self.recipe: recipes.Recipe
         self.amp_dtype: torch.dtype | None = None
 
         self.epoch = 0              # epochs completed
@@ -683,7 +684,7 @@ def train_epochs(trainer: Pretrainer, data: TrainBatches, phases: Sequence[tuple
 
     epoch_times: list[float] = []
     while trainer.epoch < args.epochs:
-        size = utils.train_size_for_epoch(trainer.epoch, args.epochs, phases, args.img_size)
+        size = recipes.train_size_for_epoch(trainer.epoch, args.epochs, phases, args.img_size)
         start = time.perf_counter()
         batches = data.batches(trainer.epoch, trainer.step_in_epoch, size)
         bar = utils.progress(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch, leave=False,

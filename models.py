@@ -386,7 +386,9 @@ def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
         try:
             return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
         except TypeError as error:  # a hyper-parameter this architecture does not have
-            raise ModelConfigError(f"{timm_name} does not take {', '.join(sorted(kwargs))}: {error}") from None
+            raise ModelConfigError(f"{timm_name} does not take {', '.join(sorted(kwargs))}: {error}. Model "
+                                   f"hyper-parameters (model_kwargs) are for the TwistNet models; leave them "
+                                   f"out for the baselines.") from None
     return build
 
 
@@ -524,13 +526,7 @@ def build_model(
     spec = get_spec(name)
     log = log or (print if verbose else (lambda *a, **k: None))
     if spec.timm_name is not None:
-        try:
-            return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
-        except TypeError as error:
-            if not model_kwargs:
-                raise
-            raise ModelConfigError(f"{name}: {error}. Model hyper-parameters (model_kwargs) are for TwistNet "
-                                   f"models; leave them out for the baselines.") from None
+        return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
 
     try:
         model = spec.builder(num_classes, **model_kwargs)

@@ -54,6 +54,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import datasets
+import loading
 import model_tools
 import models
 import transforms
@@ -650,7 +651,7 @@ def penultimate_features(model: Any, dataset: Any, max_images: int, seed: int) -
         raise UserError("the chosen split has no images")
     order = np.random.default_rng(seed).permutation(len(dataset))[:max_images]
     loader = DataLoader(Subset(dataset, sorted(order.tolist())), batch_size=64,
-                        collate_fn=datasets.collate_skip_unreadable)
+                        collate_fn=loading.collate_skip_unreadable)
     features, labels = [], []
     with model_tools.evaluating(model), torch.no_grad():
         for images, targets, _ in loader:

@@ -52,8 +52,10 @@ from torch.utils.data import DataLoader, Subset
 
 import datasets
 import distributed
+import loading
 import model_tools
 import models
+import recipes
 import rundirs
 import transforms
 import utils
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--progressive", default="",
                    help="low resolution early: 'SIZE:FRACTION,...', e.g. '128:0.4,192:0.8' trains at 128 "
                         "for the first 40%% of the epochs, at 192 until 80%%, then at --img_size")
-    utils.add_recipe_arguments(g, mixup=0.2, ema_decay=0.9998)
+    recipes.add_recipe_arguments(g, mixup=0.2, ema_decay=0.9998)
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation")
 
     g = groups["system"]
@@ -194,7 +196,7 @@ class ValData:
             self.total = len(dataset)
             shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
             self.loader = DataLoader(shard, batch_size=self.batch_size, shuffle=False,
-                                     **datasets.loader_options(args.workers, args.prefetch, ctx.device))
+                                     **loading.loader_options(args.workers, args.prefetch, ctx.device))
 
     def batches(self) -> Iterable:
         return self.loader if self.loader is not None else self._synthetic()
@@ -224,7 +226,7 @@ class Pretrainer(distributed.Pretrainer):
         self.num_classes = num_classes
         if args.compile:
             self.forward_model = torch.compile(self.forward_model)
-        self.recipe = utils.build_recipe(self.model, args, self.lr, steps_per_epoch, num_classes, ctx.device)
+        self.recipe = recipes.build_recipe(self.model, args, self.lr, steps_per_epoch, num_classes, ctx.device)
         self.amp_dtype, self.ema = self.recipe.amp_dtype, self.recipe.ema
         self.best_acc, self.best_epoch = -1.0, 0
 
@@ -288,7 +290,7 @@ def validate_args(args: argparse.Namespace, ctx: DistContext) -> None:
             raise UserError(f"--{name} must be >= 1")
     if not args.base_lr > 0:
         raise UserError(f"--base_lr {args.base_lr}: the learning rate must be positive.")
-    utils.check_recipe_arguments(args)
+    recipes.check_recipe_arguments(args)
     if args.batch_size < 2 and not (args.sync_bn and ctx.world_size > 1):
         raise UserError(f"--batch_size {args.batch_size} per process cannot train: BatchNorm needs at least 2 "
                         f"images per batch for its batch statistics (Mixup/CutMix also pair images). Use 2 or more.")
@@ -334,7 +336,7 @@ def run(args: argparse.Namespace, explicit: set[str], ctx: DistContext) -> int:
     start = distributed.start_or_resume(args, explicit, ctx, Pretrainer.kind, RESUME_SAFE_KEYS,
                                         distributed.PER_LAUNCH_KEYS, saved_config)
     validate_args(start.args, ctx)
-    phases = utils.parse_progressive(start.args.progressive, start.args.img_size)
+    phases = recipes.parse_progressive(start.args.progressive, start.args.img_size)
     with distributed.checkpoint_dir_lock(Path(start.args.checkpoint_dir), ctx) as lock:
         return train_run(start, ctx, phases, lock)
 
@@ -391,7 +393,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phase
         return (TrainData(args, ctx, plan, args.synthetic_images, args.num_classes),
                 ValData(args, ctx, None, args.num_classes))
     check_imagenet_layout(args.data_dir)
-    size = utils.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
+    size = recipes.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
     train_set, val_set, classes = load_folder_splits(args, size)
     return (TrainData(args, ctx, plan, len(train_set), len(classes), first_set=(size, train_set)),
             ValData(args, ctx, val_set, len(classes)))

@@ -56,6 +56,7 @@ import datasets
 import distributed
 import model_tools
 import models
+import recipes
 import rundirs
 import spark
 import transforms
@@ -133,7 +134,7 @@ def validate_args(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan) -
     if args.img_size % spark.DOWNSAMPLE_RATIO or args.img_size < 2 * spark.DOWNSAMPLE_RATIO:
         raise UserError(f"--img_size {args.img_size}: SparK masks {spark.DOWNSAMPLE_RATIO}-px patches, so the size "
                         f"must be a multiple of {spark.DOWNSAMPLE_RATIO} and at least {2 * spark.DOWNSAMPLE_RATIO}.")
-    phases = utils.parse_progressive(args.progressive, args.img_size)
+    phases = recipes.parse_progressive(args.progressive, args.img_size)
     if any(size % spark.DOWNSAMPLE_RATIO or size < 2 * spark.DOWNSAMPLE_RATIO for _, size in phases):
         raise UserError(f"--progressive: every size must be a multiple of {spark.DOWNSAMPLE_RATIO}, at least "
                         f"{2 * spark.DOWNSAMPLE_RATIO}; got {[s for _, s in phases]}")
@@ -165,13 +166,13 @@ def unlabelled_images(args: argparse.Namespace, size: int) -> Any:
                                           synthtex_size=transforms.eval_resize_size(args.img_size))
         return sets["train"]
     decode = transforms.eval_resize_size(args.img_size) if args.decode_size is None else args.decode_size
-    return datasets.unlabelled_dataset(args.data_dir, train_tf, image_size=decode or None)
+    return datasets.unlabelled_dataset(args.data_dir, train_tf, decode_size=decode or None)
 
 
 def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phases: list[tuple[float, int]],
               start_epoch: int) -> tuple[distributed.EpochBatches, Any]:
     """The epochs' batches, and the dataset found (for the figures: the folders are listed once)."""
-    size = utils.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
+    size = recipes.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
     first = unlabelled_images(args, size)
     where = "synthtex" if args.data == "synthtex" else " ".join(args.data_dir)
     data = distributed.EpochBatches(lambda s: unlabelled_images(args, s), len(first), plan, ctx, args.seed,
@@ -183,7 +184,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phase
 # Optimisation
 # --------------------------------------------------------------------------------------------
 def build_recipe(net: spark.SparkModel, args: argparse.Namespace, lr: float, steps_per_epoch: int,
-                 device: torch.device) -> utils.Recipe:
+                 device: torch.device) -> recipes.Recipe:
     """LAMB or AdamW on net.param_groups(), warm-up + cosine per step, the AMP scaler. Weight decay
     is set before every step (SparkTrainer.optimizer_step) from `decay_scale` of each group."""
     groups = net.param_groups()
@@ -198,7 +199,7 @@ def build_recipe(net: spark.SparkModel, args: argparse.Namespace, lr: float, ste
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=0.0)
     amp_dtype = utils.resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return utils.Recipe(optimizer, utils.build_scheduler(optimizer, args, lr, steps_per_epoch), scaler, amp_dtype,
+    return recipes.Recipe(optimizer, recipes.build_scheduler(optimizer, args, lr, steps_per_epoch), scaler, amp_dtype,
                         ema=None, mixup=None, criterion=None)
 
 
@@ -241,7 +242,7 @@ class SparkTrainer(distributed.Pretrainer):
         return self.forward_model(images, self.masks_for(images, micro))
 
     def masks_for(self, images: torch.Tensor, micro: int) -> torch.Tensor:
-        """This micro-batch's slice of the step's masks (datasets.ShardedEpochSampler's layout: micro-step
+        """This micro-batch's slice of the step's masks (loading.ShardedEpochSampler's layout: micro-step
         m of rank r holds positions m * B * W + r * B ... + B of the step's global batch)."""
         grid = (images.shape[-2] // spark.DOWNSAMPLE_RATIO, images.shape[-1] // spark.DOWNSAMPLE_RATIO)
         key = (self.epoch, self.step_in_epoch, grid)

@@ -34,8 +34,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 import datasets
+import loading
 import model_tools
 import models
+import recipes
 import rundirs
 import transforms
 import utils
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img_size", type=int, default=224, help="train crop; eval resizes to img_size*256/224")
     g.add_argument("--crop_scale", type=float, default=0.08,
                    help="smallest crop area of RandomResizedCrop, as a fraction of the image")
-    utils.add_recipe_arguments(g)
+    recipes.add_recipe_arguments(g)
 
     g = p.add_argument_group("system")
     utils.add_device_arguments(g)
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shrink images on decode to this shorter side (fast path, e.g. 256); default: crop "
                         "from the native-resolution image, as the paper's code does")
     g.add_argument("--cache", action="store_true",
-                   help=f"keep decoded images in memory (native resolution up to a {datasets.CACHE_MAX_SHORT} px "
+                   help=f"keep decoded images in memory (native resolution up to a {loading.CACHE_MAX_SHORT} px "
                         f"shorter side, or --decode_size)")
     g.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (and at the last)")
     g.add_argument("--deterministic", action="store_true",
@@ -124,7 +126,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--crop_scale {args.crop_scale}: the smallest crop area is a fraction in (0, 1].")
     if not args.lr > 0:
         raise UserError(f"--lr {args.lr}: the learning rate must be positive.")
-    utils.check_recipe_arguments(args)
+    recipes.check_recipe_arguments(args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ def validate_args(args: argparse.Namespace) -> None:
 class Data:
     loaders: dict[str, DataLoader]
     classes: list[str]
-    sampler: datasets.EpochSeededSampler
+    sampler: loading.EpochSeededSampler
     fingerprint: dict        # datasets.split_fingerprint: which images, not where they are
     notes: list[str]         # classes absent from val/test, files beside the images that are not used
 
@@ -148,11 +150,11 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
     sets, classes = datasets.build_datasets(
         args.dataset, args.data_dir, args.fold, train_tf, eval_tf,
         cache=args.cache, decode_size=args.decode_size, synthtex_size=resize)
-    common = datasets.loader_options(args.workers, args.prefetch, device)
-    sampler = datasets.EpochSeededSampler(len(sets["train"]), args.seed)
+    common = loading.loader_options(args.workers, args.prefetch, device)
+    sampler = loading.EpochSeededSampler(len(sets["train"]), args.seed)
     # Drop the ragged last batch (BatchNorm on one image breaks), unless the set is that small.
     drop_last = len(sets["train"]) > args.batch_size
-    loaders = {"train": DataLoader(datasets.SeededSamples(sets["train"]), batch_size=args.batch_size,
+    loaders = {"train": DataLoader(loading.SeededSamples(sets["train"]), batch_size=args.batch_size,
                                    sampler=sampler, drop_last=drop_last, **common)}
     for split in ("val", "test"):
         if len(sets[split]):
@@ -189,7 +191,7 @@ class Trainer:
         self.channels_last = utils.resolve_channels_last(args.channels_last, device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.recipe = utils.build_recipe(self.model, args, args.lr, steps_per_epoch, num_classes, device)
+        self.recipe = recipes.build_recipe(self.model, args, args.lr, steps_per_epoch, num_classes, device)
         self.forward_model = torch.compile(self.model) if args.compile else self.model
         self.epoch = 0                 # epochs completed
         self.partial = self.fresh_partial()   # progress inside the current epoch

@@ -93,7 +93,7 @@ class OddBatchMixup(Mixup):
     """timm's Mixup that also takes odd and empty batches.
 
     timm asserts an even batch, but a batch loses its unreadable images before it gets here
-    (datasets.collate_skip_unreadable), so any size can arrive. An odd batch mixes all but its
+    (loading.collate_skip_unreadable), so any size can arrive. An odd batch mixes all but its
     last image; that one keeps its own (label-smoothed) target.
     """
 

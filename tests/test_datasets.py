@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 
 import datasets
 import fixtures
+import loading
 import transforms
 import utils
 
@@ -249,10 +250,10 @@ def test_unreadable_image_is_skipped_warned_and_counted(tmp_path: Path, workers:
     listed = (root / "labels" / "train1.txt").read_text().split()[0]
     fixtures.corrupt(root / "images" / listed)
     sets, _ = datasets.build_datasets("dtd", root, 1, EVAL_32, EVAL_32, cache_size=37)
-    with pytest.warns(datasets.UnreadableImageWarning, match=listed.split("/")[1]):
+    with pytest.warns(loading.UnreadableImageWarning, match=listed.split("/")[1]):
         assert sets["train"][0] is None
     loader = DataLoader(sets["train"], batch_size=4, num_workers=workers,
-                        collate_fn=datasets.collate_skip_unreadable)
+                        collate_fn=loading.collate_skip_unreadable)
     seen = skipped = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -272,13 +273,13 @@ def test_unreadable_warning_once_per_path(tmp_path: Path) -> None:
         warnings.simplefilter("always")
         for _ in range(3):
             assert sets["train"][0] is None
-    assert len([w for w in caught if issubclass(w.category, datasets.UnreadableImageWarning)]) == 1
+    assert len([w for w in caught if issubclass(w.category, loading.UnreadableImageWarning)]) == 1
 
 
 def test_collate_of_an_all_unreadable_batch() -> None:
-    images, labels, skipped = datasets.collate_skip_unreadable([None, None, None])
+    images, labels, skipped = loading.collate_skip_unreadable([None, None, None])
     assert images.numel() == 0 and labels.numel() == 0 and skipped == 3
-    images, labels, skipped = datasets.collate_skip_unreadable([None, (torch.zeros(3, 4, 4), 2)])
+    images, labels, skipped = loading.collate_skip_unreadable([None, (torch.zeros(3, 4, 4), 2)])
     assert images.shape == (1, 3, 4, 4) and labels.tolist() == [2] and skipped == 1
 
 
@@ -300,17 +301,17 @@ def test_cache_serves_images_after_the_files_are_gone(tmp_path: Path) -> None:
 
 def test_large_jpeg_is_decoded_at_reduced_size(tmp_path: Path) -> None:
     path = fixtures.write_image(tmp_path / "big.jpg", 1, 0, size=400)
-    assert datasets.decode_image(str(path), 37).size == (37, 37)
-    assert datasets.decode_image(str(path), None).size == (400, 400)
+    assert loading.decode_image(str(path), 37).size == (37, 37)
+    assert loading.decode_image(str(path), None).size == (400, 400)
     wide = tmp_path / "wide.jpg"
     fixtures.class_image(1, 0, size=400).resize((410, 299)).save(wide)
-    decoded = datasets.decode_image(str(wide), 37)
+    decoded = loading.decode_image(str(wide), 37)
     assert decoded.size == (50, 37)
     # The eval Resize then leaves the decoded image untouched: no second resampling.
     assert np.array_equal(np.asarray(v2.Resize(37, antialias=True)(decoded)), np.asarray(decoded))
     grey = tmp_path / "grey.png"
     fixtures.class_image(0, 0).convert("L").save(grey)
-    assert datasets.decode_image(str(grey), None).mode == "RGB"
+    assert loading.decode_image(str(grey), None).mode == "RGB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,9 +437,9 @@ def test_a_thin_strip_is_capped_before_resizing(tmp_path: Path, capsys) -> None:
     strip = root / "train" / "class_0" / "strip.png"
     Image.new("RGB", (2, 4000), (200, 10, 10)).save(strip)
     assert strip.stat().st_size < 200
-    assert datasets.decode_image(str(strip), 37).size == (37, 370)
-    assert datasets.decode_image(str(strip), None).size == (2, 20)
-    cached = datasets.ImageListDataset([(str(strip), 0)], None, cache=True, image_size=37)
+    assert loading.decode_image(str(strip), 37).size == (37, 370)
+    assert loading.decode_image(str(strip), None).size == (2, 20)
+    cached = loading.ImageListDataset([(str(strip), 0)], None, cache=True, decode_size=37)
     assert cached[0][0].size == (37, 370) and cached.cache[0].size == (37, 370)
     assert datasets.main(["--dataset", "imagefolder", "--data_dir", str(root), "--no_progress"]) == 0
     out = capsys.readouterr().out
@@ -453,7 +454,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif[0x0112] = 6
     path = tmp_path / "phone.jpg"
     stored.save(path, exif=exif, quality=95)
-    upright = datasets.decode_image(str(path), None)
+    upright = loading.decode_image(str(path), None)
     assert upright.size == (30, 60)
     top, bottom = np.asarray(upright)[:30].mean(), np.asarray(upright)[30:].mean()
     assert top > 200 and bottom < 50                          # the white half is now on top

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import datasets
+import download
 import fixtures
 import utils
 
@@ -67,6 +68,12 @@ class ReleaseServer:
         self.httpd.server_close()
 
 
+def download_checked(dataset: str, data_dir: Path, **options) -> Path:
+    """download_dataset with the layout check `datasets.py --download` passes."""
+    return download.download_dataset(dataset, data_dir, lambda root: datasets.load_splits(dataset, root, 1),
+                                     **options)
+
+
 def tar_bytes(entries: dict[str, Path | bytes], mode: str = "w:gz") -> bytes:
     """A tar archive of {archive name: folder, file or bytes}."""
     buffer = io.BytesIO()
@@ -94,7 +101,7 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, by
     """Each dataset's release files in the official formats, by file name (as the official URLs end)."""
     src = tmp_path_factory.mktemp("releases")
     dtd = fixtures.make_dtd(src / "dtd", per_class=3)
-    fmd = fixtures.make_fmd(src / "fmd" / "release", per_class=4)
+    fmd = fixtures.make_fmd(src / "fmd" / "release", per_class=10)
     for image in (fmd / "image").rglob("*.jpg"):       # FMD.zip holds image/ and mask/ side by side
         fixtures.write_image(fmd / "mask" / image.relative_to(fmd / "image"), 0, 0, size=16)
     kth = fixtures.make_kth_tips2(src / "kth" / "KTH-TIPS2-b", per_sample=2)
@@ -120,14 +127,14 @@ def server(releases: dict) -> ReleaseServer:
 
 def pin_release(monkeypatch: pytest.MonkeyPatch, dataset: str, files: dict[str, bytes], **override) -> None:
     """Point the download table at the fixture files: the official names, their sizes and digests."""
-    official, subdir = datasets.DOWNLOADS[dataset]
+    official, subdir = download.DOWNLOADS[dataset]
     pinned = []
     for remote in official:
         data = files[remote.name]
         values = dict(size=len(data), md5=hashlib.md5(data).hexdigest(), sha256=hashlib.sha256(data).hexdigest())
         values.update(override)
-        pinned.append(datasets.RemoteFile(remote.url, **values))
-    monkeypatch.setitem(datasets.DOWNLOADS, dataset, (tuple(pinned), subdir))
+        pinned.append(download.RemoteFile(remote.url, **values))
+    monkeypatch.setitem(download.DOWNLOADS, dataset, (tuple(pinned), subdir))
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -155,7 +162,7 @@ def test_cut_download_resumes_with_a_range_request(server: ReleaseServer, releas
     pin_release(monkeypatch, "dtd", releases["dtd"])
     server.cut_after["dtd-r1.0.1.tar.gz"] = 1000
     target = tmp_path / "dtd"
-    datasets.download_dataset("dtd", target, base_url=server.url)
+    download_checked("dtd", target, base_url=server.url)
     assert server.requests == [("dtd-r1.0.1.tar.gz", None), ("dtd-r1.0.1.tar.gz", "bytes=1000-")]
     assert "resuming dtd-r1.0.1.tar.gz at 1000 bytes" in capsys.readouterr().out
     datasets.load_splits("dtd", target, 1)
@@ -165,10 +172,10 @@ def test_part_file_of_an_earlier_run_resumes(server: ReleaseServer, releases: di
                                              monkeypatch) -> None:
     data = releases["dtd"]["dtd-r1.0.1.tar.gz"]
     pin_release(monkeypatch, "dtd", releases["dtd"])
-    monkeypatch.setenv(datasets.DOWNLOAD_BASE_URL_ENV, server.url)   # the environment variable works too
+    monkeypatch.setenv(download.DOWNLOAD_BASE_URL_ENV, server.url)   # the environment variable works too
     (tmp_path / "dtd.download").mkdir()
     (tmp_path / "dtd.download" / "dtd-r1.0.1.tar.gz.part").write_bytes(data[:5000])
-    datasets.download_dataset("dtd", tmp_path / "dtd", keep_archives=True)
+    download_checked("dtd", tmp_path / "dtd", keep_archives=True)
     assert server.requests == [("dtd-r1.0.1.tar.gz", "bytes=5000-")]
     assert (tmp_path / "dtd.download" / "dtd-r1.0.1.tar.gz").read_bytes() == data
     datasets.load_splits("dtd", tmp_path / "dtd", 1)
@@ -192,7 +199,7 @@ def test_mismatch_is_a_clear_error_and_leaves_nothing(server: ReleaseServer, rel
 
 def test_cli_exit_status_against_the_official_table(server: ReleaseServer, tmp_path: Path) -> None:
     """The real table (no pinning): a fixture is not the official DTD, so its size is wrong."""
-    env = {**os.environ, datasets.DOWNLOAD_BASE_URL_ENV: server.url}
+    env = {**os.environ, download.DOWNLOAD_BASE_URL_ENV: server.url}
     proc = subprocess.run([sys.executable, str(ROOT / "datasets.py"), "--download", "dtd", "--data_dir",
                            str(tmp_path / "dtd")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -203,8 +210,8 @@ def test_cli_exit_status_against_the_official_table(server: ReleaseServer, tmp_p
 
 def test_missing_file_on_the_server(server: ReleaseServer, tmp_path: Path) -> None:
     del server.files["FMD.zip"]
-    with pytest.raises(datasets.DownloadError, match=r"FMD.zip: HTTP 404"):
-        datasets.download_dataset("fmd", tmp_path / "fmd", base_url=server.url)
+    with pytest.raises(download.DownloadError, match=r"FMD.zip: HTTP 404"):
+        download_checked("fmd", tmp_path / "fmd", base_url=server.url)
 
 
 @pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil.txt"])
@@ -213,8 +220,8 @@ def test_unsafe_archive_member_is_refused(server: ReleaseServer, releases: dict,
     bad = tar_bytes({member: b"owned", "dtd/labels/train1.txt": b"x/y.jpg\n"})
     server.files["dtd-r1.0.1.tar.gz"] = bad
     pin_release(monkeypatch, "dtd", {"dtd-r1.0.1.tar.gz": bad})
-    with pytest.raises(datasets.DownloadError, match="unsafe member"):
-        datasets.download_dataset("dtd", tmp_path / "data" / "dtd", base_url=server.url)
+    with pytest.raises(download.DownloadError, match="unsafe member"):
+        download_checked("dtd", tmp_path / "data" / "dtd", base_url=server.url)
     assert not (tmp_path / "data" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
     assert not (tmp_path / "data" / "dtd").exists() and not leftovers(tmp_path / "data")
 
@@ -226,15 +233,15 @@ def test_wrong_layout_is_not_renamed_into_place(server: ReleaseServer, releases:
     server.files["dtd-r1.0.1.tar.gz"] = bad
     pin_release(monkeypatch, "dtd", {"dtd-r1.0.1.tar.gz": bad})
     with pytest.raises(datasets.DataNotFoundError, match="labels"):
-        datasets.download_dataset("dtd", tmp_path / "dtd", base_url=server.url)
+        download_checked("dtd", tmp_path / "dtd", base_url=server.url)
     assert not (tmp_path / "dtd").exists() and not leftovers(tmp_path)
 
 
 def test_existing_folder_with_other_content_is_refused(tmp_path: Path) -> None:
     (tmp_path / "dtd").mkdir()
     (tmp_path / "dtd" / "notes.txt").write_text("mine")
-    with pytest.raises(datasets.DataLayoutError, match="exists and is not a complete dtd"):
-        datasets.download_dataset("dtd", tmp_path / "dtd", base_url="http://127.0.0.1:9")
+    with pytest.raises(download.DownloadError, match="exists and is not a complete dtd"):
+        download_checked("dtd", tmp_path / "dtd", base_url="http://127.0.0.1:9")
     assert (tmp_path / "dtd" / "notes.txt").read_text() == "mine"
 
 
@@ -248,7 +255,7 @@ def test_other_releases_unpack_into_the_layout_the_loader_reads(server: ReleaseS
                                                                 tmp_path: Path, monkeypatch, dataset: str,
                                                                 expected: list[str]) -> None:
     pin_release(monkeypatch, dataset, releases[dataset])
-    target = datasets.download_dataset(dataset, tmp_path / dataset, base_url=server.url)
+    target = download_checked(dataset, tmp_path / dataset, base_url=server.url)
     assert sorted(p.name for p in target.iterdir()) == expected
     splits = datasets.load_splits(dataset, target, 1)
     assert splits.train and splits.test
@@ -256,10 +263,10 @@ def test_other_releases_unpack_into_the_layout_the_loader_reads(server: ReleaseS
 
 
 def test_official_table() -> None:
-    names = {dataset: [f.name for f in files] for dataset, (files, _) in datasets.DOWNLOADS.items()}
+    names = {dataset: [f.name for f in files] for dataset, (files, _) in download.DOWNLOADS.items()}
     assert names == {"dtd": ["dtd-r1.0.1.tar.gz"], "fmd": ["FMD.zip"], "kth_tips2": ["kth-tips2-b_col_200x200.tar"],
                      "cub200": ["CUB_200_2011.tgz"], "flowers102": ["102flowers.tgz", "imagelabels.mat", "setid.mat"]}
-    for files, _ in datasets.DOWNLOADS.values():
+    for files, _ in download.DOWNLOADS.values():
         for remote in files:
             assert remote.url.startswith("https://")
             assert remote.md5 is not None and len(remote.md5) == 32 and int(remote.md5, 16) >= 0

@@ -25,6 +25,7 @@ from torchvision.transforms import v2
 
 import datasets
 import fixtures
+import loading
 import models
 import transforms
 
@@ -193,13 +194,16 @@ def test_variant_with_other_hyper_parameters_skips_mismatched_stci(twistnet18_we
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def big_image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """imagefolder with one 512 x 512 PNG of per-pixel noise in every split: detail at the pixel
-    scale, which a 256 px copy cannot hold, so a crop shows which copy it was cut from."""
+    """imagefolder whose first item in every split is a 512 x 512 PNG of per-pixel noise: detail at
+    the pixel scale, which a 256 px copy cannot hold, so a crop shows which copy it was cut from.
+    A second class (one small grey image) makes the folder a valid classification dataset."""
     root = tmp_path_factory.mktemp("big")
     noise = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     for split in ("train", "val", "test"):
-        (root / split / "a").mkdir(parents=True)
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
         Image.fromarray(noise).save(root / split / "a" / "noise.png")
+        Image.new("RGB", (16, 16), (128, 128, 128)).save(root / split / "b" / "grey.png")
     return root
 
 
@@ -273,8 +277,8 @@ def test_decode_size_keeps_the_fast_path(big_image_root: Path, tmp_path: Path) -
     with Image.open(jpeg) as image:
         image.draft("RGB", (64, 64))
         assert image.size == (64, 64)                         # 1/8 scale: what decode_image reads
-    assert datasets.decode_image(str(jpeg), 64).size == (64, 64)
-    assert datasets.decode_image(str(jpeg)).size == (512, 512)
+    assert loading.decode_image(str(jpeg), 64).size == (64, 64)
+    assert loading.decode_image(str(jpeg)).size == (512, 512)
 
 
 def test_cache_keeps_native_resolution_up_to_the_cap(tmp_path: Path) -> None:
@@ -282,15 +286,15 @@ def test_cache_keeps_native_resolution_up_to_the_cap(tmp_path: Path) -> None:
     for name, size in sizes.items():
         fixtures.class_image(1, 0, 64).resize(size).save(tmp_path / name)
     samples = [(str(tmp_path / name), 0) for name in sizes]
-    capped = datasets.ImageListDataset(samples, None, cache=True)
-    assert datasets.CACHE_MAX_SHORT == 512
+    capped = loading.ImageListDataset(samples, None, cache=True)
+    assert loading.CACHE_MAX_SHORT == 512
     first = [capped[i][0] for i in range(2)]
     assert [im.size for im in first] == [(640, 480), (682, 512)]   # 800 * 512 / 600 = 682.7, as Resize rounds
     assert [capped[i][0] for i in range(2)] == first               # the same image on every epoch
     assert capped[0][0].tobytes() == Image.open(samples[0][0]).convert("RGB").tobytes()
-    uncapped = datasets.ImageListDataset(samples, None, cache=True, cache_max_short=None)
+    uncapped = loading.ImageListDataset(samples, None, cache=True, cache_max_short=None)
     assert uncapped[1][0].size == (800, 600)
-    uncached = datasets.ImageListDataset(samples, None)
+    uncached = loading.ImageListDataset(samples, None)
     assert uncached[1][0].size == (800, 600) and uncached.cache is None
 
 

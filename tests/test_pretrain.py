@@ -24,12 +24,13 @@ import torch
 
 from fixtures import corrupt, make_imagenet_folder
 
-import datasets
 import distributed
 import figures
+import loading
 import models
 import plot_results
 import pretrain_imagenet as pretrain
+import recipes
 import rundirs
 import utils
 
@@ -329,7 +330,7 @@ def test_corrupt_jpegs_are_skipped_and_counted(imagenet: Path, tmp_path: Path) -
     for split in ("train", "val"):
         corrupt(sorted((root / split).rglob("*.JPEG"))[0])
     ckpt = tmp_path / "ckpt"
-    with pytest.warns(datasets.UnreadableImageWarning) as caught:
+    with pytest.warns(loading.UnreadableImageWarning) as caught:
         assert run_inline("--data_dir", str(root), "--epochs", "1", "--batch_size", "8", "--checkpoint_dir",
                           str(ckpt), "--weights_dir", str(tmp_path / "weights")) == 0
     named = " ".join(str(w.message) for w in caught)
@@ -347,7 +348,7 @@ def positions_per_step(world: int, accum: int, batch: int, size: int = 50) -> li
     steps = size // (batch * world * accum)
     shards = []
     for rank in range(world):
-        sampler = datasets.ShardedEpochSampler(size, seed=3, rank=rank, world_size=world, batch_size=batch,
+        sampler = loading.ShardedEpochSampler(size, seed=3, rank=rank, world_size=world, batch_size=batch,
                                                micro_batches=steps * accum)
         sampler.set_epoch(5)
         shards.append([i for i, _ in sampler])
@@ -361,7 +362,7 @@ def test_sampler_gives_each_step_the_same_images_whatever_the_world_size() -> No
     assert two_procs == one_proc and len(two_procs) == 6
     flat = [i for step in two_procs for i in step]
     assert len(flat) == len(set(flat)) == 48    # no image twice; the tail of 2 is dropped
-    sampler = datasets.ShardedEpochSampler(50, 3, 1, 2, 4, 6)
+    sampler = loading.ShardedEpochSampler(50, 3, 1, 2, 4, 6)
     sampler.set_epoch(5, skip_micro=2)
     assert len(list(sampler)) == len(sampler) == 16
 
@@ -376,11 +377,11 @@ def test_batch_plan_for_a_new_world_size() -> None:
 
 
 def test_progressive_schedule_and_weight_decay_groups() -> None:
-    phases = utils.parse_progressive("128:0.4,192:0.8", 224)
-    sizes = [utils.train_size_for_epoch(e, 10, phases, 224) for e in range(10)]
+    phases = recipes.parse_progressive("128:0.4,192:0.8", 224)
+    sizes = [recipes.train_size_for_epoch(e, 10, phases, 224) for e in range(10)]
     assert sizes == [128] * 4 + [192] * 4 + [224] * 2
     with pytest.raises(utils.UserError):
-        utils.parse_progressive("192:0.8,128:0.4", 224)
+        recipes.parse_progressive("192:0.8,128:0.4", 224)
     model = models.build_model("twistnet18", 10, verbose=False)
     decay, no_decay = models.decay_param_groups(model, 1e-4)
     gates = {id(b.gate) for b in model.twist_blocks().values()}

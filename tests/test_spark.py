@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 import datasets
 import figures
 import fixtures
+import loading
 import model_tools
 import models
 import plot_results
@@ -435,7 +436,7 @@ def test_unlabelled_images_are_found_recursively_and_unreadable_ones_skipped(tmp
 
     dataset = datasets.unlabelled_dataset([mix], transform=lambda im: torch.zeros(3, 8, 8))
     assert len(dataset) == 12 and set(dataset.targets) == {0}
-    loader = DataLoader(dataset, batch_size=12, collate_fn=datasets.collate_skip_unreadable)
+    loader = DataLoader(dataset, batch_size=12, collate_fn=loading.collate_skip_unreadable)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         (batch, labels, skipped), = list(loader)
@@ -623,7 +624,7 @@ def test_loss_falls_and_unreadable_images_are_skipped(unlabelled: Path, tmp_path
     shutil.copytree(unlabelled, data)
     fixtures.corrupt(sorted(data.rglob("*.JPEG"))[5])
     ckpt = tmp_path / "ckpt"
-    with pytest.warns(datasets.UnreadableImageWarning, match="_5.JPEG"):
+    with pytest.warns(loading.UnreadableImageWarning, match="_5.JPEG"):
         assert spark_script.main([*TINY, "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--weights_dir",
                                   str(tmp_path / "w"), "--batch_size", "8", "--epochs", "6", "--warmup_epochs", "0",
                                   "--base_lr", "0.32", "--vis_every", "0"]) == 0
