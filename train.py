@@ -5,6 +5,7 @@ Usage:
     python train.py --data_dir data/dtd --dataset dtd --model twistnet18 --fold 1 --seed 42 \\
         --epochs 100 --pretrained --run_dir runs/main
     python train.py ... --pretrained path/to/checkpoint.pt      # start from a TwistNet checkpoint
+    python train.py ... --recipe upstream_scratch               # the paper code's published recipe (README "Recipes")
 
 Run directory: <run_dir>/<dataset>_fold<k>_<model>_seed<s>/ with log.jsonl (one line per epoch),
 last.pt (exact resume), best.pt (best validation weights), results.json (written once at the end)
