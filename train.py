@@ -468,7 +468,7 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
     console(recipes.recipe_line(args))
     for note in data.notes + utils.speed_notes(device, trainer.amp_dtype, args.compile):
         console(note)
-    if args.warmup_epochs >= args.epochs:
+    if args.sched != "onecycle" and args.warmup_epochs >= args.epochs:   # onecycle has no separate warm-up
         console(f"note: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate "
                 f"stays in its linear warm-up and never reaches --lr {args.lr:g}")
 
