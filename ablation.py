@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import datasets
 import models
+import recipes
 import utils
 from summarize_runs import RunResult, Stats, load_results
 from utils import UserError
@@ -126,11 +127,12 @@ class Settings:
     dataset: str
     folds: str
     seeds: str
-    epochs: int
+    epochs: int | None
     run_dir: str
     data_dir: str | None = None
     jobs: int | None = None
     python: str = sys.executable
+    recipe: str | None = None      # train.py --recipe; None: train.py's default
 
 
 def plan_commands(settings: Settings, variants: Sequence[Variant],
@@ -138,7 +140,9 @@ def plan_commands(settings: Settings, variants: Sequence[Variant],
     """run_all.py command lines: one for all untagged variants, one per tagged (swept) variant."""
     common = ["--dataset", settings.dataset,
               *(["--data_dir", settings.data_dir] if settings.data_dir else []),
-              "--folds", settings.folds, "--seeds", settings.seeds, "--epochs", str(settings.epochs),
+              "--folds", settings.folds, "--seeds", settings.seeds,
+              *(["--epochs", str(settings.epochs)] if settings.epochs is not None else []),
+              *(["--recipe", settings.recipe] if settings.recipe else []),
               "--run_dir", settings.run_dir,
               *(["--jobs", str(settings.jobs)] if settings.jobs else [])]
     head = [settings.python, str(ROOT / "run_all.py")]
@@ -268,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", default=None, help="dataset root (not needed for synthtex)")
     p.add_argument("--folds", default="1-3", help="run_all.py syntax: 1-3 or 1,2,5")
     p.add_argument("--seeds", default="42", help="e.g. 42,43,44")
-    p.add_argument("--epochs", type=int, default=100, help="epochs per run")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's, 100 for paper)")
+    p.add_argument("--recipe", default=None, choices=tuple(recipes.PRESETS),
+                   help="train.py --recipe preset of every run (README \"Recipes\")")
     p.add_argument("--run_dir", default="runs/ablation", help="folder of the ablation runs")
     p.add_argument("--sweeps", default=",".join(SWEEP_DEFAULTS),
                    help=f"STCI sweep families ({', '.join(SWEEP_DEFAULTS)}), or 'none'")
@@ -323,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--folds/--seeds: {exc}")
     variants = plan_variants(sweep_families(args.sweeps), sweep_values_from_args(args))
     settings = Settings(args.dataset, args.folds, args.seeds, args.epochs, args.run_dir,
-                        args.data_dir, args.jobs, args.python)
+                        args.data_dir, args.jobs, args.python, args.recipe)
     commands = plan_commands(settings, variants, passthrough)
     if args.dry_run:
         print(f"# {len(variants)} variants: {', '.join(v.label for v in variants)}")

@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 import datasets
 import models
+import recipes
 import rundirs
 import utils
 
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", default=[42], type=utils.parse_int_list, help="seeds, e.g. 42,43,44 or 42-44")
     g.add_argument("--epochs", type=int, default=None, help="epochs per run (default: train.py's)")
     g.add_argument("--run_dir", default="runs", help="folder that receives one directory per run")
+    g.add_argument("--recipe", default=None, choices=tuple(recipes.PRESETS),
+                   help="train.py --recipe preset for every run (default: train.py's); explicit options still win")
 
     g = p.add_argument_group("execution")
     g.add_argument("--gpus", default=None, type=parse_name_list,
@@ -193,6 +196,8 @@ def train_command(args: argparse.Namespace, model: str, fold: int, seed: int,
     command += ["--model", model, "--fold", str(fold), "--seed", str(seed)]
     if args.epochs is not None:
         command += ["--epochs", str(args.epochs)]
+    if args.recipe is not None:
+        command += ["--recipe", args.recipe]
     command += ["--run_dir", args.run_dir]
     if not options.no_progress:
         command.append("--no_progress")  # the output goes to a log file, where bars are noise
@@ -213,13 +218,12 @@ def run_status(path: Path, force: bool) -> str:
 
 def plan_runs(args: argparse.Namespace, passthrough: Sequence[str], options: argparse.Namespace,
               train: ModuleType) -> list[Run]:
-    train_parser = train.build_parser()
     runs, conflicts, fingerprints = [], [], {}
     for fold in args.folds:
         for seed in args.seeds:
             for model in args.models:
                 command = train_command(args, model, fold, seed, passthrough, options)
-                run_args = train_parser.parse_args(command[2:])
+                run_args = train.parse_args(command[2:])
                 train.validate_args(run_args)   # e.g. --batch_size 1: refused once, not by every run
                 name = train.run_name(run_args)
                 path = Path(args.run_dir) / name

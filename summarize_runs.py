@@ -11,7 +11,9 @@ Usage:
 Each --run_dir is a folder of run directories written by train.py (README "The run directory"). A run
 counts when its results.json exists; run directories without one are counted as incomplete and
 left out, and so is a run whose test accuracy is not a number (NaN), with a note. A model's name is
-results["model"], plus "-<tag>" when the run had a tag.
+results["model"], plus "-<tag>" when the run had a tag. Run directories written by the paper's own code
+(github.com/junbolian/TwistNet-2D: accuracies as fractions, params_M) are read too, converted to
+percent, and shown as their own rows, "model [paper code]", so both can sit in one table.
 
 The runs of one cell must share one recipe (every train.py setting but fold, seed and where data
 and runs live): a cell that mixes recipes, e.g. a sweep re-run with other --epochs into the same
@@ -81,11 +83,14 @@ class RunResult:
     classes: tuple[str, ...] = ()
     recipe: tuple[tuple[str, str], ...] = ()   # (setting, JSON value) of the config, NOT_RECIPE left out
     recipe_name: str = ""                # "recipe 2" when --split_recipes separates a model's recipes
+    source: str = ""                     # PAPER_CODE for a run directory written by the paper's code
 
     @property
     def label(self) -> str:
-        """model[-tag]: a run made with train.py --tag is its own row (and with --split_recipes, each recipe)."""
+        """model[-tag]: a run made with train.py --tag is its own row (and with --split_recipes, each
+        recipe; a run of the paper's code is 'model [paper code]')."""
         label = models.run_label(self.model, self.tag)
+        label += f" [{self.source}]" if self.source else ""
         return f"{label} [{self.recipe_name}]" if self.recipe_name else label
 
     @property
@@ -107,7 +112,7 @@ class RunCollection:
 
 
 def parse_results(path: Path) -> RunResult:
-    """One results.json; ValueError says why it cannot be used."""
+    """One results.json (ours, or the paper code's); ValueError says why it cannot be used."""
     try:
         results = json.loads(path.read_text())
         fields = {k: results[k] for k in ("model", "dataset", "fold", "seed", "test_acc")}
@@ -115,6 +120,8 @@ def parse_results(path: Path) -> RunResult:
         raise ValueError(f"unreadable ({error})") from None
     except KeyError as error:
         raise ValueError(f"no {error} field") from None
+    if is_paper_code_results(results):
+        return parse_paper_code_results(results, fields, path)
     if fields["test_acc"] is None:
         raise ValueError("no test accuracy (the dataset has no test split)")
     if not math.isfinite(float(fields["test_acc"])):
@@ -125,6 +132,33 @@ def parse_results(path: Path) -> RunResult:
                      int(fields["fold"]), int(fields["seed"]), float(fields["test_acc"]), results.get("params"),
                      results.get("flops"), path.parent, results.get("img_size", config.get("img_size")),
                      tuple(str(c) for c in results.get("classes") or ()), recipe)
+
+
+PAPER_CODE = "paper code"
+
+
+def is_paper_code_results(results: dict) -> bool:
+    """The paper code's train.py writes params_M and no config into results.json (ours: params, config)."""
+    return "params_M" in results and "config" not in results
+
+
+def parse_paper_code_results(results: dict, fields: dict, path: Path) -> RunResult:
+    """A results.json of the paper code (github.com/junbolian/TwistNet-2D): accuracies as fractions,
+    params_M in millions, its arguments in config.json beside it (our recipe comparison reads those)."""
+    test_acc = fields["test_acc"]
+    if test_acc is None or not math.isfinite(float(test_acc)) or not 0 <= float(test_acc) <= 1:
+        raise ValueError(f"the paper code's test accuracy should be a fraction in [0, 1], got {test_acc}")
+    try:
+        config = json.loads((path.parent / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {k: results[k] for k in ("epochs", "lr", "batch_size", "crop_scale", "pretrained") if k in results}
+    config = {k: v for k, v in config.items()
+              if k not in NOT_RECIPE and k not in ("num_workers", "resume", "checkpoint")}
+    recipe = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items()))
+    params_m = results.get("params_M")
+    return RunResult(str(fields["model"]), "", str(fields["dataset"]), int(fields["fold"]), int(fields["seed"]),
+                     100 * float(test_acc), int(round(params_m * 1e6)) if params_m else None, None, path.parent,
+                     config.get("img_size"), (), recipe, source=PAPER_CODE)
 
 
 def run_directories(root: Path) -> list[Path]:

@@ -5,6 +5,7 @@ Usage:
     python train.py --data_dir data/dtd --dataset dtd --model twistnet18 --fold 1 --seed 42 \\
         --epochs 100 --pretrained --run_dir runs/main
     python train.py ... --pretrained path/to/checkpoint.pt      # start from a TwistNet checkpoint
+    python train.py ... --recipe upstream_scratch               # the paper code's published recipe (README "Recipes")
 
 Run directory: <run_dir>/<dataset>_fold<k>_<model>_seed<s>/ with log.jsonl (one line per epoch),
 last.pt (exact resume), best.pt (best validation weights), results.json (written once at the end)
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop_scale", type=float, default=0.08,
                    help="smallest crop area of RandomResizedCrop, as a fraction of the image")
     recipes.add_recipe_arguments(g)
+    recipes.add_preset_arguments(g)
 
     g = p.add_argument_group("system")
     utils.add_device_arguments(g)
@@ -102,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time one epoch of the train loader alone (no model, nothing written) and exit")
     g.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with its --recipe preset resolved (an explicit flag wins over the preset)."""
+    return recipes.resolve_preset(build_parser, argv)
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -186,7 +193,7 @@ class Trainer:
         self.model = models.build_model(args.model, num_classes, pretrained=args.pretrained,
                                         transfer_policy=args.transfer_policy,
                                         resnet18_weights=args.resnet18_weights,
-                                        log=console, **args.model_kwargs)
+                                        log=console, **recipes.model_kwargs_of(args))
         self.model.to(device)
         self.channels_last = utils.resolve_channels_last(args.channels_last, device)
         if self.channels_last:
@@ -298,7 +305,8 @@ class Trainer:
     def evaluate(self, loader: DataLoader, model: nn.Module, num_classes: int,
                  progress: bool, desc: str) -> dict:
         sums = utils.evaluate(model, utils.progress(loader, desc=desc, disable=not progress, leave=False),
-                              num_classes, self.device, self.channels_last, self.amp_dtype)
+                              num_classes, self.device, self.channels_last,
+                              self.amp_dtype if self.args.eval_amp else None)
         confusion, seen = sums["confusion"], sums["seen"]
         if seen == 0:
             raise UserError(f"the {desc} split has no readable image ({sums['skipped']} unreadable): an accuracy "
@@ -402,7 +410,7 @@ def check_input_size(args: argparse.Namespace, num_classes: int) -> None:
     CPU, before anything is written: a model built for one input size (swin_tiny: 224 px) fails
     here with the reason, not at its first step."""
     name, img_size = args.model, args.img_size
-    model = models.build_model(name, num_classes, pretrained=False, verbose=False, **args.model_kwargs)
+    model = models.build_model(name, num_classes, pretrained=False, verbose=False, **recipes.model_kwargs_of(args))
     with torch.no_grad(), model_tools.evaluating(model):
         try:
             model(torch.zeros(1, 3, img_size, img_size))
@@ -414,7 +422,7 @@ def check_input_size(args: argparse.Namespace, num_classes: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     validate_args(args)
     models.get_spec(args.model)  # fail on a typo before touching the disk
     if args.benchmark_loader:
@@ -457,9 +465,10 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
             f"{len(loaders['val'].dataset)}/{len(loaders['test'].dataset) if 'test' in loaders else 0} | "
             f"{models.count_params(trainer.model) / 1e6:.2f}M params | device {device} | "
             f"amp {utils.amp_label(trainer.amp_dtype)}")
+    console(recipes.recipe_line(args))
     for note in data.notes + utils.speed_notes(device, trainer.amp_dtype, args.compile):
         console(note)
-    if args.warmup_epochs >= args.epochs:
+    if args.sched != "onecycle" and args.warmup_epochs >= args.epochs:   # onecycle has no separate warm-up
         console(f"note: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate "
                 f"stays in its linear warm-up and never reaches --lr {args.lr:g}")
 
@@ -595,7 +604,7 @@ def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: 
         "flops": flops_of(trainer.model.cpu(), args.img_size),
         "img_size": args.img_size,
         "train_time_s": trainer.train_time_s,
-        "config": config, "git_commit": utils.git_commit(), "versions": utils.library_versions(),
+        "recipe": recipes.recipe_summary(args), "config": config, "git_commit": utils.git_commit(), "versions": utils.library_versions(),
     }
     lock.check()
     utils.atomic_write_text(json.dumps(results, indent=1), run_path / "results.json")
