@@ -6,7 +6,7 @@ Usage:
         --epochs 100 --pretrained --run_dir runs/main
     python train.py ... --pretrained path/to/checkpoint.pt      # start from a TwistNet checkpoint
 
-Run directory: <run_dir>/<dataset>_fold<k>_<model>_seed<s>/ with log.jsonl (one line per epoch),
+Run directory: <run_dir>/<dataset>_fold<k>_<model>_seed<s>[_n<N>|_frac<F>]/ with log.jsonl (one line per epoch),
 last.pt (exact resume), best.pt (best validation weights), results.json (written once at the end)
 and train.log. Starting the same command again resumes from last.pt (on the same data: a changed
 dataset is refused); a finished run (results.json present) exits at once unless --force, and a
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tag", default="", help="suffix for the run name, to tell variants of one model apart")
     g.add_argument("--fold", type=int, default=1, help="split: DTD and FMD 1-10, KTH-TIPS2 1-4; CUB, Flowers and synthtex any k >= 1 (README)")
     g.add_argument("--seed", type=int, default=42, help="seed of weights init, data order and augmentation (never of the split)")
+    g.add_argument("--train_per_class", type=int, default=None,
+                   help="train on N images per class of the training split (a fixed, nested subset; low-data curves)")
+    g.add_argument("--train_fraction", type=float, default=None,
+                   help="train on this fraction of each class of the training split (fixed and nested too)")
     g.add_argument("--run_dir", default="runs", help="folder that receives the run directory")
     g.add_argument("--force", action="store_true", help="retrain even if the run finished (or has last.pt)")
     g.add_argument("--pretrained", nargs="?", const=True, default=False,
@@ -105,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_name(args: argparse.Namespace) -> str:
-    return f"{args.dataset}_fold{args.fold}_{models.run_label(args.model, args.tag)}_seed{args.seed}"
+    subset = datasets.subset_label(args.train_per_class, args.train_fraction)
+    return (f"{args.dataset}_fold{args.fold}_{models.run_label(args.model, args.tag)}_seed{args.seed}"
+            + (f"_{subset}" if subset else ""))
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -126,6 +132,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--crop_scale {args.crop_scale}: the smallest crop area is a fraction in (0, 1].")
     if not args.lr > 0:
         raise UserError(f"--lr {args.lr}: the learning rate must be positive.")
+    if args.train_per_class is not None and args.train_fraction is not None:
+        raise UserError("--train_per_class and --train_fraction both choose the training subset: give one.")
+    if args.train_per_class is not None and args.train_per_class < 1:
+        raise UserError(f"--train_per_class {args.train_per_class}: a class needs at least 1 training image.")
+    if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
+        raise UserError(f"--train_fraction {args.train_fraction}: a fraction of each class, in (0, 1].")
     recipes.check_recipe_arguments(args)
 
 
@@ -149,7 +161,8 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
     resize = transforms.eval_resize_size(args.img_size)
     sets, classes = datasets.build_datasets(
         args.dataset, args.data_dir, args.fold, train_tf, eval_tf,
-        cache=args.cache, decode_size=args.decode_size, synthtex_size=resize)
+        cache=args.cache, decode_size=args.decode_size, synthtex_size=resize,
+        train_per_class=args.train_per_class, train_fraction=args.train_fraction)
     common = loading.loader_options(args.workers, args.prefetch, device)
     sampler = loading.EpochSeededSampler(len(sets["train"]), args.seed)
     # Drop the ragged last batch (BatchNorm on one image breaks), unless the set is that small.
@@ -591,6 +604,8 @@ def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: 
         "confusion": test_best["confusion"] if test_best else None,
         "classes": classes,
         "data_fingerprint": data.fingerprint,
+        "train_per_class": args.train_per_class, "train_fraction": args.train_fraction,
+        "train_images": len(loaders["train"].dataset),
         "params": models.count_params(trainer.model),
         "flops": flops_of(trainer.model.cpu(), args.img_size),
         "img_size": args.img_size,
