@@ -214,6 +214,19 @@ def load_checkpoint_model(path: str | os.PathLike, weights: str = "auto") -> tup
     return model_from_checkpoint(models.load_checkpoint_file(path), weights, label=str(path))
 
 
+def model_kwargs_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The build_model keywords of a run's config: --model_kwargs plus the --drop_path and
+    --blurpool flags (train.py, pretraining), so that every rebuild of a run builds its model."""
+    kwargs = dict(config.get("model_kwargs") or {})
+    flags = {"drop_path": config.get("drop_path") or 0.0, "blurpool": bool(config.get("blurpool"))}
+    for key, value in flags.items():
+        if value and key in kwargs and kwargs[key] != value:
+            raise ModelConfigError(f"--{key} {value} and --model_kwargs {key}={kwargs[key]} disagree; give one.")
+        if value:
+            kwargs[key] = value
+    return kwargs
+
+
 def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkpoint") -> tuple[nn.Module, dict]:
     """load_checkpoint_model for an already loaded object; a pruned file (prune.py: its
     'pruned_channels') is rebuilt from the registry model resized to the stored widths."""
@@ -225,7 +238,7 @@ def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkp
     state = models.extract_state_dict(source)
     name = config.get("model", "twistnet18")
     model = models.build_model(name, classifier_size(state), pretrained=False, verbose=False,
-                        **(config.get("model_kwargs") or {}))
+                               **model_kwargs_of(config))
     if isinstance(ckpt, dict) and ckpt.get("pruned_channels"):
         apply_channel_config(model, ckpt["pruned_channels"], state)
     try:

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="twistnet18", help=f"one of: {', '.join(models.model_names())}")
     g.add_argument("--model_kwargs", default="{}", type=json.loads,
                    help='JSON of TwistNet hyper-parameters, e.g. \'{"r": 4, "stages": [4]}\'')
+    g.add_argument("--drop_path", type=float, default=0.0,
+                   help="stochastic depth: the last block's drop rate, rising linearly from 0 (timm's DropPath)")
+    g.add_argument("--blurpool", action="store_true",
+                   help="anti-aliased downsampling (timm's BlurPool2d); same weight names and shapes")
     g.add_argument("--tag", default="", help="suffix for the run name, to tell variants of one model apart")
     g.add_argument("--fold", type=int, default=1, help="split: DTD and FMD 1-10, KTH-TIPS2 1-4; CUB, Flowers and synthtex any k >= 1 (README)")
     g.add_argument("--seed", type=int, default=42, help="seed of weights init, data order and augmentation (never of the split)")
@@ -132,6 +136,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--crop_scale {args.crop_scale}: the smallest crop area is a fraction in (0, 1].")
     if not args.lr > 0:
         raise UserError(f"--lr {args.lr}: the learning rate must be positive.")
+    if not 0 <= args.drop_path < 1:
+        raise UserError(f"--drop_path {args.drop_path}: a drop rate in [0, 1).")
+    model_tools.model_kwargs_of(vars(args))   # --drop_path/--blurpool against --model_kwargs
     if args.train_per_class is not None and args.train_fraction is not None:
         raise UserError("--train_per_class and --train_fraction both choose the training subset: give one.")
     if args.train_per_class is not None and args.train_per_class < 1:
@@ -199,7 +206,7 @@ class Trainer:
         self.model = models.build_model(args.model, num_classes, pretrained=args.pretrained,
                                         transfer_policy=args.transfer_policy,
                                         resnet18_weights=args.resnet18_weights,
-                                        log=console, **args.model_kwargs)
+                                        log=console, **model_tools.model_kwargs_of(vars(args)))
         self.model.to(device)
         self.channels_last = utils.resolve_channels_last(args.channels_last, device)
         if self.channels_last:
@@ -415,7 +422,8 @@ def check_input_size(args: argparse.Namespace, num_classes: int) -> None:
     CPU, before anything is written: a model built for one input size (swin_tiny: 224 px) fails
     here with the reason, not at its first step."""
     name, img_size = args.model, args.img_size
-    model = models.build_model(name, num_classes, pretrained=False, verbose=False, **args.model_kwargs)
+    model = models.build_model(name, num_classes, pretrained=False, verbose=False,
+                               **model_tools.model_kwargs_of(vars(args)))
     with torch.no_grad(), model_tools.evaluating(model):
         try:
             model(torch.zeros(1, 3, img_size, img_size))
@@ -606,6 +614,7 @@ def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: 
         "data_fingerprint": data.fingerprint,
         "train_per_class": args.train_per_class, "train_fraction": args.train_fraction,
         "train_images": len(loaders["train"].dataset),
+        "drop_path": args.drop_path, "blurpool": args.blurpool,
         "params": models.count_params(trainer.model),
         "flops": flops_of(trainer.model.cpu(), args.img_size),
         "img_size": args.img_size,

@@ -80,17 +80,19 @@ def test_bad_subsets_are_one_error_line(extra: list[str], message: str, tmp_path
 
 def test_a_subset_run_records_it_and_a_sweep_keeps_it_apart(tmp_path: Path) -> None:
     """One epoch on 2 images per class: results.json says so, and run_all (which reads finished runs
-    to check they belong to its command) names, finds and skips it, beside the full-data name."""
+    to check they belong to its command) names, finds and skips it, beside the full-data name.
+    The run also records --drop_path and --blurpool (one tiny run serves both)."""
     sweep = [sys.executable, str(ROOT / "run_all.py"), "--dataset", "synthtex", "--models", "resnet18",
              "--folds", "1", "--seeds", "42", "--epochs", "1", "--run_dir", str(tmp_path), "--img_size", "32",
              "--batch_size", "4", "--workers", "0", "--randaug_n", "0", "--mixup", "0", "--cutmix", "0",
-             "--train_per_class", "2"]
+             "--train_per_class", "2", "--drop_path", "0.1", "--blurpool"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(sweep, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "synthtex_fold1_resnet18_seed42_n2" / "results.json").read_text())
     assert (results["train_per_class"], results["train_fraction"]) == (2, None)
     assert results["train_images"] == 2 * len(results["classes"])
+    assert (results["drop_path"], results["blurpool"]) == (0.1, True)
     again = subprocess.run(sweep + ["--dry_run"], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "synthtex_fold1_resnet18_seed42_n2" in again.stdout and "skip" in again.stdout

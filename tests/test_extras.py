@@ -1,0 +1,61 @@
+"""train.py / pretrain_imagenet.py recipe extras: --drop_path, --blurpool (the model-level behaviour
+is tested in test_prune.py; here: the flags reach the model and every rebuild of the run)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import distributed  # noqa: E402
+import model_tools  # noqa: E402
+import models  # noqa: E402
+import pretrain_imagenet  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+
+
+def drop_rates(model: torch.nn.Module) -> list[float]:
+    return [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+
+
+def blurpools(model: torch.nn.Module) -> int:
+    return sum(type(m).__name__ == "BlurPool2d" for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["twistnet18", "resnet18"])
+def test_drop_path_and_blurpool_flags_build_the_model_and_its_rebuilds(name: str, tmp_path: Path) -> None:
+    args = train.build_parser().parse_args(["--model", name, "--drop_path", "0.2", "--blurpool"])
+    train.validate_args(args)
+    trainer = train.Trainer(args, 4, 10, torch.device("cpu"), utils.Console(None, enabled=False))
+    assert max(drop_rates(trainer.model)) == pytest.approx(0.2) and blurpools(trainer.model) >= 3
+    # A checkpoint's config rebuilds the same model (prune.py, visualize.py, --refine read it so).
+    rebuilt, _ = model_tools.model_from_checkpoint(
+        {"model": trainer.model.state_dict(), "config": train.config_of(args)})
+    assert drop_rates(rebuilt) == drop_rates(trainer.model) and blurpools(rebuilt) == blurpools(trainer.model)
+    plain = train.Trainer(train.build_parser().parse_args(["--model", name]), 4, 10, torch.device("cpu"),
+                          utils.Console(None, enabled=False))
+    assert drop_rates(plain.model) == [] and blurpools(plain.model) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--drop_path", "1.0"], "a drop rate in [0, 1)"),
+    (["--drop_path", "0.1", "--model_kwargs", '{"drop_path": 0.3}'], "disagree"),
+])
+def test_bad_drop_path_is_one_error_line(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    code = utils.run_main(train.main, ["--dataset", "synthtex", "--run_dir", str(tmp_path), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not any(tmp_path.iterdir())
+
+
+def test_pretraining_takes_drop_path() -> None:
+    args = pretrain_imagenet.build_parser().parse_args(["--data", "synthetic", "--drop_path", "0.3"])
+    ctx = distributed.DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+    model = distributed.build_model(args, 10, ctx, print, warm_start=False)
+    assert max(drop_rates(model)) == pytest.approx(0.3)
+    assert models.count_params(model) == models.count_params(models.build_model("twistnet18", 10, verbose=False))
