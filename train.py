@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img_size", type=int, default=224, help="train crop; eval resizes to img_size*256/224")
     g.add_argument("--crop_scale", type=float, default=0.08,
                    help="smallest crop area of RandomResizedCrop, as a fraction of the image")
+    g.add_argument("--progressive", default="",
+                   help="low resolution early: 'SIZE:FRACTION,...', e.g. '128:0.4,192:0.8' trains at 128 "
+                        "for the first 40%% of the epochs, at 192 until 80%%, then at --img_size")
     recipes.add_recipe_arguments(g)
 
     g = p.add_argument_group("system")
@@ -139,6 +142,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not 0 <= args.drop_path < 1:
         raise UserError(f"--drop_path {args.drop_path}: a drop rate in [0, 1).")
     model_tools.model_kwargs_of(vars(args))   # --drop_path/--blurpool against --model_kwargs
+    recipes.parse_progressive(args.progressive, args.img_size)
     if args.train_per_class is not None and args.train_fraction is not None:
         raise UserError("--train_per_class and --train_fraction both choose the training subset: give one.")
     if args.train_per_class is not None and args.train_per_class < 1:
@@ -158,12 +162,16 @@ class Data:
     sampler: loading.EpochSeededSampler
     fingerprint: dict        # datasets.split_fingerprint: which images, not where they are
     notes: list[str]         # classes absent from val/test, files beside the images that are not used
+    train_loader_at: Callable[[int], DataLoader]   # the train loader at another crop size (--progressive)
+
+
+def train_transform(args: argparse.Namespace, size: int) -> Callable:
+    return transforms.build_train_transform(size, hflip=args.hflip, randaug_n=args.randaug_n,
+                                            randaug_m=args.randaug_m, scale=(args.crop_scale, 1.0))
 
 
 def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
-    train_tf = transforms.build_train_transform(
-        args.img_size, hflip=args.hflip, randaug_n=args.randaug_n, randaug_m=args.randaug_m,
-        scale=(args.crop_scale, 1.0))
+    train_tf = train_transform(args, args.img_size)
     eval_tf = transforms.build_eval_transform(args.img_size)
     resize = transforms.eval_resize_size(args.img_size)
     sets, classes = datasets.build_datasets(
@@ -174,8 +182,14 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
     sampler = loading.EpochSeededSampler(len(sets["train"]), args.seed)
     # Drop the ragged last batch (BatchNorm on one image breaks), unless the set is that small.
     drop_last = len(sets["train"]) > args.batch_size
-    loaders = {"train": DataLoader(loading.SeededSamples(sets["train"]), batch_size=args.batch_size,
-                                   sampler=sampler, drop_last=drop_last, **common)}
+
+    def train_loader_at(size: int) -> DataLoader:
+        # New workers: persistent ones would keep the old transform.
+        sets["train"].transform = train_transform(args, size)
+        return DataLoader(loading.SeededSamples(sets["train"]), batch_size=args.batch_size,
+                          sampler=sampler, drop_last=drop_last, **common)
+
+    loaders = {"train": train_loader_at(args.img_size)}
     for split in ("val", "test"):
         if len(sets[split]):
             loaders[split] = DataLoader(sets[split], batch_size=args.batch_size, shuffle=False, **common)
@@ -191,7 +205,7 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
         notes.append(f"note: --batch_size {args.batch_size} is odd: Mixup/CutMix pair images, so one image of "
                      f"every batch is left out of its step")
     fingerprint = datasets.split_fingerprint(classes, {split: sets[split].samples for split in datasets.SPLIT_NAMES})
-    return Data(loaders, classes, sampler, fingerprint, notes)
+    return Data(loaders, classes, sampler, fingerprint, notes, train_loader_at)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,10 +432,11 @@ def flops_of(model: nn.Module, img_size: int) -> float | None:
 
 
 def check_input_size(args: argparse.Namespace, num_classes: int) -> None:
-    """One forward of a blank image at --img_size through a random-init copy of the model, on the
+    """One forward of a blank image at --img_size (or the smallest --progressive size) through a random-init copy of the model, on the
     CPU, before anything is written: a model built for one input size (swin_tiny: 224 px) fails
     here with the reason, not at its first step."""
-    name, img_size = args.model, args.img_size
+    name = args.model
+    img_size = min([args.img_size] + [size for _, size in recipes.parse_progressive(args.progressive, args.img_size)])
     model = models.build_model(name, num_classes, pretrained=False, verbose=False,
                                **model_tools.model_kwargs_of(vars(args)))
     with torch.no_grad(), model_tools.evaluating(model):
@@ -430,6 +445,7 @@ def check_input_size(args: argparse.Namespace, num_classes: int) -> None:
         except (AssertionError, RuntimeError, ValueError) as error:
             native = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
             hint = f"use --img_size {native[-1]}, the size it is built for" if native else "use a larger --img_size"
+            hint = hint if img_size == args.img_size else "use larger --progressive sizes (or none)"
             reason = (str(error).splitlines() or [type(error).__name__])[0]
             raise UserError(f"{name} cannot take {img_size} px images ({reason}): {hint}.") from None
 
@@ -540,7 +556,12 @@ def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop:
     args = trainer.args
     progress = not args.no_progress
     loaders, sampler, classes = data.loaders, data.sampler, data.classes
+    phases, size = recipes.parse_progressive(args.progressive, args.img_size), args.img_size
     while trainer.epoch < args.epochs:
+        epoch_size = recipes.train_size_for_epoch(trainer.epoch, args.epochs, phases, args.img_size)
+        if epoch_size != size:
+            size = epoch_size
+            loaders["train"] = data.train_loader_at(size)
         sampler.set_epoch(trainer.epoch, skip=trainer.partial["steps"] * args.batch_size)
         if trainer.partial["steps"] == 0:
             trainer.partial["lr"] = trainer.recipe.optimizer.param_groups[0]["lr"]
@@ -559,7 +580,7 @@ def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop:
                 trainer.best_val, trainer.best_epoch = val["acc"], trainer.epoch
                 lock.check()
                 utils.atomic_save(best_checkpoint(trainer, config), run_path / "best.pt")
-        record.update(best_val_acc=trainer.best_val, gates=model_tools.gate_values(trainer.model),
+        record.update(img_size=size, best_val_acc=trainer.best_val, gates=model_tools.gate_values(trainer.model),
                       epoch_time_s=stats["epoch_time_s"], images_per_s=stats["images_per_s"],
                       data_wait_share=stats["data_wait_share"], skipped_images=stats["skipped_images"])
         lock.check()

@@ -59,3 +59,25 @@ def test_pretraining_takes_drop_path() -> None:
     model = distributed.build_model(args, 10, ctx, print, warm_start=False)
     assert max(drop_rates(model)) == pytest.approx(0.3)
     assert models.count_params(model) == models.count_params(models.build_model("twistnet18", 10, verbose=False))
+
+
+# --------------------------------------------------------------------------------------------
+# --progressive
+# --------------------------------------------------------------------------------------------
+def test_progressive_trains_early_epochs_at_the_smaller_size_and_logs_it(tmp_path: Path, capsys) -> None:
+    argv = ["--dataset", "synthtex", "--model", "resnet18", "--img_size", "32", "--epochs", "3", "--batch_size", "8",
+            "--workers", "1", "--train_per_class", "2", "--randaug_n", "0", "--mixup", "0", "--cutmix", "0",
+            "--progressive", "16:0.33,24:0.66", "--no_progress", "--run_dir", str(tmp_path)]
+    assert utils.run_main(train.main, argv) == 0
+    log = utils.read_jsonl(tmp_path / "synthtex_fold1_resnet18_seed42_n2" / "log.jsonl")
+    assert [r["img_size"] for r in log] == [16, 24, 32]
+    assert "error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, message", [("64:0.5", "sizes must lie in 16..--img_size (32)"),
+                                           ("16:0.8,24:0.5", "fractions must rise")])
+def test_bad_progressive_is_one_error_line(spec: str, message: str, tmp_path: Path, capsys) -> None:
+    code = utils.run_main(train.main, ["--dataset", "synthtex", "--img_size", "32", "--progressive", spec,
+                                       "--run_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0] and not any(tmp_path.iterdir())
