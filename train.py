@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 import datasets
 import loading
+import lrfind
 import model_tools
 import models
 import recipes
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--benchmark_loader", action="store_true",
                    help="time one epoch of the train loader alone (no model, nothing written) and exit")
     g.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
+    g.add_argument("--lr_find", action="store_true",
+                   help="learning-rate range test on this run's data and recipe: writes lr_find.png and "
+                        "lr_find.json (curve, suggested --lr) into the run directory and exits (no checkpoint)")
+    g.add_argument("--lr_find_steps", type=int, default=100, help="optimizer steps of the range test")
     return p
 
 
@@ -130,6 +135,8 @@ def validate_args(args: argparse.Namespace) -> None:
         if args.mixup > 0 or args.cutmix > 0:
             why += ", and Mixup/CutMix mix every image with another one of its batch"
         raise UserError(f"--batch_size {args.batch_size} cannot train: {why}. Use 2 or more (the paper uses 32).")
+    if args.lr_find and args.lr_find_steps < 10:
+        raise UserError(f"--lr_find_steps {args.lr_find_steps}: the range test needs at least 10 steps.")
     for name in ("img_size", "eval_every", "prefetch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
@@ -457,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark_loader:
         return benchmark_loader(args)
     run_path = Path(args.run_dir) / run_name(args)
+    if args.lr_find:
+        return lr_find(args, run_path)
     config = config_of(args)
     if (run_path / "results.json").exists() and not args.force:
         check_finished(run_path, config)   # a changed recipe is refused even where the data is gone
@@ -525,6 +534,25 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
                     f"saved {last_path}. Run the same command to resume exactly where it stopped.")
             return 130
         finish(trainer, data, config, run_path, console, lock)
+    return 0
+
+
+def lr_find(args: argparse.Namespace, run_path: Path) -> int:
+    """--lr_find: the range test (lrfind.py) with this command's model, data and recipe."""
+    device = utils.resolve_device(args.device)
+    data = build_loaders(args, device)
+    check_input_size(args, len(data.classes))
+    run_path.mkdir(parents=True, exist_ok=True)
+    with rundirs.RunLock(run_path):
+        utils.seed_everything(args.seed)
+        trainer = Trainer(args, len(data.classes), len(data.loaders["train"]), device, utils.Console(None))
+        result = lrfind.range_test(trainer.forward_model, trainer.recipe, data.loaders["train"], device,
+                                   trainer.channels_last, args.lr_find_steps)
+        written = lrfind.write_report(result, run_path)
+    suggested = result["suggested_lr"]
+    print(f"lr range test ({result['steps_run']} steps): suggested --lr {suggested:.2e}" if suggested else
+          "lr range test: the loss diverged before a slope could be measured; see the curve", end="")
+    print(f" | {written[0]}, {written[1]}")
     return 0
 
 

@@ -2,6 +2,7 @@
 is tested in test_prune.py; here: the flags reach the model and every rebuild of the run)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import distributed  # noqa: E402
+import lrfind  # noqa: E402
 import model_tools  # noqa: E402
 import models  # noqa: E402
 import pretrain_imagenet  # noqa: E402
@@ -81,3 +83,23 @@ def test_bad_progressive_is_one_error_line(spec: str, message: str, tmp_path: Pa
                                        "--run_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0] and not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# --lr_find
+# --------------------------------------------------------------------------------------------
+def test_lr_find_writes_the_curve_and_a_suggestion_and_no_checkpoint(tmp_path: Path, capsys) -> None:
+    argv = ["--dataset", "synthtex", "--model", "resnet18", "--img_size", "32", "--batch_size", "8",
+            "--workers", "0", "--train_per_class", "4", "--randaug_n", "0", "--lr_find", "--lr_find_steps", "20",
+            "--no_progress", "--run_dir", str(tmp_path)]
+    assert utils.run_main(train.main, argv) == 0
+    run = tmp_path / "synthtex_fold1_resnet18_seed42_n4"
+    assert sorted(p.name for p in run.iterdir()) == ["lr_find.json", "lr_find.png"]
+    report = json.loads((run / "lr_find.json").read_text())
+    lrs = report["lr"]
+    # It may stop early where the loss diverges (at a high rate), never before a slope can be measured.
+    assert 10 <= len(lrs) == len(report["loss"]) == report["steps_run"] <= 20
+    assert lrs[0] == pytest.approx(lrfind.START_LR) and all(b > a for a, b in zip(lrs, lrs[1:]))
+    assert lrs[0] < report["suggested_lr"] < lrs[-1]
+    assert f"suggested --lr {report['suggested_lr']:.2e}" in capsys.readouterr().out
+    assert (run / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
