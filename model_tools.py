@@ -248,6 +248,32 @@ def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkp
     return model.eval(), config
 
 
+def load_pruned(path: str | os.PathLike, config: Mapping[str, Any], num_classes: int) -> tuple[nn.Module, dict]:
+    """(model, pruning facts) of a prune.py output, rebuilt for fine-tuning under a run's `config`
+    (train.py --refine). The run must name the pruned model and its architecture (--model,
+    --model_kwargs, --blurpool); --drop_path may differ, it holds no weights."""
+    ckpt = models.load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or not ckpt.get("pruned_channels") or not isinstance(ckpt.get("pruning"), dict):
+        raise ModelConfigError(f"{path} is not a prune.py output (it has no pruned channel configuration); "
+                               f"--refine takes the file prune.py writes.")
+    source = dict(ckpt.get("config") or {})
+    source.setdefault("model", "twistnet18")
+
+    def architecture(c: Mapping[str, Any]) -> tuple:
+        return c.get("model"), sorted((k, v) for k, v in model_kwargs_of(c).items() if k != "drop_path")
+    if architecture(source) != architecture(config):
+        kwargs = dict(architecture(source)[1])
+        raise ModelConfigError(f"{path} holds a pruned {source['model']} built with {kwargs or 'default settings'}; "
+                               f"refine it with --model {source['model']} and the same --model_kwargs/--blurpool.")
+    size = classifier_size(models.extract_state_dict(ckpt))
+    if size != num_classes:
+        raise ModelConfigError(f"{path} classifies {size} classes, the dataset has {num_classes}; refine it on the "
+                               f"dataset it was trained on.")
+    model, _ = model_from_checkpoint({"model": ckpt["model"], "config": dict(config),
+                                      "pruned_channels": ckpt["pruned_channels"]}, "model", label=str(path))
+    return model.train(), {"pruned_channels": ckpt["pruned_channels"], **ckpt["pruning"]}
+
+
 def classifier_size(state: Mapping[str, Any]) -> int:
     """Number of classes: rows of the classifier weight (fc, or timm's last 2-D weight)."""
     if "fc.weight" in state:

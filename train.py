@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", nargs="?", const=True, default=False,
                    help="flag: ImageNet weights (TwistNet: auto-detect weights/, else ResNet-18 transfer); "
                         "or a checkpoint path")
+    g.add_argument("--refine", default=None,
+                   help="fine-tune a prune.py output (network slimming's last step) instead of a new model; "
+                        "give the run a --tag (e.g. pruned40) so that it gets its own name and table row")
     g.add_argument("--transfer_policy", default="all", choices=models.TRANSFER_POLICIES,
                    help="ResNet-18 transfer: every matching tensor, or the first two stages only")
     g.add_argument("--resnet18_weights", default=None, help="local timm/torchvision ResNet-18 state_dict")
@@ -90,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img_size", type=int, default=224, help="train crop; eval resizes to img_size*256/224")
     g.add_argument("--crop_scale", type=float, default=0.08,
                    help="smallest crop area of RandomResizedCrop, as a fraction of the image")
+    g.add_argument("--sparsity_reg", type=float, default=0.0,
+                   help="network slimming: L1 penalty on the BatchNorm scales (e.g. 1e-4), before prune.py")
     g.add_argument("--progressive", default="",
                    help="low resolution early: 'SIZE:FRACTION,...', e.g. '128:0.4,192:0.8' trains at 128 "
                         "for the first 40%% of the epochs, at 192 until 80%%, then at --img_size")
@@ -148,6 +153,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr {args.lr}: the learning rate must be positive.")
     if not 0 <= args.drop_path < 1:
         raise UserError(f"--drop_path {args.drop_path}: a drop rate in [0, 1).")
+    if args.refine and (args.pretrained or not args.tag):
+        raise UserError(f"--refine {args.refine} starts from the pruned weights: " + (
+            "drop --pretrained." if args.pretrained else "give the run a --tag (e.g. --tag pruned40), so that it "
+            "does not take the unpruned run's name."))
+    if args.sparsity_reg < 0:
+        raise UserError(f"--sparsity_reg {args.sparsity_reg}: a penalty weight, 0 (off) or more.")
     model_tools.model_kwargs_of(vars(args))   # --drop_path/--blurpool against --model_kwargs
     recipes.parse_progressive(args.progressive, args.img_size)
     if args.train_per_class is not None and args.train_fraction is not None:
@@ -224,10 +235,15 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, num_classes: int, steps_per_epoch: int,
                  device: torch.device, console: utils.Console) -> None:
         self.args, self.device = args, device
-        self.model = models.build_model(args.model, num_classes, pretrained=args.pretrained,
-                                        transfer_policy=args.transfer_policy,
-                                        resnet18_weights=args.resnet18_weights,
-                                        log=console, **model_tools.model_kwargs_of(vars(args)))
+        self.pruning: dict | None = None      # --refine: what prune.py did (the channels and its facts)
+        self.pruned_test_acc: float | None = None   # --refine: test accuracy before fine-tuning
+        if args.refine:
+            self.model, self.pruning = model_tools.load_pruned(args.refine, vars(args), num_classes)
+        else:
+            self.model = models.build_model(args.model, num_classes, pretrained=args.pretrained,
+                                            transfer_policy=args.transfer_policy,
+                                            resnet18_weights=args.resnet18_weights,
+                                            log=console, **model_tools.model_kwargs_of(vars(args)))
         self.model.to(device)
         self.channels_last = utils.resolve_channels_last(args.channels_last, device)
         if self.channels_last:
@@ -253,7 +269,11 @@ class Trainer:
                 "epoch": self.epoch, "partial": dict(self.partial),
                 "best_val_acc": self.best_val, "best_epoch": self.best_epoch,
                 "train_time_s": self.train_time_s, "rng": utils.rng_state(), "config": config,
-                "data": self.data_identity}
+                "data": self.data_identity, "pruned_test_acc": self.pruned_test_acc, **self.pruned_channels()}
+
+    def pruned_channels(self) -> dict:
+        """For checkpoints of a --refine run: the widths that rebuild its pruned model (model_tools)."""
+        return {"pruned_channels": self.pruning["pruned_channels"]} if self.pruning else {}
 
     def restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -261,6 +281,7 @@ class Trainer:
         self.epoch, self.best_val = ckpt["epoch"], ckpt["best_val_acc"]
         self.partial = dict(ckpt["partial"])
         self.best_epoch, self.train_time_s = ckpt["best_epoch"], ckpt["train_time_s"]
+        self.pruned_test_acc = ckpt.get("pruned_test_acc")
         utils.set_rng_state(ckpt["rng"])
 
     def train_epoch(self, loader: DataLoader, progress: bool, stop: utils.StopFlag) -> dict | None:
@@ -327,10 +348,12 @@ class Trainer:
         with utils.autocast(self.device, recipe.amp_dtype):
             logits = self.forward_model(images)
             loss = recipe.criterion(logits, targets)
-        if not torch.isfinite(loss):
+            objective = loss + self.args.sparsity_reg * model_tools.bn_l1_penalty(self.model) \
+                if self.args.sparsity_reg else loss
+        if not torch.isfinite(objective):
             raise UserError(f"the training loss is {loss.item()} at epoch {self.epoch + 1}: lower --lr, or try "
                             f"--amp off. Run the same command to resume from the last saved epoch.")
-        recipe.scaler.scale(loss).backward()
+        recipe.scaler.scale(objective).backward()
         recipe.step(self.model, self.args.clip_grad)
         # With mixup the "label" of a mixed image is its dominant component.
         dominant = targets.argmax(dim=1) if targets.ndim == 2 else targets
@@ -431,6 +454,17 @@ def clear_run(run_path: Path) -> None:
         (run_path / name).unlink(missing_ok=True)
 
 
+def refine_results(trainer: Trainer) -> dict:
+    """results.json fields of a --refine run: what was pruned, by how much, from what size, and the
+    pruned model's test accuracy before fine-tuning."""
+    pruning = trainer.pruning
+    if not pruning:
+        return {}
+    return {"refined_from": trainer.args.refine, "test_acc_pruned": trainer.pruned_test_acc,
+            "pruned_from": pruning.get("source"), "prune_percent": pruning.get("percent"),
+            "prune_scope": pruning.get("scope"), "params_unpruned": pruning.get("params_before")}
+
+
 def flops_of(model: nn.Module, img_size: int) -> float | None:
     try:
         return float(utils.count_flops(model, img_size).total)
@@ -446,6 +480,10 @@ def check_input_size(args: argparse.Namespace, num_classes: int) -> None:
     img_size = min([args.img_size] + [size for _, size in recipes.parse_progressive(args.progressive, args.img_size)])
     model = models.build_model(name, num_classes, pretrained=False, verbose=False,
                                **model_tools.model_kwargs_of(vars(args)))
+    if args.sparsity_reg:
+        model_tools.bn_l1_penalty(model)   # a model without BatchNorm scales has nothing to sparsify
+    if args.refine:
+        model_tools.load_pruned(args.refine, vars(args), num_classes)   # the file fits this command
     with torch.no_grad(), model_tools.evaluating(model):
         try:
             model(torch.zeros(1, 3, img_size, img_size))
@@ -509,6 +547,11 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
         console(f"note: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate "
                 f"stays in its linear warm-up and never reaches --lr {args.lr:g}")
 
+    if trainer.pruning is not None and ckpt is None and "test" in loaders:
+        # The pruned model as prune.py left it: the "pruned" point beside "refined" (plot_results --plot prune).
+        trainer.pruned_test_acc = trainer.evaluate(loaders["test"], trainer.model, len(classes),
+                                                   not args.no_progress, "test (pruned, before refining)")["acc"]
+        console(f"pruned model before refining: test {trainer.pruned_test_acc:.2f}%")
     if ckpt is not None:
         trainer.restore(ckpt)
         del ckpt
@@ -611,6 +654,8 @@ def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop:
         record.update(img_size=size, best_val_acc=trainer.best_val, gates=model_tools.gate_values(trainer.model),
                       epoch_time_s=stats["epoch_time_s"], images_per_s=stats["images_per_s"],
                       data_wait_share=stats["data_wait_share"], skipped_images=stats["skipped_images"])
+        if args.sparsity_reg:
+            record["bn_sparsity"] = model_tools.bn_sparsity(trainer.model)
         lock.check()
         # The record goes first: a crash between the two leaves the log ahead of last.pt, and
         # resuming (or a fresh start, before the first last.pt) cuts it back.
@@ -623,13 +668,14 @@ def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop:
 def best_checkpoint(trainer: Trainer, config: dict) -> dict:
     ema = trainer.recipe.ema
     return {"model": trainer.model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-            "epoch": trainer.epoch, "val_acc": trainer.best_val, "config": config}
+            "epoch": trainer.epoch, "val_acc": trainer.best_val, "config": config, **trainer.pruned_channels()}
 
 
 def epoch_line(r: dict, epochs: int, best: float) -> str:
     val = f" | val loss {r['val_loss']:.3f} acc {r['val_acc']:.2f}% (best {best:.2f}%)" if "val_acc" in r else ""
     gates = " | gates " + " ".join(f"{v:.3f}" for v in r["gates"].values()) if r["gates"] else ""
     skipped = f" | {r['skipped_images']} unreadable images skipped" if r["skipped_images"] else ""
+    skipped += f" | BN scales < 1e-2: {100 * r['bn_sparsity']:.1f}%" if "bn_sparsity" in r else ""
     return (f"epoch {r['epoch']:3d}/{epochs} | lr {r['lr']:.2e} | train loss {r['train_loss']:.3f} "
             f"acc {r['train_acc']:.2f}%{val} | {r['images_per_s']:.1f} img/s, "
             f"{r['epoch_time_s']:.1f}s ({100 * r['data_wait_share']:.0f}% data wait){gates}{skipped}")
@@ -664,6 +710,7 @@ def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: 
         "train_per_class": args.train_per_class, "train_fraction": args.train_fraction,
         "train_images": len(loaders["train"].dataset),
         "drop_path": args.drop_path, "blurpool": args.blurpool,
+        **refine_results(trainer),
         "params": models.count_params(trainer.model),
         "flops": flops_of(trainer.model.cpu(), args.img_size),
         "img_size": args.img_size,
