@@ -360,7 +360,7 @@ def prune_figure(points: Mapping[tuple[str, str], list[tuple[str, float, Stats, 
             entries = points.get((group, model), [])
             unpruned = [e for e in entries if e[0] == "unpruned"]
             for stage, (marker, line) in PRUNE_STAGES.items():
-                chosen = sorted((e for e in entries if e[0] == stage), key=lambda e: e[1])
+                chosen = sorted((e for e in entries if e[0] == stage), key=lambda e: -e[1])   # from large to small
                 if not chosen:
                     continue
                 path = (unpruned[:1] if stage != "unpruned" else []) + chosen
@@ -376,7 +376,8 @@ def prune_figure(points: Mapping[tuple[str, str], list[tuple[str, float, Stats, 
         ax.set_ylabel("Test accuracy (%)")
         ax.margins(x=0.15, y=0.2)
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=min(3, len(names)), handletextpad=0.2)
+    fig.legend(handles, names, loc="outside lower center", ncol=2, handletextpad=0.2)
+    fig.set_figheight(fig.get_figheight() + 0.18 * math.ceil(len(names) / 2))
     return fig
 
 
