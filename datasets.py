@@ -177,13 +177,9 @@ def load_splits(dataset: str, data_dir: str | Path | None, fold: int, train_per_
 
 def train_subset(dataset: str, fold: int, samples: Sequence[tuple[Any, int]], per_class: int | None = None,
                  fraction: float | None = None) -> list[tuple[Any, int]]:
-    """The first `per_class` (all of a smaller class), or round(fraction * n) (at least 1), samples of
-    each class in a fixed ranking of that class, for low-data curves.
-
-    The ranking is a permutation seeded by (dataset, fold, class) alone: the subset never depends
-    on the training seed, and a smaller subset is always inside a larger one (8 per class inside
-    16 per class; 10% inside 25%). It only ever drops training samples, so val/test are untouched.
-    """
+    """The first `per_class` (or round(fraction * n), at least 1) samples of each class in a ranking
+    seeded by (dataset, fold, class) alone: never by the training seed, and nested (8 per class lie
+    inside 16 per class, 10% inside 25%), for low-data curves."""
     if (per_class is None) == (fraction is None):
         raise ValueError("give exactly one of per_class and fraction")
     by_class: dict[int, list[Any]] = {}
@@ -195,11 +191,6 @@ def train_subset(dataset: str, fold: int, samples: Sequence[tuple[Any, int]], pe
         take = per_class if per_class is not None else max(1, round(fraction * len(keys)))
         subset += [(keys[i], label) for i in order[:take]]
     return sorted(subset, key=sort_key)
-
-
-def subset_label(per_class: int | None, fraction: float | None) -> str:
-    """'' for the whole training split, else 'n8' or 'frac0.25': the run name's mark of a subset."""
-    return f"n{per_class}" if per_class is not None else (f"frac{fraction:g}" if fraction is not None else "")
 
 
 def check_every_class_trains(dataset: str, splits: Splits) -> None:

@@ -126,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_name(args: argparse.Namespace) -> str:
-    subset = datasets.subset_label(args.train_per_class, args.train_fraction)
-    return (f"{args.dataset}_fold{args.fold}_{models.run_label(args.model, args.tag)}_seed{args.seed}"
-            + (f"_{subset}" if subset else ""))
+    subset = (f"_n{args.train_per_class}" if args.train_per_class is not None else
+              f"_frac{args.train_fraction:g}" if args.train_fraction is not None else "")
+    return f"{args.dataset}_fold{args.fold}_{models.run_label(args.model, args.tag)}_seed{args.seed}{subset}"
 
 
 def validate_args(args: argparse.Namespace) -> None:
