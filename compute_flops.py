@@ -239,7 +239,8 @@ def rows_to_json(rows: list[ModelRow], num_classes: int, img_size: int) -> list[
 
 def run_table(names: list[str], args: argparse.Namespace, loaded: dict[str, tuple[str, nn.Module]]) -> int:
     rows = [measure_model(n, args.num_classes, args.img_size) for n in names]
-    rows += [measure_model(name, args.num_classes, args.img_size, model, label) for label, (name, model) in loaded.items()]
+    rows += [measure_model(name, args.num_classes, args.img_size, model, label)
+             for label, (name, model) in loaded.items()]
     if args.json:
         print(json.dumps(rows_to_json(rows, args.num_classes, args.img_size), indent=2))
     elif args.latex:

@@ -473,9 +473,10 @@ def flops_of(model: nn.Module, img_size: int) -> float | None:
 
 
 def check_input_size(args: argparse.Namespace, num_classes: int) -> None:
-    """One forward of a blank image at --img_size (or the smallest --progressive size) through a random-init copy of the model, on the
-    CPU, before anything is written: a model built for one input size (swin_tiny: 224 px) fails
-    here with the reason, not at its first step."""
+    """One forward of a blank image at --img_size (or the smallest --progressive size) through a
+    random-init copy of the model, on the CPU, before anything is written: a model built for one
+    input size (swin_tiny: 224 px) fails here with the reason, not at its first step. Also checks
+    that --sparsity_reg has BatchNorm scales to act on and that the --refine file fits."""
     name = args.model
     img_size = min([args.img_size] + [size for _, size in recipes.parse_progressive(args.progressive, args.img_size)])
     model = models.build_model(name, num_classes, pretrained=False, verbose=False,

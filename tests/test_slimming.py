@@ -140,7 +140,8 @@ def test_refined_runs_record_the_pruning_and_load_at_their_widths(slimmed: dict)
         assert refined["params_unpruned"] == unpruned["params"]
         assert refined["flops"] < unpruned["flops"]
         assert 0 <= refined["test_acc_pruned"] <= 100 and 0 <= refined["test_acc"] <= 100
-        model, _ = model_tools.load_checkpoint_model(root / f"synthtex_fold1_twistnet18-pruned{percent}_seed42_n16" / "best.pt")
+        run = root / RUN.replace("twistnet18", f"twistnet18-pruned{percent}")
+        model, _ = model_tools.load_checkpoint_model(run / "best.pt")
         assert models.count_params(model) == refined["params"]
         previous = refined["params"]
 
