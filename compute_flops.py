@@ -17,6 +17,8 @@ Usage:
     python compute_flops.py --speed                          # img/s, resnet18 vs twistnet18
     python compute_flops.py --speed --device cuda --amp bf16 --channels_last on --compile --batch_size 128
     python compute_flops.py --speed --models resnet18,twistnet18 --device cpu --batch_size 16
+    python compute_flops.py --checkpoint runs/x/pruned.pt [--speed]   # a pruned (or trained) model
+                                                                        # beside its unpruned registry model
 
 From Python:
     from utils import count_flops
@@ -38,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model_tools
 import models
 import utils
 from utils import FlopReport, UserError, count_flops
@@ -161,10 +164,12 @@ class ModelRow:
         return self.report.uncounted if self.report is not None else {}
 
 
-def measure_model(name: str, num_classes: int, img_size: int) -> ModelRow:
+def measure_model(name: str, num_classes: int, img_size: int, model: nn.Module | None = None,
+                  label: str | None = None) -> ModelRow:
+    """The row of registry model `name`, or of `model` (a loaded checkpoint of it) shown as `label`."""
     spec = models.get_spec(name)
-    model = models.build_model(name, num_classes, pretrained=False, verbose=False)
-    row = ModelRow(name, models.count_params(model), spec.venue, spec.group)
+    model = model if model is not None else models.build_model(name, num_classes, pretrained=False, verbose=False)
+    row = ModelRow(label or name, models.count_params(model), spec.venue, spec.group)
     try:
         report = count_flops(model, img_size)
     except Exception as exc:  # a timm model fvcore cannot trace must not sink the whole table
@@ -232,8 +237,10 @@ def rows_to_json(rows: list[ModelRow], num_classes: int, img_size: int) -> list[
     return out
 
 
-def run_table(names: list[str], args: argparse.Namespace) -> int:
+def run_table(names: list[str], args: argparse.Namespace, loaded: dict[str, tuple[str, nn.Module]]) -> int:
     rows = [measure_model(n, args.num_classes, args.img_size) for n in names]
+    rows += [measure_model(name, args.num_classes, args.img_size, model, label)
+             for label, (name, model) in loaded.items()]
     if args.json:
         print(json.dumps(rows_to_json(rows, args.num_classes, args.img_size), indent=2))
     elif args.latex:
@@ -346,14 +353,17 @@ def _run_phase(phase: str, steps: dict[str, Callable[[], None]], args: argparse.
     return rates
 
 
-def prepare_model(name: str, args: argparse.Namespace, device: torch.device) -> nn.Module:
-    model = models.build_model(name, args.num_classes, pretrained=False, verbose=False).to(device)
+def prepare_model(name: str, args: argparse.Namespace, device: torch.device, model: nn.Module | None = None
+                  ) -> nn.Module:
+    model = model if model is not None else models.build_model(name, args.num_classes, pretrained=False, verbose=False)
+    model = model.to(device)
     if utils.resolve_channels_last(args.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if args.compile else model
 
 
-def benchmark(names: list[str], args: argparse.Namespace) -> list[SpeedResult]:
+def benchmark(names: list[str], args: argparse.Namespace, loaded: dict[str, tuple[str, nn.Module]]
+              ) -> list[SpeedResult]:
     device = utils.resolve_device(args.device)
     dtype = utils.resolve_amp(args.amp, device)
     torch.set_num_threads(args.threads)
@@ -364,6 +374,7 @@ def benchmark(names: list[str], args: argparse.Namespace) -> list[SpeedResult]:
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     nets = {n: prepare_model(n, args, device) for n in names}
+    nets.update({label: prepare_model(name, args, device, model) for label, (name, model) in loaded.items()})
 
     for net in nets.values():
         net.train()
@@ -373,7 +384,7 @@ def benchmark(names: list[str], args: argparse.Namespace) -> list[SpeedResult]:
         net.eval()
     infer = _run_phase("infer", {n: make_infer_step(m, x, dtype, device) for n, m in nets.items()},
                        args, device)
-    return [SpeedResult(n, train[n], infer[n]) for n in names]
+    return [SpeedResult(n, train[n], infer[n]) for n in nets]
 
 
 def speed_settings(args: argparse.Namespace, device: torch.device) -> str:
@@ -417,10 +428,10 @@ def speed_to_json(results: list[SpeedResult], args: argparse.Namespace) -> list[
                  train_repeats=r.train, infer_repeats=r.infer, **settings) for r in results]
 
 
-def run_speed(names: list[str], args: argparse.Namespace) -> int:
+def run_speed(names: list[str], args: argparse.Namespace, loaded: dict[str, tuple[str, nn.Module]]) -> int:
     # The ratio to ResNet-18 is only meaningful when both are timed in the same run.
     names = [REFERENCE] + [n for n in names if n != REFERENCE]
-    results = benchmark(names, args)
+    results = benchmark(names, args, loaded)
     if args.json:
         print(json.dumps(speed_to_json(results, args), indent=2))
     else:
@@ -441,7 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{','.join(DEFAULT_SPEED_MODELS)})")
     which.add_argument("--models", default=argparse.SUPPRESS,
                        help="comma-separated registry models (same default as --model)")
-    parser.add_argument("--num_classes", type=utils.positive_int, default=47, help="classifier width (47 = DTD)")
+    parser.add_argument("--num_classes", type=utils.positive_int, default=47,
+                        help="classifier width (47 = DTD; with --checkpoint, the checkpoint's)")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        help="a train.py best.pt or a prune.py output (repeatable), measured beside its registry "
+                             "model (the unpruned one)")
     parser.add_argument("--img_size", type=utils.positive_int, default=224, help="input height and width")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--latex", action="store_true", help="print a booktabs LaTeX table")
@@ -475,17 +490,35 @@ def selected_names(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def load_checkpoints(paths: Sequence[str]) -> dict[str, tuple[str, nn.Module]]:
+    """{path: (registry name, model)} of --checkpoint files (pruned ones rebuilt at their widths)."""
+    loaded = {}
+    for path in paths:
+        model, config = model_tools.load_checkpoint_model(path)
+        loaded[path] = (config.get("model", "twistnet18"), model)
+    return loaded
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.speed and args.latex:
         parser.error("--latex formats the FLOP table; with --speed use the text or --json output")
+    loaded = load_checkpoints(args.checkpoint)
+    if loaded:
+        sizes = {model_tools.classifier_size(model.state_dict()) for _, model in loaded.values()}
+        if len(sizes) > 1:
+            raise UserError(f"the --checkpoint files classify different numbers of classes ({sorted(sizes)}); "
+                            f"measure them in separate commands.")
+        args.num_classes = sizes.pop()
+        if not hasattr(args, "model") and not hasattr(args, "models"):
+            args.models = ",".join(dict.fromkeys(name for name, _ in loaded.values()))
     names = selected_names(args)
     if not names:
         raise UserError("no model names given")
     if args.speed:
         utils.resolve_device(args.device)
-    return run_speed(names, args) if args.speed else run_table(names, args)
+    return run_speed(names, args, loaded) if args.speed else run_table(names, args, loaded)
 
 
 if __name__ == "__main__":

@@ -143,18 +143,20 @@ def check_fold(dataset: str, fold: int) -> None:
         raise DataLayoutError(f"{dataset} has {allowed}; got fold {fold!r}.")
 
 
-def fold_rng(dataset: str, fold: int) -> np.random.Generator:
-    """A generator seeded by (dataset, fold) only.
+def fold_rng(dataset: str, fold: int, purpose: str = "") -> np.random.Generator:
+    """A generator seeded by (dataset, fold[, purpose]) only.
 
     sha256 rather than hash(): Python salts str hashes per process, which would make splits
     differ from run to run.
     """
-    digest = hashlib.sha256(f"{dataset}/fold{fold}".encode()).digest()
+    digest = hashlib.sha256(f"{dataset}/fold{fold}{purpose}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def load_splits(dataset: str, data_dir: str | Path | None, fold: int) -> Splits:
-    """The train/val/test samples of one fold of one protocol, checked for layout errors.
+def load_splits(dataset: str, data_dir: str | Path | None, fold: int, train_per_class: int | None = None,
+                train_fraction: float | None = None) -> Splits:
+    """The train/val/test samples of one fold of one protocol, checked for layout errors; with
+    train_per_class / train_fraction, training on `train_subset` of them (val and test unchanged).
 
     Cheap: lists folders, reads index files and checks that listed files exist, but opens no
     image (`describe` does that). Raises DataNotFoundError (a FileNotFoundError) for a missing folder or file
@@ -168,7 +170,27 @@ def load_splits(dataset: str, data_dir: str | Path | None, fold: int) -> Splits:
     check_every_class_trains(dataset, splits)
     check_trainable(dataset, fold, splits)
     splits.check_disjoint(dataset)
+    if train_per_class is not None or train_fraction is not None:
+        splits.train = train_subset(dataset, fold, splits.train, train_per_class, train_fraction)
     return splits
+
+
+def train_subset(dataset: str, fold: int, samples: Sequence[tuple[Any, int]], per_class: int | None = None,
+                 fraction: float | None = None) -> list[tuple[Any, int]]:
+    """The first `per_class` (or round(fraction * n), at least 1) samples of each class in a ranking
+    seeded by (dataset, fold, class) alone: never by the training seed, and nested (8 per class lie
+    inside 16 per class, 10% inside 25%), for low-data curves."""
+    if (per_class is None) == (fraction is None):
+        raise ValueError("give exactly one of per_class and fraction")
+    by_class: dict[int, list[Any]] = {}
+    for key, label in sorted(samples, key=sort_key):
+        by_class.setdefault(label, []).append(key)
+    subset = []
+    for label, keys in by_class.items():
+        order = fold_rng(dataset, fold, f"/train_subset/class{label}").permutation(len(keys))
+        take = per_class if per_class is not None else max(1, round(fraction * len(keys)))
+        subset += [(keys[i], label) for i in order[:take]]
+    return sorted(subset, key=sort_key)
 
 
 def check_every_class_trains(dataset: str, splits: Splits) -> None:
@@ -597,7 +619,8 @@ DATASET_NAMES = tuple(DATASETS)
 def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_transform: Callable | None,
                    eval_transform: Callable | None, cache: bool = False, cache_size: int | None = None,
                    synthtex_size: int = 128, decode_size: int | None = None,
-                   cache_max_short: int | None = CACHE_MAX_SHORT) -> tuple[dict[str, Dataset], list[str]]:
+                   cache_max_short: int | None = CACHE_MAX_SHORT, train_per_class: int | None = None,
+                   train_fraction: float | None = None) -> tuple[dict[str, Dataset], list[str]]:
     """({"train", "val", "test"} datasets, class names) of one fold; items are (image, label) or None.
 
     Images are decoded at native resolution unless decode_size is given: then every image is
@@ -605,12 +628,12 @@ def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_t
     former name, still accepted). cache=True keeps the decoded images in memory, per DataLoader
     worker, shrunk to a shorter side of cache_max_short if larger (see ImageListDataset for the
     memory it takes). synthtex renders at synthtex_size instead and is always cached. The test
-    dataset is empty for an imagefolder without test/.
+    dataset is empty for an imagefolder without test/. train_per_class / train_fraction: see load_splits.
     """
     if cache_size is not None and decode_size is not None and cache_size != decode_size:
         raise ValueError(f"cache_size ({cache_size}) is the former name of decode_size ({decode_size}); give one.")
     decode_size = decode_size if decode_size is not None else cache_size
-    splits = load_splits(dataset, data_dir, fold)
+    splits = load_splits(dataset, data_dir, fold, train_per_class, train_fraction)
     sets: dict[str, Dataset] = {}
     for split in SPLIT_NAMES:
         transform = train_transform if split == "train" else eval_transform

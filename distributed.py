@@ -361,7 +361,8 @@ def build_model(args: argparse.Namespace, num_classes: int, ctx: DistContext, co
                 warm_start: bool) -> nn.Module:
     """The registry model (--model, --model_kwargs), warm-started from ResNet-18 with --init resnet18
     on a fresh run (rank 0 loads; DDP broadcasts its weights to the other ranks)."""
-    model = models.build_model(args.model, num_classes, pretrained=False, verbose=False, **args.model_kwargs)
+    model = models.build_model(args.model, num_classes, pretrained=False, verbose=False,
+                               **model_tools.model_kwargs_of(vars(args)))
     if warm_start and args.init == "resnet18" and ctx.is_main:
         source = models.load_resnet18_state_dict(args.resnet18_weights, log=console)
         report = models.transfer_weights(model, source, policy=args.transfer_policy)

@@ -214,6 +214,22 @@ def load_checkpoint_model(path: str | os.PathLike, weights: str = "auto") -> tup
     return model_from_checkpoint(models.load_checkpoint_file(path), weights, label=str(path))
 
 
+def model_kwargs_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The build_model keywords of a run's config: --model_kwargs plus the --drop_path, --blurpool
+    and --stci_init flags (train.py, pretraining), so that every rebuild of a run builds its model."""
+    kwargs = dict(config.get("model_kwargs") or {})
+    stci_init = config.get("stci_init") or "default"
+    if stci_init != "default" and models.is_twistnet(str(config.get("model", ""))):
+        kwargs["stci_init"] = stci_init   # recipes.resolve_preset refuses a contradicting --model_kwargs
+    flags = {"drop_path": config.get("drop_path") or 0.0, "blurpool": bool(config.get("blurpool"))}
+    for key, value in flags.items():
+        if value and key in kwargs and kwargs[key] != value:
+            raise ModelConfigError(f"--{key} {value} and --model_kwargs {key}={kwargs[key]} disagree; give one.")
+        if value:
+            kwargs[key] = value
+    return kwargs
+
+
 def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkpoint") -> tuple[nn.Module, dict]:
     """load_checkpoint_model for an already loaded object; a pruned file (prune.py: its
     'pruned_channels') is rebuilt from the registry model resized to the stored widths."""
@@ -225,7 +241,7 @@ def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkp
     state = models.extract_state_dict(source)
     name = config.get("model", "twistnet18")
     model = models.build_model(name, classifier_size(state), pretrained=False, verbose=False,
-                        **(config.get("model_kwargs") or {}))
+                               **model_kwargs_of(config))
     if isinstance(ckpt, dict) and ckpt.get("pruned_channels"):
         apply_channel_config(model, ckpt["pruned_channels"], state)
     try:
@@ -233,6 +249,32 @@ def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkp
     except RuntimeError as error:
         raise ModelConfigError(f"{label} does not fit {name}: {str(error).splitlines()[0]}") from None
     return model.eval(), config
+
+
+def load_pruned(path: str | os.PathLike, config: Mapping[str, Any], num_classes: int) -> tuple[nn.Module, dict]:
+    """(model, pruning facts) of a prune.py output, rebuilt for fine-tuning under a run's `config`
+    (train.py --refine). The run must name the pruned model and its architecture (--model,
+    --model_kwargs, --blurpool); --drop_path may differ, it holds no weights."""
+    ckpt = models.load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or not ckpt.get("pruned_channels") or not isinstance(ckpt.get("pruning"), dict):
+        raise ModelConfigError(f"{path} is not a prune.py output (it has no pruned channel configuration); "
+                               f"--refine takes the file prune.py writes.")
+    source = dict(ckpt.get("config") or {})
+    source.setdefault("model", "twistnet18")
+
+    def architecture(c: Mapping[str, Any]) -> tuple:
+        return c.get("model"), sorted((k, v) for k, v in model_kwargs_of(c).items() if k != "drop_path")
+    if architecture(source) != architecture(config):
+        kwargs = dict(architecture(source)[1])
+        raise ModelConfigError(f"{path} holds a pruned {source['model']} built with {kwargs or 'default settings'}; "
+                               f"refine it with --model {source['model']} and the same --model_kwargs/--blurpool.")
+    size = classifier_size(models.extract_state_dict(ckpt))
+    if size != num_classes:
+        raise ModelConfigError(f"{path} classifies {size} classes, the dataset has {num_classes}; refine it on the "
+                               f"dataset it was trained on.")
+    model, _ = model_from_checkpoint({"model": ckpt["model"], "config": dict(config),
+                                      "pruned_channels": ckpt["pruned_channels"]}, "model", label=str(path))
+    return model.train(), {"pruned_channels": ckpt["pruned_channels"], **ckpt["pruning"]}
 
 
 def classifier_size(state: Mapping[str, Any]) -> int:

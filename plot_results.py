@@ -7,6 +7,7 @@ Usage:
     python compute_flops.py --speed --json --models resnet18,twistnet18 > speed.json
     python plot_results.py --plot efficiency --run_dir runs/main --speed_json speed.json
     python plot_results.py --plot ablation --run_dir runs/ablation
+    python plot_results.py --plot prune   --run_dir runs/slim --x params
     python plot_results.py --plot curves  --log_file runs/main/dtd_fold1_twistnet18_seed42/log.jsonl
     python plot_results.py --plot gate    --log_file runs/main/dtd_fold1_twistnet18_seed42/log.jsonl
     python plot_results.py --plot confusion --results runs/main/dtd_fold1_twistnet18_seed42/results.json
@@ -20,6 +21,8 @@ Kinds:
     scatter      accuracy vs parameters or FLOPs (--x), one panel per dataset
     efficiency   accuracy vs measured images/s (--speed_json from compute_flops.py --speed --json)
     ablation     ablation variants as horizontal bars, delta to the full model (--baseline) annotated
+    prune        network slimming: accuracy vs parameters or FLOPs (--x) of each unpruned model, its
+                 pruned versions before fine-tuning and after (train.py --refine runs), one panel per dataset
     curves       train/val loss and accuracy over epochs from a log.jsonl
     gate         sigmoid(gate) of every TwistBlock over epochs from a log.jsonl
     confusion    row-normalised confusion matrix from a results.json, class names on the axes
@@ -64,7 +67,7 @@ from figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, paper_style, sav
 from summarize_runs import RunResult, Stats, load_results
 from utils import UserError
 
-AGGREGATE_KINDS = ("bar", "radar", "scatter", "efficiency", "ablation")
+AGGREGATE_KINDS = ("bar", "radar", "scatter", "efficiency", "ablation", "prune")
 PLOT_KINDS = (*AGGREGATE_KINDS, "curves", "gate", "confusion", "interaction", "tsne")
 DEFAULT_BASELINE = "twistnet18"
 MAX_POINT_LABELS = 6
@@ -305,6 +308,79 @@ def scatter_figure(runs: Sequence[RunResult], labels: Sequence[str], groups: Seq
     return fig
 
 
+PRUNE_STAGES = {"unpruned": ("o", "-"), "pruned": ("X", ":"), "refined": ("s", "-")}   # marker, line
+
+
+def prune_points(runs: Sequence[RunResult], cost: Callable[[RunResult], float | None], group_by: str
+                 ) -> dict[tuple[str, str], list[tuple[str, float, Stats, str]]]:
+    """(dataset group, model) -> [(stage, cost, accuracy stats, point label)] for --plot prune.
+
+    A refined run (train.py --refine) gives two points at its own size: "pruned" (its test accuracy
+    before fine-tuning, recorded by train.py) and "refined"; the other runs of the same registry
+    model are "unpruned". Models without a refined run are left out."""
+    grouped: dict[tuple[str, str, str, str], list[tuple[float, float]]] = defaultdict(list)
+    refined_models = set()
+    for run in runs:
+        results = utils.read_json(run.path / "results.json")
+        x = cost(run)
+        if x is None:
+            continue
+        if results.get("refined_from"):
+            refined_models.add(run.model)
+            label = f"{100 * results['prune_percent']:.0f}%" if results.get("prune_percent") else run.label
+            grouped[group_key(run, group_by), run.model, "refined", label].append((x, run.test_acc))
+            if results.get("test_acc_pruned") is not None:
+                grouped[group_key(run, group_by), run.model, "pruned", label].append((x, results["test_acc_pruned"]))
+        else:
+            grouped[group_key(run, group_by), run.model, "unpruned", run.label].append((x, run.test_acc))
+    if not refined_models:
+        raise UserError("--plot prune found no refined run (train.py --refine pruned.pt ... results); "
+                        "see README \"Network slimming\"")
+    points: dict[tuple[str, str], list[tuple[str, float, Stats, str]]] = defaultdict(list)
+    for (group, model, stage, label), values in sorted(grouped.items()):
+        if model in refined_models:
+            points[group, model].append((stage, float(np.median([x for x, _ in values])),
+                                         Stats(tuple(a for _, a in values)), label))
+    return points
+
+
+def prune_figure(points: Mapping[tuple[str, str], list[tuple[str, float, Stats, str]]], groups: Sequence[str],
+                 unit: str) -> Figure:
+    """One panel per dataset group: per model, unpruned -> pruned (dotted) and -> refined (solid)."""
+    groups = [g for g in groups if any(key[0] == g for key in points)]
+    model_names = sorted({model for _, model in points})
+    palette = model_palette(model_names)
+    cols = min(3, len(groups))
+    fig = new_figure(COLUMN_WIDTH_IN if cols == 1 else PAGE_WIDTH_IN, 2.6 * math.ceil(len(groups) / cols))
+    axes = fig.subplots(math.ceil(len(groups) / cols), cols, squeeze=False).ravel()
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    for ax, group in zip(axes, groups):
+        for model in model_names:
+            entries = points.get((group, model), [])
+            unpruned = [e for e in entries if e[0] == "unpruned"]
+            for stage, (marker, line) in PRUNE_STAGES.items():
+                chosen = sorted((e for e in entries if e[0] == stage), key=lambda e: -e[1])   # from large to small
+                if not chosen:
+                    continue
+                path = (unpruned[:1] if stage != "unpruned" else []) + chosen
+                ax.plot([e[1] for e in path], [e[2].mean for e in path], line, color=palette[model], linewidth=0.8)
+                ax.errorbar([e[1] for e in chosen], [e[2].mean for e in chosen], yerr=[e[2].error_bar for e in chosen],
+                            fmt=marker, color=palette[model], markersize=4, markeredgecolor="black",
+                            markeredgewidth=0.4, elinewidth=0.8, label=f"{display_name(model)} {stage}")
+                for _, x, stats, label in chosen:
+                    if stage != "unpruned":
+                        ax.annotate(label, (x, stats.mean), xytext=(3, 3), textcoords="offset points", fontsize=6)
+        ax.set_title(dataset_display_name(group))
+        ax.set_xlabel(unit)
+        ax.set_ylabel("Test accuracy (%)")
+        ax.margins(x=0.15, y=0.2)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=2, handletextpad=0.2)
+    fig.set_figheight(fig.get_figheight() + 0.18 * math.ceil(len(names) / 2))
+    return fig
+
+
 def complexity_axis(runs: Sequence[RunResult], metric: str) -> tuple[Callable[[RunResult], float | None], str]:
     """(cost of a run, axis label) for --x params or flops, in M and G."""
     if metric == "params":
@@ -536,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=None, help="comma-separated datasets to keep")
     p.add_argument("--group_by", default="dataset", choices=("dataset", "dataset_fold"),
                    help="bar/radar/scatter/ablation axes: datasets, or each dataset fold separately")
-    p.add_argument("--x", default="params", choices=("params", "flops"), help="scatter x axis")
+    p.add_argument("--x", default="params", choices=("params", "flops"), help="scatter and prune x axis")
     p.add_argument("--speed_json", default=None, help="compute_flops.py --speed --json output (efficiency)")
     p.add_argument("--speed_metric", default="infer", choices=("infer", "train"), help="efficiency x axis")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="images of the t-SNE (tsne)")
@@ -570,6 +646,9 @@ def aggregate_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
     if args.plot == "scatter":
         cost, unit = complexity_axis(runs, args.x)
         return [(args.name or f"scatter_{args.x}", scatter_figure(runs, labels, groups, cost, unit, args.group_by))]
+    if args.plot == "prune":
+        cost, unit = complexity_axis(runs, args.x)
+        return [(args.name or f"prune_{args.x}", prune_figure(prune_points(runs, cost, args.group_by), groups, unit))]
     if args.plot == "efficiency":
         cost, unit = speed_axis(require(args.speed_json, "--speed_json", "efficiency"), args.speed_metric)
         return [(args.name or "efficiency", scatter_figure(runs, labels, groups, cost, unit, args.group_by))]

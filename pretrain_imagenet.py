@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = groups["model"]
     g.add_argument("--model", default="twistnet18", help=f"one of: {', '.join(models.model_names())}")
+    g.add_argument("--drop_path", type=float, default=0.0,
+                   help="stochastic depth: the last block's drop rate, rising linearly from 0 (timm's DropPath)")
 
     g = groups["recipe"]
     g.add_argument("--epochs", type=int, default=600, help="length of the cosine schedule")
@@ -290,6 +292,9 @@ def validate_args(args: argparse.Namespace, ctx: DistContext) -> None:
             raise UserError(f"--{name} must be >= 1")
     if not args.base_lr > 0:
         raise UserError(f"--base_lr {args.base_lr}: the learning rate must be positive.")
+    if not 0 <= args.drop_path < 1:
+        raise UserError(f"--drop_path {args.drop_path}: a drop rate in [0, 1).")
+    model_tools.model_kwargs_of(vars(args))   # --drop_path against --model_kwargs
     recipes.check_recipe_arguments(args)
     if args.batch_size < 2 and not (args.sync_bn and ctx.world_size > 1):
         raise UserError(f"--batch_size {args.batch_size} per process cannot train: BatchNorm needs at least 2 "

@@ -182,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if name not in PRUNABLE_MODELS:
         raise utils.UserError(f"prune.py supports {', '.join(PRUNABLE_MODELS)}; {args.checkpoint} holds {name}")
     num_classes = model_tools.classifier_size(model.state_dict())
-    fresh = model_tools.channel_config(models.build_model(name, num_classes, verbose=False, **config["model_kwargs"]))
+    fresh = model_tools.channel_config(models.build_model(name, num_classes, verbose=False,
+                                                          **model_tools.model_kwargs_of(config)))
     before = model_tools.channel_config(model)
     params0, flops0 = models.count_params(model), utils.count_flops(model, args.img_size).total
 

@@ -379,15 +379,6 @@ def resnet18_transfer(args: argparse.Namespace) -> bool:
     return models.find_twistnet_weights(args.model) is None and models.find_twistnet_weights("twistnet18") is None
 
 
-def model_kwargs_of(args: argparse.Namespace) -> dict:
-    """--model_kwargs with --stci_init folded in (TwistNet models only; 'default' leaves it out)."""
-    kwargs = dict(args.model_kwargs)
-    stci_init = getattr(args, "stci_init", "default")
-    if stci_init != "default" and models.is_twistnet(args.model):
-        kwargs["stci_init"] = stci_init
-    return kwargs
-
-
 def recipe_summary(args: argparse.Namespace) -> dict:
     """The preset's name and the resolved value of every setting a preset can set."""
     values = {key: getattr(args, key) for key in RECIPE_KEYS}

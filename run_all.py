@@ -9,7 +9,7 @@ Usage:
     python run_all.py ... --pretrained --lr 0.005           # options run_all does not know go
                                                             # to every train.py unchanged
 
-Every run is its own `train.py` process writing <run_dir>/<dataset>_fold<k>_<model>[-<tag>]_seed<s>/
+Every run is its own `train.py` process writing <run_dir>/<dataset>_fold<k>_<model>[-<tag>]_seed<s>[_n<N>|_frac<F>]/
 (README "The run directory"). Its stdout and stderr go to run_all.log in that directory. A run whose
 results.json exists is skipped without starting a process (unless it was made with another recipe
 or on other data: then the sweep refuses to start, listing the differences); one with only last.pt
@@ -230,7 +230,7 @@ def plan_runs(args: argparse.Namespace, passthrough: Sequence[str], options: arg
                 run = Run(name, path, tuple(command), run_status(path, options.force))
                 if run.status == "skip":
                     if fold not in fingerprints:
-                        fingerprints[fold] = data_of_fold(args, fold, train)
+                        fingerprints[fold] = data_of_fold(args, fold, train, run_args)
                     conflict = finished_run_conflict(run, run_args, fingerprints[fold], train)
                     if conflict:
                         conflicts.append(conflict)
@@ -244,11 +244,13 @@ def plan_runs(args: argparse.Namespace, passthrough: Sequence[str], options: arg
     return runs
 
 
-def data_of_fold(args: argparse.Namespace, fold: int, train: ModuleType) -> Any:
+def data_of_fold(args: argparse.Namespace, fold: int, train: ModuleType, run_args: argparse.Namespace) -> Any:
     """A fold's classes and split fingerprint (train.Data-like), or None if the data cannot be
-    read here (then unfinished runs fail in train.py with the reason; finished ones are kept)."""
+    read here (then unfinished runs fail in train.py with the reason; finished ones are kept).
+    The training subset (--train_per_class/--train_fraction) is the sweep's, the same for every run."""
     try:
-        splits = datasets.load_splits(args.dataset, args.data_dir, fold)
+        splits = datasets.load_splits(args.dataset, args.data_dir, fold, run_args.train_per_class,
+                                      run_args.train_fraction)
     except utils.UserError:
         return None
     fingerprint = datasets.split_fingerprint(splits.classes, {s: splits.split(s) for s in datasets.SPLIT_NAMES})

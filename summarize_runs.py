@@ -62,7 +62,8 @@ STD_NOTE = "mean ± std over all fold x seed runs (sample std, ddof=1)"
 # train.py settings that are not part of a run's recipe: which cell and which run it is, where
 # data and runs live, how fast data is loaded, what is printed.
 NOT_RECIPE = frozenset({"model", "tag", "dataset", "fold", "seed", "data_dir", "run_dir", "workers", "prefetch",
-                        "cache", "no_progress", "force", "device", "benchmark_loader"})
+                        "cache", "no_progress", "force", "device", "benchmark_loader",
+                        "refine"})   # --refine: each fold's run refines its own pruned file
 
 
 # --------------------------------------------------------------------------------------------

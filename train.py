@@ -7,7 +7,7 @@ Usage:
     python train.py ... --pretrained path/to/checkpoint.pt      # start from a TwistNet checkpoint
     python train.py ... --recipe upstream_scratch               # the paper code's published recipe (README "Recipes")
 
-Run directory: <run_dir>/<dataset>_fold<k>_<model>_seed<s>/ with log.jsonl (one line per epoch),
+Run directory: <run_dir>/<dataset>_fold<k>_<model>_seed<s>[_n<N>|_frac<F>]/ with log.jsonl (one line per epoch),
 last.pt (exact resume), best.pt (best validation weights), results.json (written once at the end)
 and train.log. Starting the same command again resumes from last.pt (on the same data: a changed
 dataset is refused); a finished run (results.json present) exits at once unless --force, and a
@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 import datasets
 import loading
+import lrfind
 import model_tools
 import models
 import recipes
@@ -63,14 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="twistnet18", help=f"one of: {', '.join(models.model_names())}")
     g.add_argument("--model_kwargs", default="{}", type=json.loads,
                    help='JSON of TwistNet hyper-parameters, e.g. \'{"r": 4, "stages": [4]}\'')
+    g.add_argument("--drop_path", type=float, default=0.0,
+                   help="stochastic depth: the last block's drop rate, rising linearly from 0 (timm's DropPath)")
+    g.add_argument("--blurpool", action="store_true",
+                   help="anti-aliased downsampling (timm's BlurPool2d); same weight names and shapes")
     g.add_argument("--tag", default="", help="suffix for the run name, to tell variants of one model apart")
     g.add_argument("--fold", type=int, default=1, help="split: DTD and FMD 1-10, KTH-TIPS2 1-4; CUB, Flowers and synthtex any k >= 1 (README)")
     g.add_argument("--seed", type=int, default=42, help="seed of weights init, data order and augmentation (never of the split)")
+    g.add_argument("--train_per_class", type=int, default=None,
+                   help="train on N images per class of the training split (a fixed, nested subset; low-data curves)")
+    g.add_argument("--train_fraction", type=float, default=None,
+                   help="train on this fraction of each class of the training split (fixed and nested too)")
     g.add_argument("--run_dir", default="runs", help="folder that receives the run directory")
     g.add_argument("--force", action="store_true", help="retrain even if the run finished (or has last.pt)")
     g.add_argument("--pretrained", nargs="?", const=True, default=False,
                    help="flag: ImageNet weights (TwistNet: auto-detect weights/, else ResNet-18 transfer); "
                         "or a checkpoint path")
+    g.add_argument("--refine", default=None,
+                   help="fine-tune a prune.py output (network slimming's last step) instead of a new model; "
+                        "give the run a --tag (e.g. pruned40) so that it gets its own name and table row")
     g.add_argument("--transfer_policy", default="all", choices=models.TRANSFER_POLICIES,
                    help="ResNet-18 transfer: every matching tensor, or the first two stages only")
     g.add_argument("--resnet18_weights", default=None, help="local timm/torchvision ResNet-18 state_dict")
@@ -82,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img_size", type=int, default=224, help="train crop; eval resizes to img_size*256/224")
     g.add_argument("--crop_scale", type=float, default=0.08,
                    help="smallest crop area of RandomResizedCrop, as a fraction of the image")
+    g.add_argument("--sparsity_reg", type=float, default=0.0,
+                   help="network slimming: L1 penalty on the BatchNorm scales (e.g. 1e-4), before prune.py")
+    g.add_argument("--progressive", default="",
+                   help="low resolution early: 'SIZE:FRACTION,...', e.g. '128:0.4,192:0.8' trains at 128 "
+                        "for the first 40%% of the epochs, at 192 until 80%%, then at --img_size")
     recipes.add_recipe_arguments(g)
     recipes.add_preset_arguments(g)
 
@@ -103,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--benchmark_loader", action="store_true",
                    help="time one epoch of the train loader alone (no model, nothing written) and exit")
     g.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
+    g.add_argument("--lr_find", action="store_true",
+                   help="learning-rate range test on this run's data and recipe: writes lr_find.png and "
+                        "lr_find.json (curve, suggested --lr) into the run directory and exits (no checkpoint)")
+    g.add_argument("--lr_find_steps", type=int, default=100, help="optimizer steps of the range test")
     return p
 
 
@@ -112,7 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_name(args: argparse.Namespace) -> str:
-    return f"{args.dataset}_fold{args.fold}_{models.run_label(args.model, args.tag)}_seed{args.seed}"
+    subset = (f"_n{args.train_per_class}" if args.train_per_class is not None else
+              f"_frac{args.train_fraction:g}" if args.train_fraction is not None else "")
+    return f"{args.dataset}_fold{args.fold}_{models.run_label(args.model, args.tag)}_seed{args.seed}{subset}"
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -124,6 +147,8 @@ def validate_args(args: argparse.Namespace) -> None:
         if args.mixup > 0 or args.cutmix > 0:
             why += ", and Mixup/CutMix mix every image with another one of its batch"
         raise UserError(f"--batch_size {args.batch_size} cannot train: {why}. Use 2 or more (the paper uses 32).")
+    if args.lr_find and args.lr_find_steps < 10:
+        raise UserError(f"--lr_find_steps {args.lr_find_steps}: the range test needs at least 10 steps.")
     for name in ("img_size", "eval_every", "prefetch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
@@ -133,6 +158,22 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--crop_scale {args.crop_scale}: the smallest crop area is a fraction in (0, 1].")
     if not args.lr > 0:
         raise UserError(f"--lr {args.lr}: the learning rate must be positive.")
+    if not 0 <= args.drop_path < 1:
+        raise UserError(f"--drop_path {args.drop_path}: a drop rate in [0, 1).")
+    if args.refine and (args.pretrained or not args.tag):
+        raise UserError(f"--refine {args.refine} starts from the pruned weights: " + (
+            "drop --pretrained." if args.pretrained else "give the run a --tag (e.g. --tag pruned40), so that it "
+            "does not take the unpruned run's name."))
+    if args.sparsity_reg < 0:
+        raise UserError(f"--sparsity_reg {args.sparsity_reg}: a penalty weight, 0 (off) or more.")
+    model_tools.model_kwargs_of(vars(args))   # --drop_path/--blurpool against --model_kwargs
+    recipes.parse_progressive(args.progressive, args.img_size)
+    if args.train_per_class is not None and args.train_fraction is not None:
+        raise UserError("--train_per_class and --train_fraction both choose the training subset: give one.")
+    if args.train_per_class is not None and args.train_per_class < 1:
+        raise UserError(f"--train_per_class {args.train_per_class}: a class needs at least 1 training image.")
+    if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
+        raise UserError(f"--train_fraction {args.train_fraction}: a fraction of each class, in (0, 1].")
     recipes.check_recipe_arguments(args)
 
 
@@ -146,23 +187,34 @@ class Data:
     sampler: loading.EpochSeededSampler
     fingerprint: dict        # datasets.split_fingerprint: which images, not where they are
     notes: list[str]         # classes absent from val/test, files beside the images that are not used
+    train_loader_at: Callable[[int], DataLoader]   # the train loader at another crop size (--progressive)
+
+
+def train_transform(args: argparse.Namespace, size: int) -> Callable:
+    return transforms.build_train_transform(size, hflip=args.hflip, randaug_n=args.randaug_n,
+                                            randaug_m=args.randaug_m, scale=(args.crop_scale, 1.0))
 
 
 def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
-    train_tf = transforms.build_train_transform(
-        args.img_size, hflip=args.hflip, randaug_n=args.randaug_n, randaug_m=args.randaug_m,
-        scale=(args.crop_scale, 1.0))
+    train_tf = train_transform(args, args.img_size)
     eval_tf = transforms.build_eval_transform(args.img_size)
     resize = transforms.eval_resize_size(args.img_size)
     sets, classes = datasets.build_datasets(
         args.dataset, args.data_dir, args.fold, train_tf, eval_tf,
-        cache=args.cache, decode_size=args.decode_size, synthtex_size=resize)
+        cache=args.cache, decode_size=args.decode_size, synthtex_size=resize,
+        train_per_class=args.train_per_class, train_fraction=args.train_fraction)
     common = loading.loader_options(args.workers, args.prefetch, device)
     sampler = loading.EpochSeededSampler(len(sets["train"]), args.seed)
     # Drop the ragged last batch (BatchNorm on one image breaks), unless the set is that small.
     drop_last = len(sets["train"]) > args.batch_size
-    loaders = {"train": DataLoader(loading.SeededSamples(sets["train"]), batch_size=args.batch_size,
-                                   sampler=sampler, drop_last=drop_last, **common)}
+
+    def train_loader_at(size: int) -> DataLoader:
+        # New workers: persistent ones would keep the old transform.
+        sets["train"].transform = train_transform(args, size)
+        return DataLoader(loading.SeededSamples(sets["train"]), batch_size=args.batch_size,
+                          sampler=sampler, drop_last=drop_last, **common)
+
+    loaders = {"train": train_loader_at(args.img_size)}
     for split in ("val", "test"):
         if len(sets[split]):
             loaders[split] = DataLoader(sets[split], batch_size=args.batch_size, shuffle=False, **common)
@@ -178,7 +230,7 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
         notes.append(f"note: --batch_size {args.batch_size} is odd: Mixup/CutMix pair images, so one image of "
                      f"every batch is left out of its step")
     fingerprint = datasets.split_fingerprint(classes, {split: sets[split].samples for split in datasets.SPLIT_NAMES})
-    return Data(loaders, classes, sampler, fingerprint, notes)
+    return Data(loaders, classes, sampler, fingerprint, notes, train_loader_at)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,10 +242,15 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, num_classes: int, steps_per_epoch: int,
                  device: torch.device, console: utils.Console) -> None:
         self.args, self.device = args, device
-        self.model = models.build_model(args.model, num_classes, pretrained=args.pretrained,
-                                        transfer_policy=args.transfer_policy,
-                                        resnet18_weights=args.resnet18_weights,
-                                        log=console, **recipes.model_kwargs_of(args))
+        self.pruning: dict | None = None      # --refine: what prune.py did (the channels and its facts)
+        self.pruned_test_acc: float | None = None   # --refine: test accuracy before fine-tuning
+        if args.refine:
+            self.model, self.pruning = model_tools.load_pruned(args.refine, vars(args), num_classes)
+        else:
+            self.model = models.build_model(args.model, num_classes, pretrained=args.pretrained,
+                                            transfer_policy=args.transfer_policy,
+                                            resnet18_weights=args.resnet18_weights,
+                                            log=console, **model_tools.model_kwargs_of(vars(args)))
         self.model.to(device)
         self.channels_last = utils.resolve_channels_last(args.channels_last, device)
         if self.channels_last:
@@ -219,7 +276,11 @@ class Trainer:
                 "epoch": self.epoch, "partial": dict(self.partial),
                 "best_val_acc": self.best_val, "best_epoch": self.best_epoch,
                 "train_time_s": self.train_time_s, "rng": utils.rng_state(), "config": config,
-                "data": self.data_identity}
+                "data": self.data_identity, "pruned_test_acc": self.pruned_test_acc, **self.pruned_channels()}
+
+    def pruned_channels(self) -> dict:
+        """For checkpoints of a --refine run: the widths that rebuild its pruned model (model_tools)."""
+        return {"pruned_channels": self.pruning["pruned_channels"]} if self.pruning else {}
 
     def restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -227,6 +288,7 @@ class Trainer:
         self.epoch, self.best_val = ckpt["epoch"], ckpt["best_val_acc"]
         self.partial = dict(ckpt["partial"])
         self.best_epoch, self.train_time_s = ckpt["best_epoch"], ckpt["train_time_s"]
+        self.pruned_test_acc = ckpt.get("pruned_test_acc")
         utils.set_rng_state(ckpt["rng"])
 
     def train_epoch(self, loader: DataLoader, progress: bool, stop: utils.StopFlag) -> dict | None:
@@ -293,10 +355,12 @@ class Trainer:
         with utils.autocast(self.device, recipe.amp_dtype):
             logits = self.forward_model(images)
             loss = recipe.criterion(logits, targets)
-        if not torch.isfinite(loss):
+            objective = loss + self.args.sparsity_reg * model_tools.bn_l1_penalty(self.model) \
+                if self.args.sparsity_reg else loss
+        if not torch.isfinite(objective):
             raise UserError(f"the training loss is {loss.item()} at epoch {self.epoch + 1}: lower --lr, or try "
                             f"--amp off. Run the same command to resume from the last saved epoch.")
-        recipe.scaler.scale(loss).backward()
+        recipe.scaler.scale(objective).backward()
         recipe.step(self.model, self.args.clip_grad)
         # With mixup the "label" of a mixed image is its dominant component.
         dominant = targets.argmax(dim=1) if targets.ndim == 2 else targets
@@ -398,6 +462,17 @@ def clear_run(run_path: Path) -> None:
         (run_path / name).unlink(missing_ok=True)
 
 
+def refine_results(trainer: Trainer) -> dict:
+    """results.json fields of a --refine run: what was pruned, by how much, from what size, and the
+    pruned model's test accuracy before fine-tuning."""
+    pruning = trainer.pruning
+    if not pruning:
+        return {}
+    return {"refined_from": trainer.args.refine, "test_acc_pruned": trainer.pruned_test_acc,
+            "pruned_from": pruning.get("source"), "prune_percent": pruning.get("percent"),
+            "prune_scope": pruning.get("scope"), "params_unpruned": pruning.get("params_before")}
+
+
 def flops_of(model: nn.Module, img_size: int) -> float | None:
     try:
         return float(utils.count_flops(model, img_size).total)
@@ -406,17 +481,25 @@ def flops_of(model: nn.Module, img_size: int) -> float | None:
 
 
 def check_input_size(args: argparse.Namespace, num_classes: int) -> None:
-    """One forward of a blank image at --img_size through a random-init copy of the model, on the
-    CPU, before anything is written: a model built for one input size (swin_tiny: 224 px) fails
-    here with the reason, not at its first step."""
-    name, img_size = args.model, args.img_size
-    model = models.build_model(name, num_classes, pretrained=False, verbose=False, **recipes.model_kwargs_of(args))
+    """One forward of a blank image at --img_size (or the smallest --progressive size) through a
+    random-init copy of the model, on the CPU, before anything is written: a model built for one
+    input size (swin_tiny: 224 px) fails here with the reason, not at its first step. Also checks
+    that --sparsity_reg has BatchNorm scales to act on and that the --refine file fits."""
+    name = args.model
+    img_size = min([args.img_size] + [size for _, size in recipes.parse_progressive(args.progressive, args.img_size)])
+    model = models.build_model(name, num_classes, pretrained=False, verbose=False,
+                               **model_tools.model_kwargs_of(vars(args)))
+    if args.sparsity_reg:
+        model_tools.bn_l1_penalty(model)   # a model without BatchNorm scales has nothing to sparsify
+    if args.refine:
+        model_tools.load_pruned(args.refine, vars(args), num_classes)   # the file fits this command
     with torch.no_grad(), model_tools.evaluating(model):
         try:
             model(torch.zeros(1, 3, img_size, img_size))
         except (AssertionError, RuntimeError, ValueError) as error:
             native = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
             hint = f"use --img_size {native[-1]}, the size it is built for" if native else "use a larger --img_size"
+            hint = hint if img_size == args.img_size else "use larger --progressive sizes (or none)"
             reason = (str(error).splitlines() or [type(error).__name__])[0]
             raise UserError(f"{name} cannot take {img_size} px images ({reason}): {hint}.") from None
 
@@ -428,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark_loader:
         return benchmark_loader(args)
     run_path = Path(args.run_dir) / run_name(args)
+    if args.lr_find:
+        return lr_find(args, run_path)
     config = config_of(args)
     if (run_path / "results.json").exists() and not args.force:
         check_finished(run_path, config)   # a changed recipe is refused even where the data is gone
@@ -472,6 +557,11 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
         console(f"note: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate "
                 f"stays in its linear warm-up and never reaches --lr {args.lr:g}")
 
+    if trainer.pruning is not None and ckpt is None and "test" in loaders:
+        # The pruned model as prune.py left it: the "pruned" point beside "refined" (plot_results --plot prune).
+        trainer.pruned_test_acc = trainer.evaluate(loaders["test"], trainer.model, len(classes),
+                                                   not args.no_progress, "test (pruned, before refining)")["acc"]
+        console(f"pruned model before refining: test {trainer.pruned_test_acc:.2f}%")
     if ckpt is not None:
         trainer.restore(ckpt)
         del ckpt
@@ -497,6 +587,25 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
                     f"saved {last_path}. Run the same command to resume exactly where it stopped.")
             return 130
         finish(trainer, data, config, run_path, console, lock)
+    return 0
+
+
+def lr_find(args: argparse.Namespace, run_path: Path) -> int:
+    """--lr_find: the range test (lrfind.py) with this command's model, data and recipe."""
+    device = utils.resolve_device(args.device)
+    data = build_loaders(args, device)
+    check_input_size(args, len(data.classes))
+    run_path.mkdir(parents=True, exist_ok=True)
+    with rundirs.RunLock(run_path):
+        utils.seed_everything(args.seed)
+        trainer = Trainer(args, len(data.classes), len(data.loaders["train"]), device, utils.Console(None))
+        result = lrfind.range_test(trainer.forward_model, trainer.recipe, data.loaders["train"], device,
+                                   trainer.channels_last, args.lr_find_steps)
+        written = lrfind.write_report(result, run_path)
+    suggested = result["suggested_lr"]
+    print(f"lr range test ({result['steps_run']} steps): suggested --lr {suggested:.2e}" if suggested else
+          "lr range test: the loss diverged before a slope could be measured; see the curve", end="")
+    print(f" | {written[0]}, {written[1]}")
     return 0
 
 
@@ -528,7 +637,12 @@ def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop:
     args = trainer.args
     progress = not args.no_progress
     loaders, sampler, classes = data.loaders, data.sampler, data.classes
+    phases, size = recipes.parse_progressive(args.progressive, args.img_size), args.img_size
     while trainer.epoch < args.epochs:
+        epoch_size = recipes.train_size_for_epoch(trainer.epoch, args.epochs, phases, args.img_size)
+        if epoch_size != size:
+            size = epoch_size
+            loaders["train"] = data.train_loader_at(size)
         sampler.set_epoch(trainer.epoch, skip=trainer.partial["steps"] * args.batch_size)
         if trainer.partial["steps"] == 0:
             trainer.partial["lr"] = trainer.recipe.optimizer.param_groups[0]["lr"]
@@ -547,9 +661,11 @@ def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop:
                 trainer.best_val, trainer.best_epoch = val["acc"], trainer.epoch
                 lock.check()
                 utils.atomic_save(best_checkpoint(trainer, config), run_path / "best.pt")
-        record.update(best_val_acc=trainer.best_val, gates=model_tools.gate_values(trainer.model),
+        record.update(img_size=size, best_val_acc=trainer.best_val, gates=model_tools.gate_values(trainer.model),
                       epoch_time_s=stats["epoch_time_s"], images_per_s=stats["images_per_s"],
                       data_wait_share=stats["data_wait_share"], skipped_images=stats["skipped_images"])
+        if args.sparsity_reg:
+            record["bn_sparsity"] = model_tools.bn_sparsity(trainer.model)
         lock.check()
         # The record goes first: a crash between the two leaves the log ahead of last.pt, and
         # resuming (or a fresh start, before the first last.pt) cuts it back.
@@ -562,13 +678,14 @@ def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop:
 def best_checkpoint(trainer: Trainer, config: dict) -> dict:
     ema = trainer.recipe.ema
     return {"model": trainer.model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-            "epoch": trainer.epoch, "val_acc": trainer.best_val, "config": config}
+            "epoch": trainer.epoch, "val_acc": trainer.best_val, "config": config, **trainer.pruned_channels()}
 
 
 def epoch_line(r: dict, epochs: int, best: float) -> str:
     val = f" | val loss {r['val_loss']:.3f} acc {r['val_acc']:.2f}% (best {best:.2f}%)" if "val_acc" in r else ""
     gates = " | gates " + " ".join(f"{v:.3f}" for v in r["gates"].values()) if r["gates"] else ""
     skipped = f" | {r['skipped_images']} unreadable images skipped" if r["skipped_images"] else ""
+    skipped += f" | BN scales < 1e-2: {100 * r['bn_sparsity']:.1f}%" if "bn_sparsity" in r else ""
     return (f"epoch {r['epoch']:3d}/{epochs} | lr {r['lr']:.2e} | train loss {r['train_loss']:.3f} "
             f"acc {r['train_acc']:.2f}%{val} | {r['images_per_s']:.1f} img/s, "
             f"{r['epoch_time_s']:.1f}s ({100 * r['data_wait_share']:.0f}% data wait){gates}{skipped}")
@@ -600,6 +717,10 @@ def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: 
         "confusion": test_best["confusion"] if test_best else None,
         "classes": classes,
         "data_fingerprint": data.fingerprint,
+        "train_per_class": args.train_per_class, "train_fraction": args.train_fraction,
+        "train_images": len(loaders["train"].dataset),
+        "drop_path": args.drop_path, "blurpool": args.blurpool,
+        **refine_results(trainer),
         "params": models.count_params(trainer.model),
         "flops": flops_of(trainer.model.cpu(), args.img_size),
         "img_size": args.img_size,

@@ -7,7 +7,6 @@ can be read there; one short synthtex run checks what a finished run records.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import ablation
+import model_tools
 import models
 import recipes
 import run_all
@@ -60,7 +60,7 @@ def test_stci_init_flag_reaches_the_model_and_a_contradiction_is_refused() -> No
     def reduce_std(argv: list[str]) -> float:
         args = train.parse_args(argv)
         torch.manual_seed(0)
-        model = models.build_model(args.model, 5, verbose=False, **recipes.model_kwargs_of(args))
+        model = models.build_model(args.model, 5, verbose=False, **model_tools.model_kwargs_of(vars(args)))
         return float(model.layer3[0].stci.reduce.weight.detach().std())
     assert reduce_std(["--stci_init", "upstream"]) == pytest.approx(0.5, rel=0.05)    # kaiming fan-out, r = 8
     assert reduce_std([]) == pytest.approx(reduce_std(["--stci_init", "paper"]))
@@ -71,7 +71,7 @@ def test_stci_init_flag_reaches_the_model_and_a_contradiction_is_refused() -> No
     with pytest.raises(UserError, match="contradicts"):
         train.parse_args(["--stci_init", "upstream", "--model_kwargs", '{"stci_init": "paper"}'])
     baseline = train.parse_args(["--recipe", "upstream_scratch", "--model", "resnet18"])
-    assert recipes.model_kwargs_of(baseline) == {}    # timm baselines have no STCI
+    assert model_tools.model_kwargs_of(vars(baseline)) == {}    # timm baselines have no STCI
 
 
 # --------------------------------------------------------------------------------------------
