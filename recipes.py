@@ -238,13 +238,27 @@ def lr_multiplier(name: str, rules: Sequence[tuple[tuple[str, ...], float]]) -> 
     return 1.0
 
 
+def is_decayed(param: torch.Tensor) -> bool:
+    """Conv and linear weights get weight decay; norm weights, biases and gates (ndim <= 1) do not."""
+    return param.ndim > 1
+
+
+def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimizer groups: the trained parameters that get weight decay, and those that do not."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if is_decayed(param) else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def optimizer_param_groups(model: nn.Module, args: argparse.Namespace, lr: float) -> list[dict]:
     """The optimizer's parameter groups: weight decay on conv/linear weights only (every parameter
     with --decay_all), learning rate lr x its --lr_mult multiplier (default 1)."""
     rules = parse_lr_mult(getattr(args, "lr_mult", ""))
     decay_all = getattr(args, "decay_all", False)
     if not rules and not decay_all:
-        return [{**group, "lr": lr} for group in models.decay_param_groups(model, args.weight_decay)]
+        return [{**group, "lr": lr} for group in decay_param_groups(model, args.weight_decay)]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     unused = [p for prefixes, _ in rules for p in prefixes
               if not any(n == p or n.startswith(p + ".") for n, _ in named)]
@@ -254,7 +268,7 @@ def optimizer_param_groups(model: nn.Module, args: argparse.Namespace, lr: float
                         f"its top-level modules are {', '.join(tops)}")
     buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in named:
-        decays = decay_all or param.ndim > 1
+        decays = decay_all or is_decayed(param)
         buckets.setdefault((lr_multiplier(name, rules), decays), []).append(param)
     return [{"params": params, "weight_decay": args.weight_decay if decays else 0.0, "lr": lr * mult, "lr_mult": mult}
             for (mult, decays), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]

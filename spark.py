@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw
 
 import model_tools
 import models
+import recipes
 import transforms
 
 DOWNSAMPLE_RATIO = 32           # stem /4, stages 2-4 /2 each: the mask patch size
@@ -579,7 +580,7 @@ class SparkModel(nn.Module):
         """The trained parameters in two optimizer groups, with `weight_decay` 1.0 (conv and linear
         weights) and 0.0 (norm weights, biases, STCI gates and the mask tokens, as in SparK): the
         trainer multiplies by its weight decay schedule."""
-        decay, no_decay = models.decay_param_groups(self, 1.0)
+        decay, no_decay = recipes.decay_param_groups(self, 1.0)
         tokens = {id(d.mask_token) for d in self.densify}
         no_decay["params"] += [p for p in decay["params"] if id(p) in tokens]
         decay["params"] = [p for p in decay["params"] if id(p) not in tokens]

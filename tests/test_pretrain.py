@@ -383,7 +383,7 @@ def test_progressive_schedule_and_weight_decay_groups() -> None:
     with pytest.raises(utils.UserError):
         recipes.parse_progressive("192:0.8,128:0.4", 224)
     model = models.build_model("twistnet18", 10, verbose=False)
-    decay, no_decay = models.decay_param_groups(model, 1e-4)
+    decay, no_decay = recipes.decay_param_groups(model, 1e-4)
     gates = {id(b.gate) for b in model.twist_blocks().values()}
     assert gates <= {id(p) for p in no_decay["params"]}
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
