@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+import launchers
 import loading
 import model_tools
 import models
@@ -86,9 +87,11 @@ class DistContext:
 
 
 def init_distributed(device_flag: str, timeout_min: float) -> DistContext:
-    """Join the torchrun job if there is one: NCCL between GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """Join the torchrun job, or the srun job of several tasks (SLURM_* variables, launchers.slurm_world),
+    if there is one: NCCL between GPUs, gloo on CPU."""
+    slurm = None if "WORLD_SIZE" in os.environ else launchers.slurm_world(os.environ)
+    world = slurm.world_size if slurm else int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = slurm.local_rank if slurm else int(os.environ.get("LOCAL_RANK", "0"))
     device = utils.resolve_device(device_flag)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if device.index is None or world > 1 else device.index)
@@ -97,6 +100,9 @@ def init_distributed(device_flag: str, timeout_min: float) -> DistContext:
         return DistContext(0, 0, 1, device, None)
     backend = "nccl" if device.type == "cuda" else "gloo"
     extra = {"device_id": device} if backend == "nccl" else {}
+    if slurm:
+        extra.update(init_method=f"tcp://{slurm.master_addr}:{slurm.master_port}", rank=slurm.rank,
+                     world_size=slurm.world_size)
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min), **extra)
     cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device, backend, cpu_group)

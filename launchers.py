@@ -33,7 +33,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import submitit
 from submitit.slurm import slurm as submitit_slurm
@@ -209,8 +209,12 @@ class TrainJob(submitit.helpers.Checkpointable):
 # Job records: <run>/job.json
 # --------------------------------------------------------------------------------------------
 def read_record(run_path: Path) -> dict | None:
+    return read_record_file(run_path / JOB_RECORD)
+
+
+def read_record_file(path: Path) -> dict | None:
     try:
-        return json.loads((run_path / JOB_RECORD).read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except ValueError:
@@ -219,6 +223,8 @@ def read_record(run_path: Path) -> dict | None:
 
 def slurm_state(record: dict) -> str:
     """The SLURM state of a recorded job (sacct through submitit), UNKNOWN if it cannot be asked."""
+    if shutil.which("sacct") is None:   # not on the cluster: the job may well be queued there
+        return "UNKNOWN"
     try:
         return str(submitit.SlurmJob(folder=record["folder"], job_id=str(record["job_id"])).state).upper()
     except Exception:   # noqa: BLE001  no sacct here, or a cluster that does not answer: assume it may run
@@ -282,7 +288,7 @@ def claim(run_path: Path) -> str | None:
             os.rename(path, aside)
         except FileNotFoundError:
             continue
-        moved = read_record(aside)
+        moved = read_record_file(aside)
         if moved is not None and moved.get("token") != record.get("token"):
             with contextlib.suppress(FileExistsError):   # another sweep's fresh claim: give it back
                 os.link(aside, path)
@@ -413,3 +419,36 @@ def finished_state(run: Any) -> Finished:
     mapping = {"done": "done", "failed": "failed", "interrupted": "interrupted", "running": "elsewhere",
                "queued": "elsewhere", "not started": "not started"}
     return Finished(mapping[state], code, detail)
+
+
+# --------------------------------------------------------------------------------------------
+# The world layout of a multi-process job started by srun (no torchrun)
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SlurmWorld:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07"."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise utils.UserError(f"cannot read the SLURM node list '{nodelist}'; set MASTER_ADDR to the first node")
+    prefix, ranges = head.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def slurm_world(env: Mapping[str, str]) -> SlurmWorld | None:
+    """The process's place in an srun job of several tasks (one process per GPU, no torchrun),
+    or None outside one. MASTER_ADDR / MASTER_PORT, if set, win over the node list and the port
+    derived from the job id (the same on every task, different between jobs on one node)."""
+    if "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return None
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return SlurmWorld(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), int(env["SLURM_NTASKS"]),
+                      env.get("MASTER_ADDR") or first_host(nodelist), int(port))
