@@ -58,7 +58,7 @@ LR_REFERENCE_BATCH = 256
 RESUME_SAFE_KEYS = frozenset({
     "data_dir", "workers", "prefetch", "checkpoint_dir", "weights_dir", "device", "amp", "channels_last",
     "print_freq", "save_every_steps", "profile", "profile_warmup", "batch_size", "accum_steps",
-    "dist_timeout_min", "resume", "stop_after_steps", "deterministic",
+    "dist_timeout_min", "resume", "stop_after_steps", "deterministic", "tensorboard",
 })
 # Never inherited from the checkpoint: they describe this launch only.
 PER_LAUNCH_KEYS = frozenset({"resume", "stop_after_steps", "checkpoint_dir"})
@@ -267,6 +267,7 @@ def pretrain_parser(doc: str, base_lr: float, weights_file: str, checkpoint_dir:
                    help=f"where the final {weights_file} is copied for downstream auto-detection")
     g.add_argument("--save_every_steps", type=int, default=1000, help="also save latest.pt every N steps (0: off)")
     g.add_argument("--print_freq", type=int, default=print_freq, help="progress line every N optimizer steps (0: off)")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to <checkpoint_dir>/tensorboard")
     g.add_argument("--profile", action="store_true",
                    help="time every step (synchronising the GPU) and report data-wait vs compute, in wall-clock "
                         "and in CPU time of the main process")
@@ -689,6 +690,7 @@ def train_epochs(trainer: Pretrainer, data: TrainBatches, phases: Sequence[tuple
             utils.atomic_save(state, ckpt_dir / "latest.pt")
 
     epoch_times: list[float] = []
+    board = utils.TensorBoard(ckpt_dir / "tensorboard" if getattr(args, "tensorboard", False) and ctx.is_main else None)
     while trainer.epoch < args.epochs:
         size = recipes.train_size_for_epoch(trainer.epoch, args.epochs, phases, args.img_size)
         start = time.perf_counter()
@@ -715,6 +717,7 @@ def train_epochs(trainer: Pretrainer, data: TrainBatches, phases: Sequence[tuple
         # and resuming truncates it; the other order could lose the epoch's record.
         if ctx.is_main:
             utils.append_jsonl(ckpt_dir / "log.jsonl", record)
+            board.log_record(record, trainer.epoch)
         save_latest()
         console(epoch_line(record))
     return True

@@ -46,7 +46,7 @@ from utils import UserError
 # Options that may change between an interrupted run and its resumption without changing the
 # trajectory (where data lives, how fast it is loaded, how much is printed). A moved dataset is
 # fine; other data is caught by the fingerprint of the splits.
-RESUME_SAFE_KEYS = {"data_dir", "workers", "run_dir", "force", "cache", "no_progress", "prefetch"}
+RESUME_SAFE_KEYS = {"data_dir", "workers", "run_dir", "force", "cache", "no_progress", "prefetch", "tensorboard"}
 RUN_FILES = ("results.json", "best.pt", "last.pt", "log.jsonl", "train.log")
 
 
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--benchmark_loader", action="store_true",
                    help="time one epoch of the train loader alone (no model, nothing written) and exit")
     g.add_argument("--no_progress", action="store_true", help="no progress bars (logs only)")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to <run>/tensorboard")
     return p
 
 
@@ -452,6 +453,7 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
     loaders, classes = data.loaders, data.classes
     trainer = Trainer(args, len(classes), len(loaders["train"]), device, console)
     trainer.data_identity = {"classes": classes, "fingerprint": data.fingerprint}
+    trainer.board = utils.TensorBoard(run_path / "tensorboard" if args.tensorboard else None)
     console(f"run {run_path} | {args.model} on {args.dataset} fold {args.fold} seed {args.seed} | "
             f"{len(classes)} classes | train/val/test {len(loaders['train'].dataset)}/"
             f"{len(loaders['val'].dataset)}/{len(loaders['test'].dataset) if 'test' in loaders else 0} | "
@@ -545,6 +547,7 @@ def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop:
         # The record goes first: a crash between the two leaves the log ahead of last.pt, and
         # resuming (or a fresh start, before the first last.pt) cuts it back.
         utils.append_jsonl(run_path / "log.jsonl", record)
+        trainer.board.log_record(record, trainer.epoch)
         utils.atomic_save(trainer.checkpoint(config), run_path / "last.pt")
         console(epoch_line(record, args.epochs, trainer.best_val))
     return True
@@ -597,6 +600,10 @@ def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: 
         "train_time_s": trainer.train_time_s,
         "config": config, "git_commit": utils.git_commit(), "versions": utils.library_versions(),
     }
+    if test_best:
+        trainer.board.log_record({"test_acc": test_best["acc"], "test_top5": test_best["top5"]}, trainer.epoch)
+        trainer.board.confusion("test_confusion", test_best["confusion"], trainer.epoch)
+    trainer.board.close()
     lock.check()
     utils.atomic_write_text(json.dumps(results, indent=1), run_path / "results.json")
     if test_best:
