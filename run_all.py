@@ -6,6 +6,8 @@ Usage:
     python run_all.py ... --gpus 0,1,2,3 --runs_per_gpu 2   # 8 concurrent runs, 2 per GPU
     python run_all.py ... --jobs 2                          # 2 concurrent runs on CPU
     python run_all.py ... --dry_run                         # print the plan, start nothing
+    python run_all.py ... --launcher slurm --slurm_partition gpu --slurm_time 240   # one SLURM job per run
+    python run_all.py ... --status                          # queued / running / done / failed runs
     python run_all.py ... --pretrained --lr 0.005           # options run_all does not know go
                                                             # to every train.py unchanged
 
@@ -17,6 +19,10 @@ is resumed by train.py; a run that fails is reported and the sweep goes on. Runn
 command again therefore finishes whatever is left. The plan goes fold by fold, seed by seed, all
 models for each, so that a sweep stopped half-way already holds complete (fold, seed) pairs for
 paired tests.
+
+With --launcher slurm (or submitit_local) every run becomes a submitit job running the same
+train.py command in the same run directory (launchers.py): requeued with last.pt when SLURM
+pre-empts it, recorded in <run>/job.json so that no second sweep submits it while it is queued.
 
 A run that another process is training (its run.lock is held: another run_all.py on the same
 --run_dir, on this machine or another one sharing the folder) is reported as "running elsewhere"

@@ -259,3 +259,17 @@ def test_two_gloo_processes_join_from_slurm_variables() -> None:
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert [out.split()[-5:] for out in outputs] == [["0", "0", "2", "gloo", "3.0"], ["1", "1", "2", "gloo", "3.0"]]
+
+
+def test_the_pretraining_guide_sbatch_script() -> None:
+    guide = (ROOT / "PRETRAIN_GUIDE.md").read_text()
+    section = guide[guide.index("### On a SLURM cluster"):]
+    script = section[section.index("```bash\n") + len("```bash\n"):section.index("\n```\n")]
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "--resume auto", "srun ", "torchrun ",
+                 'scontrol requeue "$SLURM_JOB_ID"'):
+        assert line in script, line
+    command = script[script.index("pretrain_imagenet.py"):script.index(" &\n")].replace("\\\n", " ").split()
+    import pretrain_imagenet
+    options = pretrain_imagenet.build_parser().parse_args(command[1:])   # every option exists
+    assert options.resume == "auto" and options.tensorboard
