@@ -128,6 +128,8 @@ def setup_lines(runs: Sequence[Any], launcher: str = "slurm") -> list[str]:
 # The job
 # --------------------------------------------------------------------------------------------
 def last_output_line(text: str) -> str:
+    """The last non-empty line a child wrote (usually the error), leaving out the sweep's own
+    '===== ' markers; carriage returns (progress bars) count as line ends."""
     lines = [line.strip() for line in text.replace("\r", "\n").splitlines()
              if line.strip() and not line.startswith("===== ")]
     return lines[-1] if lines else ""
@@ -191,7 +193,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGINT)
             try:
-                child.wait(timeout=SIGNAL_DELAY_S)
+                child.wait(timeout=SIGNAL_DELAY_S - 30)   # leaves time for the requeue
             except subprocess.TimeoutExpired:
                 pass   # SLURM kills the job soon; train.py's SIGTERM handler still saves at the next step
             with open(self.log_path, "a") as log:

@@ -333,9 +333,7 @@ def last_output_line(log_path: Path, offset: int) -> str:
             text = f.read().decode(errors="replace")
     except OSError:
         return ""
-    lines = [line.strip() for line in text.replace("\r", "\n").splitlines()
-             if line.strip() and not line.startswith("===== ")]   # run_all's own markers are not the child's
-    return lines[-1] if lines else ""
+    return launchers.last_output_line(text)
 
 
 def say(text: str) -> None:
