@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+import launchers
 import loading
 import model_tools
 import models
@@ -57,7 +58,7 @@ LR_REFERENCE_BATCH = 256
 RESUME_SAFE_KEYS = frozenset({
     "data_dir", "workers", "prefetch", "checkpoint_dir", "weights_dir", "device", "amp", "channels_last",
     "print_freq", "save_every_steps", "profile", "profile_warmup", "batch_size", "accum_steps",
-    "dist_timeout_min", "resume", "stop_after_steps", "deterministic",
+    "dist_timeout_min", "resume", "stop_after_steps", "deterministic", "tensorboard",
 })
 # Never inherited from the checkpoint: they describe this launch only.
 PER_LAUNCH_KEYS = frozenset({"resume", "stop_after_steps", "checkpoint_dir"})
@@ -86,9 +87,11 @@ class DistContext:
 
 
 def init_distributed(device_flag: str, timeout_min: float) -> DistContext:
-    """Join the torchrun job if there is one: NCCL between GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """Join the torchrun job, or the srun job of several tasks (SLURM_* variables, launchers.slurm_world),
+    if there is one: NCCL between GPUs, gloo on CPU."""
+    slurm = None if "WORLD_SIZE" in os.environ else launchers.slurm_world(os.environ)
+    world = slurm.world_size if slurm else int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = slurm.local_rank if slurm else int(os.environ.get("LOCAL_RANK", "0"))
     device = utils.resolve_device(device_flag)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if device.index is None or world > 1 else device.index)
@@ -97,6 +100,9 @@ def init_distributed(device_flag: str, timeout_min: float) -> DistContext:
         return DistContext(0, 0, 1, device, None)
     backend = "nccl" if device.type == "cuda" else "gloo"
     extra = {"device_id": device} if backend == "nccl" else {}
+    if slurm:
+        extra.update(init_method=f"tcp://{slurm.master_addr}:{slurm.master_port}", rank=slurm.rank,
+                     world_size=slurm.world_size)
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min), **extra)
     cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device, backend, cpu_group)
@@ -261,6 +267,7 @@ def pretrain_parser(doc: str, base_lr: float, weights_file: str, checkpoint_dir:
                    help=f"where the final {weights_file} is copied for downstream auto-detection")
     g.add_argument("--save_every_steps", type=int, default=1000, help="also save latest.pt every N steps (0: off)")
     g.add_argument("--print_freq", type=int, default=print_freq, help="progress line every N optimizer steps (0: off)")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to <checkpoint_dir>/tensorboard")
     g.add_argument("--profile", action="store_true",
                    help="time every step (synchronising the GPU) and report data-wait vs compute, in wall-clock "
                         "and in CPU time of the main process")
@@ -684,6 +691,7 @@ def train_epochs(trainer: Pretrainer, data: TrainBatches, phases: Sequence[tuple
             utils.atomic_save(state, ckpt_dir / "latest.pt")
 
     epoch_times: list[float] = []
+    board = utils.TensorBoard(ckpt_dir / "tensorboard" if getattr(args, "tensorboard", False) and ctx.is_main else None)
     while trainer.epoch < args.epochs:
         size = recipes.train_size_for_epoch(trainer.epoch, args.epochs, phases, args.img_size)
         start = time.perf_counter()
@@ -710,6 +718,7 @@ def train_epochs(trainer: Pretrainer, data: TrainBatches, phases: Sequence[tuple
         # and resuming truncates it; the other order could lose the epoch's record.
         if ctx.is_main:
             utils.append_jsonl(ckpt_dir / "log.jsonl", record)
+            board.log_record(record, trainer.epoch)
         save_latest()
         console(epoch_line(record))
     return True

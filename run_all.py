@@ -6,6 +6,8 @@ Usage:
     python run_all.py ... --gpus 0,1,2,3 --runs_per_gpu 2   # 8 concurrent runs, 2 per GPU
     python run_all.py ... --jobs 2                          # 2 concurrent runs on CPU
     python run_all.py ... --dry_run                         # print the plan, start nothing
+    python run_all.py ... --launcher slurm --slurm_partition gpu --slurm_time 240   # one SLURM job per run
+    python run_all.py ... --status                          # queued / running / done / failed runs
     python run_all.py ... --pretrained --lr 0.005           # options run_all does not know go
                                                             # to every train.py unchanged
 
@@ -17,6 +19,10 @@ is resumed by train.py; a run that fails is reported and the sweep goes on. Runn
 command again therefore finishes whatever is left. The plan goes fold by fold, seed by seed, all
 models for each, so that a sweep stopped half-way already holds complete (fold, seed) pairs for
 paired tests.
+
+With --launcher slurm (or submitit_local) every run becomes a submitit job running the same
+train.py command in the same run directory (launchers.py): requeued with last.pt when SLURM
+pre-empts it, recorded in <run>/job.json so that no second sweep submits it while it is queued.
 
 A run that another process is training (its run.lock is held: another run_all.py on the same
 --run_dir, on this machine or another one sharing the folder) is reported as "running elsewhere"
@@ -53,6 +59,7 @@ from typing import Any, Iterator, Sequence
 from tqdm import tqdm
 
 import datasets
+import launchers
 import models
 import recipes
 import rundirs
@@ -103,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--jobs", type=int, default=None,
                    help="concurrent runs without --gpus (default 1); each child gets "
                         "OMP_NUM_THREADS = cpu_count // jobs unless OMP_NUM_THREADS is set")
-    g.add_argument("--dry_run", action="store_true", help="print each run's status and command; start nothing")
+    g.add_argument("--dry_run", action="store_true", help="print each run's status and command (with "
+                   "--launcher slurm: the sbatch scripts); start nothing")
+    launchers.add_arguments(p)
     return p
 
 
@@ -114,6 +123,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         parser.error("--jobs is for CPU sweeps; with --gpus the concurrency is len(--gpus) x --runs_per_gpu")
     if (args.jobs is not None and args.jobs < 1) or args.runs_per_gpu < 1:
         parser.error("--jobs and --runs_per_gpu must be at least 1")
+    launchers.check_arguments(args, parser)
     args.jobs = args.jobs or 1
     return args, passthrough, parser
 
@@ -205,8 +215,8 @@ def train_command(args: argparse.Namespace, model: str, fold: int, seed: int,
 
 
 def run_status(path: Path, force: bool) -> str:
-    if rundirs.lock_holder(path) is not None:
-        return "elsewhere"
+    if rundirs.lock_holder(path) is not None or launchers.active_job(path) is not None:
+        return "elsewhere"   # trained, or queued as a cluster job, by another process
     if force:
         return "run"  # train.py --force restarts finished and interrupted runs alike
     if (path / "results.json").exists():
@@ -329,9 +339,7 @@ def last_output_line(log_path: Path, offset: int) -> str:
             text = f.read().decode(errors="replace")
     except OSError:
         return ""
-    lines = [line.strip() for line in text.replace("\r", "\n").splitlines()
-             if line.strip() and not line.startswith("===== ")]   # run_all's own markers are not the child's
-    return lines[-1] if lines else ""
+    return launchers.last_output_line(text)
 
 
 def say(text: str) -> None:
@@ -512,8 +520,9 @@ def format_report(outcomes: Sequence[Outcome], seconds: float) -> str:
     if elsewhere:
         lines.append("Running elsewhere (another process holds their run.lock; not started here):")
         for o in elsewhere:
-            holder = rundirs.lock_holder(o.run.path)
-            lines.append(f"  {o.run.name}" + (f"  {holder.describe()}" if holder else "  (finished or stopped since)"))
+            holder, job = rundirs.lock_holder(o.run.path), launchers.active_job(o.run.path)
+            where = holder.describe() if holder else job[1] if job else "(finished or stopped since)"
+            lines.append(f"  {o.run.name}  {where}")
     return "\n".join(lines)
 
 
@@ -534,6 +543,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_models(args.models, models.model_names(), parser)
     options = parse_passthrough(passthrough, train, parser)
     runs = plan_runs(args, passthrough, options, train)
+    if args.status:
+        print(launchers.status_table(runs)[0])
+        return EXIT_OK
+    if args.launcher != "local":
+        return launch_jobs(args, runs)
     if args.dry_run:
         print_plan(runs)
         return EXIT_OK
@@ -550,6 +564,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes += sweep.execute() if to_do else []
     say(format_report(outcomes, time.perf_counter() - start))
     return exit_code(outcomes, sweep.stopping)
+
+
+def launch_jobs(args: argparse.Namespace, runs: Sequence[Run]) -> int:
+    """--launcher slurm / submitit_local: one job per unfinished run (launchers.py)."""
+    to_do = [r for r in runs if r.status not in ("skip", "elsewhere")]
+    if args.dry_run:
+        print(f"Plan: {len(runs)} runs ({plan_counts(runs)}); sbatch script(s) for the {len(to_do)} to submit:")
+        for script in launchers.sbatch_scripts(args, to_do) if to_do else []:
+            print(script)
+        print("--dry_run: nothing was submitted or written.")
+        return EXIT_OK
+    start = time.perf_counter()
+    submitted = launchers.submit(args, to_do) if to_do else []
+    print(f"{len(runs)} runs in {args.run_dir}: {plan_counts(runs)}; submitted {len(submitted)} job(s) "
+          f"({args.launcher}): " + ", ".join(str(job.job_id) for _, job in submitted), flush=True)
+    if not args.wait:
+        print("Follow them with the same command and --status.")
+        return EXIT_OK
+    launchers.wait_for([job for _, job in submitted])
+    ids = {run.name for run, _ in submitted}
+    outcomes = [Outcome(r, {"skip": "skipped"}.get(r.status, "elsewhere")) for r in runs if r.name not in ids]
+    for run, _ in submitted:
+        finished = launchers.finished_state(run)
+        outcomes.append(Outcome(run, finished.state, finished.returncode, 0.0, finished.last_line))
+    say(format_report(outcomes, time.perf_counter() - start))
+    return exit_code(outcomes, False)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,21 @@ def _process_alive(pid: int, proc_start: int | None) -> bool:
     return state != "Z" and (proc_start is None or start == proc_start)
 
 
+def process_here_alive(host: str, boot_id: str | None, pid: int, proc_start: int | None = None) -> bool | None:
+    """Whether a process recorded with its host and boot id is alive: None when it ran on another
+    host (or boot, or pid namespace), where its pid cannot be checked from here."""
+    if host != socket.gethostname() or boot_id != _boot_id():
+        return None
+    return _process_alive(pid, proc_start)
+
+
+def this_process() -> dict[str, Any]:
+    """host, boot id, pid and start time of this process: what process_here_alive checks."""
+    stat = _proc_stat(os.getpid())
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+            "proc_start": stat[1] if stat else None}
+
+
 def read_lock(path: str | os.PathLike) -> LockHolder | None:
     """The holder recorded in a lock file (None if there is no such file).
 
@@ -141,10 +156,9 @@ def stale_reason(holder: LockHolder, stale_after_s: float | None = None) -> str 
     there only the heartbeat's age counts.
     """
     stale_after_s = lock_stale_after_s() if stale_after_s is None else stale_after_s
-    if holder.host == socket.gethostname() and holder.boot_id == _boot_id():
-        if not _process_alive(holder.pid, holder.proc_start):
-            return f"its process {holder.pid} on this host is gone"
-        return None
+    alive = process_here_alive(holder.host, holder.boot_id, holder.pid, holder.proc_start)
+    if alive is not None:
+        return None if alive else f"its process {holder.pid} on this host is gone"
     if holder.heartbeat_age_s > stale_after_s:
         return f"its heartbeat is {holder.heartbeat_age_s:.0f} s old (over {stale_after_s:.0f} s)"
     return None

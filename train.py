@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,9 @@ from utils import UserError
 # Options that may change between an interrupted run and its resumption without changing the
 # trajectory (where data lives, how fast it is loaded, how much is printed). A moved dataset is
 # fine; other data is caught by the fingerprint of the splits.
-RESUME_SAFE_KEYS = {"data_dir", "workers", "run_dir", "force", "cache", "no_progress", "prefetch"}
+RESUME_SAFE_KEYS = {"data_dir", "workers", "run_dir", "force", "cache", "no_progress", "prefetch", "tensorboard"}
 RUN_FILES = ("results.json", "best.pt", "last.pt", "log.jsonl", "train.log")
+RUN_FOLDERS = ("tensorboard",)   # --tensorboard's event files, which a fresh start must not append to
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning-rate range test on this run's data and recipe: writes lr_find.png and "
                         "lr_find.json (curve, suggested --lr) into the run directory and exits (no checkpoint)")
     g.add_argument("--lr_find_steps", type=int, default=100, help="optimizer steps of the range test")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to <run>/tensorboard")
     return p
 
 
@@ -449,7 +452,7 @@ def check_finished(run_path: Path, config: dict, data: Any = None) -> None:
 
 def clear_run(run_path: Path) -> None:
     """--force: remove what an earlier attempt wrote, and say so (best.pt too)."""
-    present = [name for name in RUN_FILES if (run_path / name).exists()]
+    present = [name for name in RUN_FILES + RUN_FOLDERS if (run_path / name).exists()]
     if not present:
         return
     what = ""
@@ -459,7 +462,10 @@ def clear_run(run_path: Path) -> None:
     print(f"--force: removing {', '.join(present)} from {run_path}{what}; the run starts again from scratch.",
           flush=True)
     for name in present:
-        (run_path / name).unlink(missing_ok=True)
+        if name in RUN_FOLDERS:
+            shutil.rmtree(run_path / name, ignore_errors=True)
+        else:
+            (run_path / name).unlink(missing_ok=True)
 
 
 def refine_results(trainer: Trainer) -> dict:
@@ -545,6 +551,7 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
     loaders, classes = data.loaders, data.classes
     trainer = Trainer(args, len(classes), len(loaders["train"]), device, console)
     trainer.data_identity = {"classes": classes, "fingerprint": data.fingerprint}
+    trainer.board = utils.TensorBoard(run_path / "tensorboard" if args.tensorboard else None)
     console(f"run {run_path} | {args.model} on {args.dataset} fold {args.fold} seed {args.seed} | "
             f"{len(classes)} classes | train/val/test {len(loaders['train'].dataset)}/"
             f"{len(loaders['val'].dataset)}/{len(loaders['test'].dataset) if 'test' in loaders else 0} | "
@@ -670,6 +677,7 @@ def train_loop(trainer: Trainer, data: Data, config: dict, run_path: Path, stop:
         # The record goes first: a crash between the two leaves the log ahead of last.pt, and
         # resuming (or a fresh start, before the first last.pt) cuts it back.
         utils.append_jsonl(run_path / "log.jsonl", record)
+        trainer.board.log_record(record, trainer.epoch)
         utils.atomic_save(trainer.checkpoint(config), run_path / "last.pt")
         console(epoch_line(record, args.epochs, trainer.best_val))
     return True
@@ -727,6 +735,10 @@ def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: 
         "train_time_s": trainer.train_time_s,
         "recipe": recipes.recipe_summary(args), "config": config, "git_commit": utils.git_commit(), "versions": utils.library_versions(),
     }
+    if test_best:
+        trainer.board.log_record({"test_acc": test_best["acc"], "test_top5": test_best["top5"]}, trainer.epoch)
+        trainer.board.confusion("test_confusion", test_best["confusion"], trainer.epoch)
+    trainer.board.close()
     lock.check()
     utils.atomic_write_text(json.dumps(results, indent=1), run_path / "results.json")
     if test_best:

@@ -355,6 +355,43 @@ def append_jsonl(path: str | os.PathLike, record: Mapping) -> None:
             raise write_error(Path(path), error, len(line)) from None
 
 
+class TensorBoard:
+    """TensorBoard event files in a run directory (--tensorboard); without a folder every call does
+    nothing, so callers need no `if`. `tensorboard --logdir runs/` then shows a whole sweep."""
+
+    def __init__(self, log_dir: str | os.PathLike | None) -> None:
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter   # imports tensorboard: only when asked
+            self.writer = SummaryWriter(str(log_dir))
+
+    def log_record(self, record: Mapping, step: int, prefix: str = "") -> None:
+        """Every finite number of a log record as a scalar; nested dicts (gates per block) as
+        'key/name'. Flushed at once: a killed run keeps the curves of its finished epochs."""
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if isinstance(value, Mapping):
+                self.log_record(value, step, f"{prefix}{key}/")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}{key}", value, step)
+        self.writer.flush()
+
+    def confusion(self, tag: str, confusion: Sequence[Sequence[float]], step: int, cell_px: int = 8) -> None:
+        """A confusion matrix as a grey image, rows normalised (white: all of a true class there)."""
+        if self.writer is None:
+            return
+        matrix = torch.as_tensor(confusion, dtype=torch.float32)
+        matrix = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
+        image = matrix.repeat_interleave(cell_px, 0).repeat_interleave(cell_px, 1)
+        self.writer.add_image(tag, image.unsqueeze(0), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
     atomic_write_text("".join(json.dumps(r) + "\n" for r in records), path)
 

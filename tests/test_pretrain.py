@@ -87,7 +87,7 @@ def straight(imagenet: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     """(checkpoint dir, weights dir) of an uninterrupted two-process, two-epoch run."""
     base = tmp_path_factory.mktemp("straight")
     torchrun("--data_dir", str(imagenet), "--epochs", "2", "--checkpoint_dir", str(base / "ckpt"),
-             "--weights_dir", str(base / "weights"))
+             "--weights_dir", str(base / "weights"), "--tensorboard")
     return base / "ckpt", base / "weights"
 
 
@@ -137,6 +137,21 @@ def test_two_process_run_writes_every_file(straight: tuple[Path, Path]) -> None:
     assert best["val_acc"] == max(r["val_acc"] for r in epochs)
     model = models.build_model("twistnet18", CLASSES, verbose=False)
     model.load_state_dict(final)   # strict: every tensor, plain names
+
+
+def test_tensorboard_events_of_rank_0_hold_the_epoch_records(straight: tuple[Path, Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ckpt, _ = straight
+    assert len(list((ckpt / "tensorboard").glob("events.out.tfevents.*"))) == 1   # rank 0 only
+    events = EventAccumulator(str(ckpt / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    epochs = records(ckpt, "epoch")
+    for key in ("lr", "train_loss", "val_acc", "images_per_s", "data_wait_share", "gates/layer3.0"):
+        group, _, name = key.partition("/")
+        points = events.Scalars(key)
+        assert [p.step for p in points] == [1, 2], key
+        assert [p.value for p in points] == pytest.approx([r[group][name] if name else r[key] for r in epochs],
+                                                         rel=1e-6), key
 
 
 def test_curves_plot_reads_a_pretraining_log(straight: tuple[Path, Path], tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ seconds. Resume equality is tested with a real SIGINT delivered while the run is
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -51,7 +52,7 @@ def read_log(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs")
-    run_train(run_dir, "--epochs", "2")
+    run_train(run_dir, "--epochs", "2", "--tensorboard")
     return run_path(run_dir)
 
 
@@ -333,3 +334,23 @@ def test_a_diverging_loss_is_one_error_line(tmp_path: Path, capsys) -> None:
                               "--warmup_epochs", "0")
     line = one_error_line(err)
     assert code == 2 and "the training loss is" in line and "lower --lr" in line
+
+
+def test_tensorboard_events_hold_the_logged_scalars_and_the_confusion_image(finished_run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from PIL import Image
+    events = EventAccumulator(str(finished_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    log = read_log(finished_run)
+    for key in ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "data_wait_share",
+                "gates/layer3.0", "gates/layer4.1"):
+        points = events.Scalars(key)
+        assert [p.step for p in points] == [1, 2], key
+        group, _, name = key.partition("/")
+        logged = [r[group][name] if name else r[key] for r in log]
+        assert [p.value for p in points] == pytest.approx(logged, rel=1e-6), key   # float32 in the event file
+    results = json.loads((finished_run / "results.json").read_text())
+    assert events.Scalars("test_acc")[0].value == pytest.approx(results["test_acc"], rel=1e-6)
+    image = events.Images("test_confusion")[0]
+    classes = len(results["classes"])
+    assert Image.open(io.BytesIO(image.encoded_image_string)).size == (8 * classes, 8 * classes)
