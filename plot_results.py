@@ -764,7 +764,7 @@ def tsne_figure(embedding: np.ndarray, labels: np.ndarray, classes: Sequence[str
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
     if title:
-        ax.set_title(title)
+        fig.suptitle(title)   # centred on the figure: an axes title beside the legend runs off the page
     return fig
 
 
