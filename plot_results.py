@@ -402,7 +402,8 @@ def speed_axis(speed_file: str | Path, metric: str) -> tuple[Callable[[RunResult
         device = rows[0]["device"]
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as error:
         raise UserError(f"{path} is not the JSON of compute_flops.py --speed --json ({error})") from None
-    return (lambda r: rates.get(r.model)), f"{metric} images/s ({device})"
+    # The device on a second line: a CPU model name is wider than a one-column figure.
+    return (lambda r: rates.get(r.model)), f"{metric} images/s\n({device})"
 
 
 def ablation_figure(stats: Mapping[tuple[str, str], Stats], labels: Sequence[str], groups: Sequence[str],

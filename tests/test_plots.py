@@ -357,7 +357,7 @@ def test_efficiency_puts_each_model_at_its_measured_speed(run_dir: Path, tmp_pat
                                  for n, r in rates.items()]))
     runs = plot_results.filter_runs(plot_results.load_results([run_dir]), list(rates), ["dtd"])
     cost, unit = plot_results.speed_axis(speed, "infer")
-    assert unit == "infer images/s (CPU: test)"
+    assert unit == "infer images/s\n(CPU: test)"
     with figures.paper_style():
         fig = plot_results.scatter_figure(runs, list(rates), ["dtd"], cost, unit)
     points = {bars.get_label(): (bars.lines[0].get_xdata()[0], bars.lines[0].get_ydata()[0])
