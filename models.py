@@ -1,4 +1,5 @@
-"""TwistNet-2D models, the timm baselines, weight loading and introspection.
+"""TwistNet-2D models, the timm baselines, the registry and pretrained-weight loading (introspection
+and trained checkpoints: model_tools.py).
 
 Usage:
     from models import build_model, list_models
