@@ -40,13 +40,17 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def capture(modules: Mapping[str, nn.Module], inputs: bool = False, detach: bool = True
+def capture(modules: Mapping[str, nn.Module], inputs: bool = False, detach: bool = True, clone: bool = False
             ) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each named module's output (or first input) during the forward passes in the block."""
+    """Record each named module's output (or first input) during the forward passes in the block.
+
+    clone: keep a copy, which later in-place ops of the forward (ReLU, residual adds) cannot edit.
+    """
     store: dict[str, torch.Tensor] = {}
 
     def keep(name: str, value: torch.Tensor) -> None:
-        store[name] = value.detach() if detach else value
+        value = value.detach() if detach else value
+        store[name] = value.clone() if clone else value
 
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: keep(name, args[0])) if inputs
                else m.register_forward_hook(lambda mod, args, out, name=name: keep(name, out))

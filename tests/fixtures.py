@@ -231,3 +231,11 @@ def full_size_flowers_index(root: Path) -> Path:
     touch_all([root / "jpg" / f"image_{i:05d}.jpg" for i in range(1, len(labels) + 1)])
     save_flowers_mats(root, labels, trn, val, tst)
     return root
+
+
+def one_error_line(err: str) -> str:
+    """The single `error: ...` line a user error prints on stderr (no traceback); fails otherwise."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]

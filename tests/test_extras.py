@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import distributed  # noqa: E402
+import fixtures  # noqa: E402
 import lrfind  # noqa: E402
 import model_tools  # noqa: E402
 import models  # noqa: E402
@@ -50,8 +51,7 @@ def test_drop_path_and_blurpool_flags_build_the_model_and_its_rebuilds(name: str
 ])
 def test_bad_drop_path_is_one_error_line(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
     code = utils.run_main(train.main, ["--dataset", "synthtex", "--run_dir", str(tmp_path), *argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert code == 2 and message in fixtures.one_error_line(capsys.readouterr().err)
     assert not any(tmp_path.iterdir())
 
 
@@ -81,8 +81,8 @@ def test_progressive_trains_early_epochs_at_the_smaller_size_and_logs_it(tmp_pat
 def test_bad_progressive_is_one_error_line(spec: str, message: str, tmp_path: Path, capsys) -> None:
     code = utils.run_main(train.main, ["--dataset", "synthtex", "--img_size", "32", "--progressive", spec,
                                        "--run_dir", str(tmp_path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and message in err[0] and not any(tmp_path.iterdir())
+    assert code == 2 and message in fixtures.one_error_line(capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------------------------

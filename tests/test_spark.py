@@ -8,7 +8,6 @@ Usage:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import shutil
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -73,19 +71,6 @@ def images(batch: int, height: int, width: int, dtype: torch.dtype = torch.float
 def visible_at(active: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
     """The mask at feat's resolution, broadcast over its channels."""
     return spark.upsample_mask(active, *feat.shape[-2:]).expand_as(feat)
-
-
-@contextlib.contextmanager
-def copies_of_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Like model_tools.capture, but a copy: later in-place ops (ReLU, residual adds) must not edit it."""
-    store: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name: store.__setitem__(name, out.detach().clone()))
-               for name, m in modules.items()]
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def spatial_outputs(model: nn.Module) -> dict[str, nn.Module]:
@@ -174,7 +159,7 @@ def test_every_layer_is_zero_at_masked_positions(name: str, kwargs: dict) -> Non
     active = mask(2, 2, 3)
     watched = spatial_outputs(encoder.model)
     assert any(layer.endswith("stci.twist") for layer in watched) == (name in ("twistnet18", "twistnet18_no_ais"))
-    with copies_of_outputs(watched) as outputs:
+    with model_tools.capture(watched, clone=True) as outputs:
         encoder(images(2, 64, 96), active)
     assert len(outputs) == len(watched) > 40
     for layer, out in outputs.items():
@@ -230,7 +215,7 @@ def test_batch_norm_statistics_over_visible_positions_only() -> None:
     bn.momentum = 0.25
     old_mean, old_var = bn.running_mean.clone(), bn.running_var.clone()
     active = mask(4, 2, 2)
-    with model_tools.capture({"bn": bn}, inputs=True) as seen, copies_of_outputs({"bn": bn}) as produced:
+    with model_tools.capture({"bn": bn}, inputs=True) as seen, model_tools.capture({"bn": bn}, clone=True) as produced:
         encoder(images(4, 64, 64, torch.float64), active)
     x, out = seen["bn"], produced["bn"]
     visible = visible_at(active, x)
@@ -253,7 +238,7 @@ def test_stci_group_norm_and_ais_pool_over_visible_positions_only() -> None:
     stci = encoder.model.layer3[1].stci
     active = mask(3, 3, 3)
     watch = {"stci": stci, "norm": stci.norm, "ais": stci.ais}
-    with model_tools.capture(watch, inputs=True) as seen, copies_of_outputs({"norm": stci.norm}) as produced:
+    with model_tools.capture(watch, inputs=True) as seen, model_tools.capture({"norm": stci.norm}, clone=True) as produced:
         encoder(images(3, 96, 96, torch.float64), active)
     with encoder.masks.applied(active):
         feats = stci.interactions(seen["stci"])

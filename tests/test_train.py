@@ -190,19 +190,12 @@ def run_inline(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str
     return code, out, err
 
 
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def test_batch_sizes_and_epochs_that_cannot_train_are_refused(tmp_path: Path, capsys) -> None:
     code, _, err = run_inline(capsys, "--run_dir", str(tmp_path), "--batch_size", "1", "--epochs", "1")
-    line = one_error_line(err)
+    line = fixtures.one_error_line(err)
     assert code == 2 and "--batch_size 1 cannot train" in line and "BatchNorm" in line and "Mixup" in line
     code, _, err = run_inline(capsys, "--run_dir", str(tmp_path), "--epochs", "0")
-    assert code == 2 and "--epochs 0" in one_error_line(err)
+    assert code == 2 and "--epochs 0" in fixtures.one_error_line(err)
     assert not any(tmp_path.iterdir())   # refused before anything was written
 
 
@@ -213,7 +206,7 @@ def test_an_epoch_that_trained_no_image_is_an_error_not_a_result(tmp_path: Path,
         fixtures.corrupt(image)
     code, out, err = run_inline(capsys, "--dataset", "imagefolder", "--data_dir", str(data), "--epochs", "1",
                                 "--batch_size", "2", "--run_dir", str(tmp_path / "runs"))
-    assert code == 2 and "epoch 1 trained on no image" in one_error_line(err), out + err
+    assert code == 2 and "epoch 1 trained on no image" in fixtures.one_error_line(err), out + err
     run = tmp_path / "runs" / "imagefolder_fold1_twistnet18_seed42"
     assert not (run / "results.json").exists() and not (run / "last.pt").exists()
 
@@ -221,7 +214,7 @@ def test_an_epoch_that_trained_no_image_is_an_error_not_a_result(tmp_path: Path,
 def test_a_finished_run_refuses_a_changed_recipe(finished_run: Path, capsys) -> None:
     before = (finished_run / "results.json").stat().st_mtime_ns
     code, out, err = run_inline(capsys, "--run_dir", str(finished_run.parent), "--epochs", "3", "--lr", "0.1")
-    line = one_error_line(err)
+    line = fixtures.one_error_line(err)
     assert code == 2 and "already finished with another recipe" in line
     assert "--epochs: 2 -> 3" in line and "--lr: 0.05 -> 0.1" in line and "--force" in line and "--tag" in line
     assert "already finished:" not in out.lower()
@@ -268,7 +261,7 @@ def test_a_corrupt_or_foreign_last_pt_is_named_and_explained(tmp_path: Path, cap
     else:
         (run / "last.pt").write_bytes(content)
     code, _, err = run_inline(capsys, "--run_dir", str(tmp_path), "--epochs", "1")
-    line = one_error_line(err)
+    line = fixtures.one_error_line(err)
     assert code == 2 and str(run / "last.pt") in line and what in line, line
     assert "--force" in line and "will likely succeed" not in line and "Re-running" not in line
     assert not (tmp_path / "payload_ran").exists()
@@ -298,21 +291,21 @@ def test_resume_and_finished_runs_refuse_other_data(tmp_path: Path, capsys) -> N
     assert results["data_fingerprint"]["sizes"] == {"train": 12, "val": 6, "test": 6}
 
     code, _, err = run_inline(capsys, *args, "--data_dir", str(data_b))
-    line = one_error_line(err)
+    line = fixtures.one_error_line(err)
     assert code == 2 and "already finished on other data" in line and "train 12 -> 15" in line
     code, out, _ = run_inline(capsys, *args, "--data_dir", str(moved))
     assert code == 0 and "already finished" in out             # a moved copy is the same data
 
     (run / "results.json").unlink()                             # as if interrupted after the epoch
     code, _, err = run_inline(capsys, *args, "--data_dir", str(data_b))
-    line = one_error_line(err)
+    line = fixtures.one_error_line(err)
     assert code == 2 and "last.pt was trained on other data" in line and "train 12 -> 15" in line
     assert not (run / "results.json").exists()
 
 
 def test_a_fixed_size_model_at_the_wrong_size_fails_before_anything_is_written(tmp_path: Path, capsys) -> None:
     code, _, err = run_inline(capsys, "--model", "swin_tiny", "--epochs", "1", "--run_dir", str(tmp_path))
-    line = one_error_line(err)
+    line = fixtures.one_error_line(err)
     assert code == 2 and "swin_tiny cannot take 32 px images" in line and "--img_size 224" in line
     assert not any(tmp_path.iterdir())
 
@@ -332,7 +325,7 @@ def test_per_class_accuracy_of_a_class_without_test_images_is_null(tmp_path: Pat
 def test_a_diverging_loss_is_one_error_line(tmp_path: Path, capsys) -> None:
     code, _, err = run_inline(capsys, "--run_dir", str(tmp_path), "--epochs", "1", "--lr", "1e30",
                               "--warmup_epochs", "0")
-    line = one_error_line(err)
+    line = fixtures.one_error_line(err)
     assert code == 2 and "the training loss is" in line and "lower --lr" in line
 
 

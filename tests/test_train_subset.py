@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
+import fixtures  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 
@@ -73,8 +74,7 @@ def test_the_subset_is_independent_of_seed_and_marks_the_run(tmp_path: Path) -> 
 ])
 def test_bad_subsets_are_one_error_line(extra: list[str], message: str, tmp_path: Path, capsys) -> None:
     code = utils.run_main(train.main, ["--dataset", "synthtex", "--run_dir", str(tmp_path), *extra])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert code == 2 and message in fixtures.one_error_line(capsys.readouterr().err)
     assert not any(tmp_path.iterdir())
 
 

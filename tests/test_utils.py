@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import compute_flops
+import fixtures
 import models
 import pretrain_imagenet
 import pretrain_spark
@@ -53,11 +54,9 @@ def run_script(*argv: str) -> subprocess.CompletedProcess:
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    line = fixtures.one_error_line(proc.stderr)
     for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+        assert fragment in line, (fragment, line)
 
 
 def test_train_py_user_errors_are_one_line(tmp_path: Path) -> None:
@@ -106,11 +105,9 @@ def test_more_user_errors_are_one_line_in_process(script: str, argv: list[str], 
     extra = ["--run_dir", str(tmp_path / "runs")] if script == "train" else \
         ["--checkpoint_dir", str(tmp_path / "ckpt")] if script == "pretrain_imagenet" else []
     assert utils.run_main(main, argv + extra) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    line = fixtures.one_error_line(capsys.readouterr().err)
     for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+        assert fragment in line, (fragment, line)
     assert not (tmp_path / "runs").exists()
 
 
