@@ -41,10 +41,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import datasets
 import models
-import recipes
-import utils
-from summarize_runs import RunResult, Stats, load_results
-from utils import UserError
+from helpers import recipes, utils
+from helpers.runrecords import RunResult, Stats, load_results
+from helpers.utils import UserError
 
 ROOT = Path(__file__).resolve().parent
 FULL_MODEL = "twistnet18"

@@ -3,7 +3,7 @@
 FLOPs are multiply-adds counted by fvcore (one fused multiply-add = one flop) on a single
 3 x img_size x img_size image in eval mode. fvcore skips elementwise ops by default; STCI is
 made of them (the z_i * t_j products, the L2 normalisation, the AIS re-weighting, the gate), so
-the counter (utils.count_flops, which train.py also uses for results.json) also counts elementwise
+the counter (model_tools.count_flops, which train.py also uses for results.json) also counts elementwise
 products, divisions, rsqrt and the gated multiply-add, and sums, L2 norms and means, at one op per
 element, and attention matmuls. Ops still left uncounted
 are listed for every model.
@@ -21,7 +21,7 @@ Usage:
                                                                         # beside its unpruned registry model
 
 From Python:
-    from utils import count_flops
+    from helpers.model_tools import count_flops
     count_flops(model).total / 1e9     # GFLOPs (multiply-adds)
 """
 from __future__ import annotations
@@ -40,10 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model_tools
 import models
-import utils
-from utils import FlopReport, UserError, count_flops
+from helpers import model_tools, utils
+from helpers.model_tools import FlopReport, count_flops
+from helpers.utils import UserError
 
 REFERENCE = "resnet18"
 FLOP_UNIT = "GFLOPs (multiply-adds, fvcore convention)"

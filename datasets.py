@@ -8,7 +8,7 @@ Usage:
                                                              # kth_tips2, cub200, flowers102)
 
     from datasets import build_datasets
-    from loading import collate_skip_unreadable
+    from helpers.loading import collate_skip_unreadable
     sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, cache=True)   # native resolution
     sets, classes = build_datasets("dtd", "data/dtd", 1, train_tf, eval_tf, decode_size=256)  # fast path
     loader = DataLoader(sets["train"], batch_size=32, collate_fn=collate_skip_unreadable)
@@ -51,12 +51,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-import download
-import utils
-from loading import (CACHE_MAX_SHORT, IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, ImageListDataset, SynthTexDataset,
+from helpers import download, utils
+from helpers.loading import (CACHE_MAX_SHORT, IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, ImageListDataset, SynthTexDataset,
                      is_image_file)
 
-from synthtex import SYNTHTEX_CLASSES, SYNTHTEX_PER_CLASS, render_synthtex, synthtex_label, synthtex_samples_per_fold
+from helpers.synthtex import SYNTHTEX_CLASSES, SYNTHTEX_PER_CLASS, render_synthtex, synthtex_label, synthtex_samples_per_fold
 
 SPLIT_NAMES = ("train", "val", "test")
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers.errors import UserError
+
 # Direction of each head, in degrees; head d shifts towards (round cos, round sin) of its angle.
 HEAD_ANGLES = (0, 45, 90, 135)
 WEIGHTS_DIR_NAME = "weights"
@@ -43,7 +45,7 @@ _STEM_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
 # --------------------------------------------------------------------------------------------
 # Errors: bad requests, as opposed to bugs (entry scripts print them as one `error:` line)
 # --------------------------------------------------------------------------------------------
-class ModelError(Exception):
+class ModelError(UserError):
     """A request the registry or the weight loader cannot satisfy, because of the user's input."""
 
 

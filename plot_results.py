@@ -57,15 +57,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import datasets
-import loading
-import model_tools
 import models
 import transforms
-import utils
-import figures
-from figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, paper_style, save_figure
-from summarize_runs import RunResult, Stats, load_results
-from utils import UserError
+from helpers import figures, loading, model_tools, utils
+from helpers.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, paper_style, save_figure
+from helpers.runrecords import RunResult, Stats, load_results
+from helpers.utils import UserError
 
 AGGREGATE_KINDS = ("bar", "radar", "scatter", "efficiency", "ablation", "prune")
 PLOT_KINDS = (*AGGREGATE_KINDS, "curves", "gate", "confusion", "interaction", "tsne")

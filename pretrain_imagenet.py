@@ -51,16 +51,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import datasets
-import distributed
-import loading
-import model_tools
 import models
-import recipes
-import rundirs
 import transforms
-import utils
-from distributed import BatchPlan, DistContext
-from utils import UserError
+from helpers import distributed, loading, model_tools, recipes, rundirs, utils
+from helpers.distributed import BatchPlan, DistContext
+from helpers.utils import UserError
 
 # Besides where things are and how fast they go (distributed.RESUME_SAFE_KEYS), these may differ
 # on a resume; everything else is the recipe and must match the checkpoint.

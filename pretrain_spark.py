@@ -53,16 +53,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import datasets
-import distributed
-import model_tools
 import models
-import recipes
-import rundirs
-import spark
 import transforms
-import utils
-from distributed import BatchPlan, DistContext
-from utils import UserError
+from helpers import distributed, model_tools, recipes, rundirs, spark, utils
+from helpers.distributed import BatchPlan, DistContext
+from helpers.utils import UserError
 
 SparkEncoder = spark.SparkEncoder   # the mask-aware encoder: pretrain_spark.SparkEncoder(model) as in spark.py
 

@@ -47,9 +47,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-import model_tools
 import models
-import utils
+from helpers import model_tools, utils
 
 SCOPES = ("global", "layer")
 TRACE_SIZE = 64
@@ -185,11 +184,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     fresh = model_tools.channel_config(models.build_model(name, num_classes, verbose=False,
                                                           **model_tools.model_kwargs_of(config)))
     before = model_tools.channel_config(model)
-    params0, flops0 = models.count_params(model), utils.count_flops(model, args.img_size).total
+    params0, flops0 = models.count_params(model), model_tools.count_flops(model, args.img_size).total
 
     plan = plan_pruning(model, args.percent, args.scope)
     difference = prune_checked(model, plan)
-    params1, flops1 = models.count_params(model), utils.count_flops(model, args.img_size).total
+    params1, flops1 = models.count_params(model), model_tools.count_flops(model, args.img_size).total
 
     print(channel_table(before, model_tools.channel_config(model)))
     print(f"\n{name}: {args.scope} BN-scale pruning of {args.percent:.0%} of the prunable channels "

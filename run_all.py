@@ -53,17 +53,13 @@ import threading
 import time
 import types
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
 import datasets
-import launchers
 import models
-import recipes
-import rundirs
-import utils
+from helpers import launchers, recipes, rundirs, train_cli, utils
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
@@ -131,14 +127,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 # --------------------------------------------------------------------------------------------
 # Validation against train.py
 # --------------------------------------------------------------------------------------------
-def import_train() -> ModuleType:
-    """train.py as a module: its parser and run_name() are the contract for names and options."""
-    if str(TRAIN_SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(TRAIN_SCRIPT.parent))
-    import train
-    return train
-
-
 def unknown_model_message(unknown: Sequence[str], known: Sequence[str]) -> str:
     parts = []
     for name in unknown:
@@ -162,14 +150,14 @@ def unknown_option_message(unknown: Sequence[str], train_parser: argparse.Argume
     return f"neither run_all.py nor train.py knows: {', '.join(hints)}"
 
 
-def parse_passthrough(passthrough: list[str], train: ModuleType,
+def parse_passthrough(passthrough: list[str],
                       parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The pass-through options as train.py reads them; refuses the ones the sweep sets itself.
 
     Parsing with train.py's own parser catches a typo before a hundred runs fail on it, and
     sentinel defaults reveal an owned option however it was spelt (--seed 1, --seed=1, --se 1).
     """
-    train_parser = train.build_parser()
+    train_parser = train_cli.build_parser()
     train_parser.prog = "run_all.py -> train.py"
     train_parser.usage = "run_all.py ... [train.py options, see python train.py --help]"
     train_parser.set_defaults(**{dest: UNSET for dest in SWEEP_OWNED})
@@ -226,22 +214,21 @@ def run_status(path: Path, force: bool) -> str:
     return "run"
 
 
-def plan_runs(args: argparse.Namespace, passthrough: Sequence[str], options: argparse.Namespace,
-              train: ModuleType) -> list[Run]:
+def plan_runs(args: argparse.Namespace, passthrough: Sequence[str], options: argparse.Namespace) -> list[Run]:
     runs, conflicts, fingerprints = [], [], {}
     for fold in args.folds:
         for seed in args.seeds:
             for model in args.models:
                 command = train_command(args, model, fold, seed, passthrough, options)
-                run_args = train.parse_args(command[2:])
-                train.validate_args(run_args)   # e.g. --batch_size 1: refused once, not by every run
-                name = train.run_name(run_args)
+                run_args = train_cli.parse_args(command[2:])
+                train_cli.validate_args(run_args)   # e.g. --batch_size 1: refused once, not by every run
+                name = train_cli.run_name(run_args)
                 path = Path(args.run_dir) / name
                 run = Run(name, path, tuple(command), run_status(path, options.force))
                 if run.status == "skip":
                     if fold not in fingerprints:
-                        fingerprints[fold] = data_of_fold(args, fold, train, run_args)
-                    conflict = finished_run_conflict(run, run_args, fingerprints[fold], train)
+                        fingerprints[fold] = data_of_fold(args, fold, run_args)
+                    conflict = finished_run_conflict(run, run_args, fingerprints[fold])
                     if conflict:
                         conflicts.append(conflict)
                 runs.append(run)
@@ -254,8 +241,8 @@ def plan_runs(args: argparse.Namespace, passthrough: Sequence[str], options: arg
     return runs
 
 
-def data_of_fold(args: argparse.Namespace, fold: int, train: ModuleType, run_args: argparse.Namespace) -> Any:
-    """A fold's classes and split fingerprint (train.Data-like), or None if the data cannot be
+def data_of_fold(args: argparse.Namespace, fold: int, run_args: argparse.Namespace) -> Any:
+    """A fold's classes and split fingerprint (train.py's Data-like), or None if the data cannot be
     read here (then unfinished runs fail in train.py with the reason; finished ones are kept).
     The training subset (--train_per_class/--train_fraction) is the sweep's, the same for every run."""
     try:
@@ -267,10 +254,10 @@ def data_of_fold(args: argparse.Namespace, fold: int, train: ModuleType, run_arg
     return types.SimpleNamespace(classes=splits.classes, fingerprint=fingerprint)
 
 
-def finished_run_conflict(run: Run, run_args: argparse.Namespace, data: Any, train: ModuleType) -> str | None:
+def finished_run_conflict(run: Run, run_args: argparse.Namespace, data: Any) -> str | None:
     """Why a finished run does not belong to this sweep's command (None if it does)."""
     try:
-        difference = train.finished_difference(run.path, train.config_of(run_args), data)
+        difference = train_cli.finished_difference(run.path, train_cli.config_of(run_args), data)
     except utils.UserError as error:   # an unreadable results.json
         difference = str(error)
     return f"{run.name} finished {difference}" if difference else None
@@ -537,12 +524,11 @@ def exit_code(outcomes: Sequence[Outcome], interrupted: bool) -> int:
 # --------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     args, passthrough, parser = parse_args(argv)
-    train = import_train()
     if args.dataset not in datasets.DATASETS:
         parser.error(f"unknown dataset '{args.dataset}'. Known: {', '.join(datasets.DATASETS)}")
     check_models(args.models, models.model_names(), parser)
-    options = parse_passthrough(passthrough, train, parser)
-    runs = plan_runs(args, passthrough, options, train)
+    options = parse_passthrough(passthrough, parser)
+    runs = plan_runs(args, passthrough, options)
     if args.status:
         print(launchers.status_table(runs)[0])
         return EXIT_OK

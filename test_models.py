@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import model_tools
 import models
+from helpers import model_tools
 
 torch.set_num_threads(2)
 

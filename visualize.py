@@ -34,13 +34,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import figures  # first: it selects matplotlib's Agg backend
-import model_tools
-import models
+from helpers import figures  # first: it selects matplotlib's Agg backend
 import seaborn as sns
-import transforms
-import utils
 from matplotlib.figure import Figure, SubFigure
+
+import models
+import transforms
+from helpers import model_tools, utils
 
 
 # --------------------------------------------------------------------------------------------

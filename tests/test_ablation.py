@@ -14,8 +14,7 @@ import pytest
 
 import ablation  # the repository root is on sys.path through tests/conftest.py
 import models
-import summarize_runs
-import utils
+from helpers import runrecords, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +188,7 @@ def test_table_means_stds_and_deltas(finished_runs: Path, capsys: pytest.Capture
 
 
 def test_rows_hold_exact_numbers(finished_runs: Path) -> None:
-    runs = summarize_runs.load_results([finished_runs])
+    runs = runrecords.load_results([finished_runs])
     variants = ablation.plan_variants(["r"])
     rows = {r.variant.label: r for r in ablation.ablation_rows(variants, runs, "synthtex", FOLDS, SEEDS)}
     full_mean, _ = expected_stats("twistnet18")

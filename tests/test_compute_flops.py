@@ -1,4 +1,4 @@
-"""Tests for the FLOP counter (utils.count_flops), compute_flops.py's TwistNet breakdown and CLI (CPU only)."""
+"""Tests for the FLOP counter (model_tools.count_flops), compute_flops.py's TwistNet breakdown and CLI (CPU only)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
 
 import compute_flops  # noqa: E402
 import models  # noqa: E402
-import utils  # noqa: E402
+from helpers import model_tools, utils  # noqa: E402
 
 NUM_CLASSES = 47  # DTD
 TWISTNET18_PARAMS = 11_588_963
@@ -35,7 +35,7 @@ def resnet18():
 
 @pytest.fixture(scope="module")
 def twist_report(twistnet18):
-    return utils.count_flops(twistnet18)
+    return model_tools.count_flops(twistnet18)
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -44,7 +44,7 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def test_twistnet_and_resnet_flops(twist_report, resnet18):
-    res = utils.count_flops(resnet18)
+    res = model_tools.count_flops(resnet18)
     assert 1.83e9 <= twist_report.total <= 1.87e9
     assert 1.80e9 <= res.total <= 1.83e9
     overhead = (twist_report.total - res.total) / res.total
@@ -55,12 +55,12 @@ def test_first_order_ablation_matches_resnet18(resnet18):
     # Same network in two implementations: any FLOP difference would be a counting artefact
     # (e.g. TwistNet's .mean pooling uncounted while timm's adaptive_avg_pool2d is counted).
     plain = models.build_model("twistnet18_first_order", NUM_CLASSES, verbose=False)
-    assert utils.count_flops(plain).total == utils.count_flops(resnet18).total
+    assert model_tools.count_flops(plain).total == model_tools.count_flops(resnet18).total
 
 
 def test_count_flops_restores_training_mode(twistnet18):
     twistnet18.train()
-    utils.count_flops(twistnet18, img_size=64)
+    model_tools.count_flops(twistnet18, img_size=64)
     assert twistnet18.training
 
 
@@ -76,7 +76,7 @@ def test_breakdown_sums_to_params_and_stci_share(twistnet18, twist_report):
 
 
 def test_stci_elementwise_products_are_counted(twistnet18, twist_report):
-    plain = utils.count_flops(twistnet18, extra_handles=False)
+    plain = model_tools.count_flops(twistnet18, extra_handles=False)
     assert twist_report.total - plain.total >= STCI_PRODUCTS
     assert "aten::mul" not in twist_report.uncounted
     assert "aten::mul" in plain.uncounted

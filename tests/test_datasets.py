@@ -21,9 +21,8 @@ from torchvision.transforms import v2
 
 import datasets
 import fixtures
-import loading
 import transforms
-import utils
+from helpers import loading, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_32 = transforms.build_eval_transform(32)

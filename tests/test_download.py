@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 import datasets
-import download
+from helpers import download
 import fixtures
-import utils
+from helpers import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,14 +12,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import distributed  # noqa: E402
+from helpers import distributed  # noqa: E402
 import fixtures  # noqa: E402
-import lrfind  # noqa: E402
-import model_tools  # noqa: E402
 import models  # noqa: E402
+from helpers import lrfind, model_tools  # noqa: E402
 import pretrain_imagenet  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
+from helpers import utils  # noqa: E402
 
 
 def drop_rates(model: torch.nn.Module) -> list[float]:

@@ -25,9 +25,9 @@ from torchvision.transforms import v2
 
 import datasets
 import fixtures
-import loading
 import models
 import transforms
+from helpers import loading
 
 torch.set_num_threads(2)
 

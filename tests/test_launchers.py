@@ -17,8 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import launchers  # noqa: E402
-import rundirs  # noqa: E402
+from helpers import launchers, rundirs  # noqa: E402
 from test_run_all import ENV, run_path, sweep_args  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds job processes through /proc")

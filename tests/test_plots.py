@@ -19,13 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import datasets
-import figures
-import model_tools
 import models  # the repository root is on sys.path through tests/conftest.py
 import plot_results
 import transforms
-import utils
 import visualize
+from helpers import figures, model_tools, utils
 
 DPI = 300
 DATASETS = ("dtd", "fmd", "kth_tips2")

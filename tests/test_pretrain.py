@@ -24,15 +24,11 @@ import torch
 
 from fixtures import corrupt, make_imagenet_folder
 
-import distributed
-import figures
-import loading
 import models
+from helpers import distributed, figures, loading
 import plot_results
 import pretrain_imagenet as pretrain
-import recipes
-import rundirs
-import utils
+from helpers import recipes, rundirs, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "pretrain_imagenet.py")

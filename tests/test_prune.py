@@ -25,15 +25,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model_tools
 import models
+from helpers import model_tools
 import prune
-import utils
+from helpers import utils
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 47
-# params / FLOPs at 224 px (fvcore multiply-adds + the elementwise ops utils.count_flops adds) of
+# params / FLOPs at 224 px (fvcore multiply-adds + the elementwise ops model_tools.count_flops adds) of
 # the unpruned models and after global pruning of 30% / 50% with spread_bn_scales. Params follow
 # exactly from the plan (which depends only on the BN scales); FLOPs get 0.5% for fvcore changes.
 PINNED = {
@@ -169,7 +169,7 @@ def pruned() -> dict:
     records = {}
     for name in ("twistnet18", "resnet18"):
         unpruned = slimmed_model(name)
-        start = {"params0": models.count_params(unpruned), "flops0": utils.count_flops(unpruned, 224).total,
+        start = {"params0": models.count_params(unpruned), "flops0": model_tools.count_flops(unpruned, 224).total,
                  "widths0": conv_linear_widths(unpruned)}
         for percent in (0.3, 0.5):
             model, record = slimmed_model(name), dict(start)
@@ -181,7 +181,7 @@ def pruned() -> dict:
                 record["masked"] = model(images())
                 prune.apply_plan(plan)
                 record["pruned"] = model(images())
-            record.update(model=model, params=models.count_params(model), flops=utils.count_flops(model, 224).total)
+            record.update(model=model, params=models.count_params(model), flops=model_tools.count_flops(model, 224).total)
             records[name, percent] = record
     return records
 

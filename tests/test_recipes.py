@@ -14,14 +14,14 @@ import pytest
 import torch
 
 import ablation
-import model_tools
 import models
-import recipes
+from helpers import model_tools, recipes
 import run_all
 import summarize_runs
+from helpers import runrecords
 import train
-import utils
-from utils import UserError
+from helpers import utils
+from helpers.utils import UserError
 
 TINY = ["--dataset", "synthtex", "--img_size", "32", "--batch_size", "16", "--workers", "0", "--no_progress",
         "--deterministic"]
@@ -271,7 +271,7 @@ def test_summarize_reads_paper_code_runs_beside_ours(tmp_path: Path, capsys) -> 
     (ours / "results.json").write_text(json.dumps({
         "model": "twistnet18", "tag": "", "dataset": "dtd", "fold": 1, "seed": 42, "test_acc": 65.0,
         "params": 11_590_000, "flops": 1.9e9, "img_size": 224, "config": {"lr": 0.01}}))
-    runs = summarize_runs.load_results([theirs, tmp_path / "ours"])
+    runs = runrecords.load_results([theirs, tmp_path / "ours"])
     paper = sorted((r for r in runs if r.source), key=lambda r: r.fold)
     assert [r.test_acc for r in paper] == pytest.approx([61.25, 63.75])
     assert paper[0].params == 11_590_000 and paper[0].label == "twistnet18 [paper code]"
@@ -285,5 +285,5 @@ def test_summarize_reads_paper_code_runs_beside_ours(tmp_path: Path, capsys) -> 
 
 def test_a_paper_code_accuracy_that_is_not_a_fraction_is_left_out(tmp_path: Path) -> None:
     write_paper_code_run(tmp_path, "twistnet18", 1, 61.25, 11.59)
-    found = summarize_runs.load_runs([tmp_path])
+    found = runrecords.load_runs([tmp_path])
     assert not found.runs and "fraction" in found.unusable[0][1]

@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import rundirs
-import utils
+from helpers import rundirs, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import run_all  # noqa: E402
-import utils  # noqa: E402
+from helpers import utils  # noqa: E402
 
 # Small and fast: 32 px crops, no workers, no heavy augmentation.
 TRAIN_ARGS = ["--img_size", "32", "--batch_size", "16", "--workers", "0",

@@ -19,13 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import compute_flops  # noqa: E402
-import model_tools  # noqa: E402
 import models  # noqa: E402
+from helpers import model_tools  # noqa: E402
 import plot_results  # noqa: E402
 import prune  # noqa: E402
 import summarize_runs  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
+from helpers import runrecords, utils  # noqa: E402
 
 COMMON = ["--dataset", "synthtex", "--model", "twistnet18", "--img_size", "32", "--batch_size", "16",
           "--workers", "0", "--randaug_n", "0", "--mixup", "0", "--cutmix", "0", "--no_progress",
@@ -163,7 +163,7 @@ def test_compute_flops_summary_and_plot_show_pruned_beside_unpruned(slimmed: dic
     written = plot_results.make_plots(["--plot", "prune", "--run_dir", str(root), "--save_dir", str(tmp_path),
                                        "--formats", "png"])
     assert [p.name for p in written] == ["prune_params.png"] and written[0].stat().st_size > 10_000
-    points = plot_results.prune_points(summarize_runs.load_results([root]), lambda r: r.params / 1e6, "dataset")
+    points = plot_results.prune_points(runrecords.load_results([root]), lambda r: r.params / 1e6, "dataset")
     stages = sorted(stage for stage, *_ in points["synthtex", "twistnet18"])
     assert stages == ["pruned", "pruned", "refined", "refined", "unpruned"]
 

@@ -25,18 +25,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import datasets
-import figures
+from helpers import figures
 import fixtures
-import loading
-import model_tools
 import models
+from helpers import loading, model_tools
 import plot_results
 import pretrain_imagenet
 import pretrain_spark as spark_script
-import spark
 import transforms
-import utils
-from synthtex import render_synthtex
+from helpers import spark, utils
+from helpers.synthtex import render_synthtex
 
 ROOT = Path(__file__).resolve().parents[1]
 

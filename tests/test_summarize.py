@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import summarize_runs  # noqa: E402
-import utils  # noqa: E402
+from helpers import runrecords, utils  # noqa: E402
 
 DATASETS = ("dtd", "fmd")
 LABELS = ("resnet18", "seresnet18", "twistnet18", "twistnet18-r4")
@@ -261,7 +261,7 @@ def test_a_cell_of_mixed_recipes_is_refused_or_split(tmp_path: Path, capsys) -> 
     assert err.startswith("error: 1 cell(s) mix runs of different recipes") and "epochs: 10 | 100" in err
     assert "--split_recipes" in err
     with pytest.raises(utils.UserError, match="different recipes"):
-        summarize_runs.load_results([tmp_path])                          # figures refuse too
+        runrecords.load_results([tmp_path])                          # figures refuse too
 
     out = summarize(capsys, "--run_dir", str(tmp_path), "--split_recipes")
     rows = {line.split("  ")[0]: line for line in out.splitlines()}

@@ -20,7 +20,7 @@ import torch
 
 import fixtures
 import train
-import utils
+from helpers import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small, fast, deterministic: 32 px crops, no workers, one thread so CPU kernels are repeatable.

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 import datasets  # noqa: E402
 import fixtures  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
+from helpers import utils  # noqa: E402
 
 
 def keys(samples) -> set:

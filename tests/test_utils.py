@@ -3,7 +3,6 @@ device flags mean the same in every script, and the scripts' import map has one 
 """
 from __future__ import annotations
 
-import ast
 import io
 import os
 import subprocess
@@ -19,16 +18,10 @@ import models
 import pretrain_imagenet
 import pretrain_spark
 import train
-import utils
+from helpers import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-PRODUCTION = sorted(p.name for p in ROOT.glob("*.py") if not p.name.startswith("test_"))
-# summarize_runs.py is also the one reader of run directories (figures and the ablation table use it).
-ENTRY_SCRIPTS_NOT_TO_IMPORT = {"train", "plot_results", "compute_flops", "run_all", "ablation", "visualize",
-                               "pretrain_imagenet", "pretrain_spark", "prune"}
-
-
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
@@ -159,25 +152,6 @@ def test_device_flag_values() -> None:
             utils.resolve_device("cuda")
     with pytest.raises(utils.UserError, match="not a device"):
         utils.resolve_device("gpu0")
-
-
-# --------------------------------------------------------------------------------------------
-# One home per concern
-# --------------------------------------------------------------------------------------------
-def project_imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    names |= {node.module.split(".")[0] for node in ast.walk(tree)
-              if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
-    return {n for n in names if (ROOT / f"{n}.py").is_file()}
-
-
-def test_no_script_imports_an_entry_script_for_helpers() -> None:
-    assert project_imports(ROOT / "models.py") == set()
-    for name in PRODUCTION:
-        imported = project_imports(ROOT / name) - {name[:-3]}
-        allowed = {"train"} if name == "run_all.py" else set()   # train.py's parser and run names: a CLI contract
-        assert not (imported & ENTRY_SCRIPTS_NOT_TO_IMPORT) - allowed, (name, imported)
 
 
 def test_atomic_files_leave_no_temp_file_behind(tmp_path: Path) -> None:

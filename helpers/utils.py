@@ -2,7 +2,7 @@
 randomness and exact resume, signals, the training recipe, and torch.distributed.
 
 Usage:
-    import utils
+    from helpers import utils
     device = utils.resolve_device("auto")                 # --device auto|cpu|cuda|cuda:N
     dtype = utils.resolve_amp("auto", device)             # --amp auto|bf16|fp16|off
     with utils.autocast(device, dtype): ...
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import json
 import math
@@ -38,7 +37,6 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -46,35 +44,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import model_tools
-import models
+from helpers.errors import EXIT_USAGE, UserError
 
-EXIT_USAGE = 2
 
 
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
-class UserError(Exception):
-    """A mistake in the user's command, data or files; the message says what and how to fix it.
-
-    Entry scripts let it propagate to run_main, which prints one `error: ...` line and exits 2
-    (a subclass may set another exit_code). Any other exception is a bug and keeps its traceback.
-    """
-
-    exit_code = EXIT_USAGE
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input, also those of models.py (which imports no project file)."""
-    return UserError, models.ModelError
-
-
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run an entry point: a user error becomes one `error:` line on stderr and exit status 2."""
     try:
         code = main(argv)
-    except user_error_types() as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", EXIT_USAGE)
     return 0 if code is None else int(code)
@@ -398,7 +379,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
                              capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -478,7 +459,7 @@ def tee_output(folder: str | os.PathLike, enabled: bool = True) -> Iterator[None
     sys.stdout, sys.stderr = out, err
     try:
         yield
-    except user_error_types() as error:
+    except UserError as error:
         err.file.write(f"error: {error}\n")
         raise
     finally:
@@ -680,86 +661,3 @@ def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: torc
         pairs = labels.cpu() * num_classes + logits.argmax(dim=1).cpu()
         confusion += torch.bincount(pairs, minlength=num_classes ** 2).view(num_classes, num_classes)
     return dict(loss_sum=loss_sum, top5=top5, seen=seen, skipped=skipped, confusion=confusion)
-
-
-# --------------------------------------------------------------------------------------------
-# FLOPs (fvcore), counted the same way for results.json, compute_flops.py and prune.py
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class FlopReport:
-    """Result of count_flops; `total` is in multiply-adds (fvcore convention)."""
-    total: int
-    by_module: dict[str, int]
-    by_module_operator: dict[str, dict[str, int]]
-    uncounted: dict[str, int]  # op -> how many calls had no handle
-    img_size: int = 224
-
-    def uncounted_text(self) -> str:
-        if not self.uncounted:
-            return "none"
-        ops = sorted(self.uncounted.items(), key=lambda kv: (-kv[1], kv[0]))
-        return ", ".join(f"{op} (x{n})" for op, n in ops)
-
-
-def _numel(shape: Sequence[int] | None) -> int:
-    # fvcore hands over None for values whose shape the tracer did not record (scalars).
-    return math.prod(shape) if shape else 0
-
-
-def _per_output_element(inputs: list, outputs: list) -> int:
-    from fvcore.nn.jit_handles import get_shape
-    return _numel(get_shape(outputs[0]))
-
-
-def _per_input_element(inputs: list, outputs: list) -> int:
-    from fvcore.nn.jit_handles import get_shape
-    return _numel(get_shape(inputs[0]))
-
-
-def _attention_flops(inputs: list, outputs: list) -> int:
-    # Fused attention hides two matmuls (q @ k^T and attn @ v) that fvcore counts when they are
-    # written out; count them here so fused and unfused models compare fairly.
-    from fvcore.nn.jit_handles import get_shape
-    q, k, v = (get_shape(t) for t in inputs[:3])
-    if not (q and k and v):
-        return 0
-    return _numel(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
-# fvcore skips elementwise ops, and STCI is made of them. Products, divisions, rsqrt and the gated
-# add: one op per output element (z_i * t_j, squares for the L2 norm, AIS, gate). Reductions: one
-# multiply-add per input element, as fvcore already does for adaptive_avg_pool2d.
-EXTRA_FLOP_HANDLES: Mapping[str, Callable[[list, list], int]] = {
-    "aten::mul": _per_output_element, "aten::mul_": _per_output_element,
-    "aten::div": _per_output_element, "aten::div_": _per_output_element,
-    "aten::addcmul": _per_output_element, "aten::addcmul_": _per_output_element,
-    "aten::rsqrt": _per_output_element,
-    "aten::linalg_vector_norm": _per_input_element, "aten::sum": _per_input_element,
-    "aten::mean": _per_input_element,
-    "aten::scaled_dot_product_attention": _attention_flops,
-}
-
-
-def count_flops(model: nn.Module, img_size: int = 224, extra_handles: bool = True) -> FlopReport:
-    """FLOPs (multiply-adds) of `model` on one 3 x img_size x img_size image, in eval mode.
-
-    extra_handles=False gives fvcore's plain count (elementwise ops skipped); the default also
-    counts the ops of EXTRA_FLOP_HANDLES. The model's train/eval mode is restored afterwards.
-    """
-    with warnings.catch_warnings():  # fvcore's import torch.jit.scripts a loss, which torch flags
-        warnings.simplefilter("ignore", FutureWarning)
-        from fvcore.nn import FlopCountAnalysis
-    param = next(model.parameters(), None)
-    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
-    image = torch.randn(1, 3, img_size, img_size, device=device, dtype=dtype)
-    # Tracing emits TracerWarnings and deprecation notices that say nothing about FLOPs.
-    with model_tools.evaluating(model), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analysis = (FlopCountAnalysis(model, image).unsupported_ops_warnings(False)
-                    .uncalled_modules_warnings(False).tracer_warnings("none"))
-        if extra_handles:
-            for op, handle in EXTRA_FLOP_HANDLES.items():
-                analysis.set_op_handle(op, handle)
-        return FlopReport(int(analysis.total()), {k: int(v) for k, v in analysis.by_module().items()},
-                          {k: {op: int(n) for op, n in c.items()} for k, c in analysis.by_module_and_operator().items()},
-                          dict(analysis.unsupported_ops()), img_size)

@@ -1,7 +1,7 @@
 """The paper style of every figure (plot_results.py, visualize.py) and the drawings they share.
 
 Usage:
-    from figures import paper_style, new_figure, save_figure, COLUMN_WIDTH_IN
+    from helpers.figures import paper_style, new_figure, save_figure, COLUMN_WIDTH_IN
     with paper_style():
         fig = new_figure(COLUMN_WIDTH_IN, 2.6)
         ...

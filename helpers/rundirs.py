@@ -33,8 +33,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 import models
-import utils
-from utils import UserError
+from helpers import utils
+from helpers.utils import UserError
 
 EXIT_LOCKED = 75
 

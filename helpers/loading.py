@@ -4,7 +4,7 @@ seeded sample order and the DataLoader options every script uses.
 datasets.py decides which images form a split (the protocols); this module turns a list of
 (path, label) pairs into tensors:
 
-    from loading import ImageListDataset, collate_skip_unreadable
+    from helpers.loading import ImageListDataset, collate_skip_unreadable
     data = ImageListDataset([("a.jpg", 0), ("b.png", 1)], transform=eval_tf)     # native resolution
     data = ImageListDataset(samples, train_tf, cache=True, decode_size=256)        # the fast path
     loader = DataLoader(data, batch_size=32, collate_fn=collate_skip_unreadable)
@@ -27,8 +27,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler, default_collate
 
-import utils
-from synthtex import render_synthtex
+from helpers import utils
+from helpers.synthtex import render_synthtex
 
 # Shorter side (px) above which a cached image is shrunk: 2x the eval resize of 256. It keeps every
 # image of FMD (384), KTH-TIPS2-b (200), CUB-200 and Flowers-102 (<= 500) and most of DTD (300-640)

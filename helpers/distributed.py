@@ -43,14 +43,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-import launchers
-import loading
-import model_tools
 import models
-import recipes
-import rundirs
-import utils
-from utils import UserError
+from helpers import launchers, loading, model_tools, recipes, rundirs, utils
+from helpers.utils import UserError
 
 LR_REFERENCE_BATCH = 256
 # May differ between an interrupted run and its resumption, in both scripts: where things are,
@@ -263,7 +258,7 @@ def pretrain_parser(doc: str, base_lr: float, weights_file: str, checkpoint_dir:
     g = groups["checkpoints and logs"]
     g.add_argument("--checkpoint_dir", default=checkpoint_dir)
     g.add_argument("--resume", default=resume, help=resume_help)
-    g.add_argument("--weights_dir", default=str(Path(__file__).resolve().parent / models.WEIGHTS_DIR_NAME),
+    g.add_argument("--weights_dir", default=str(Path(__file__).resolve().parents[1] / models.WEIGHTS_DIR_NAME),
                    help=f"where the final {weights_file} is copied for downstream auto-detection")
     g.add_argument("--save_every_steps", type=int, default=1000, help="also save latest.pt every N steps (0: off)")
     g.add_argument("--print_freq", type=int, default=print_freq, help="progress line every N optimizer steps (0: off)")

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
-import utils
+from helpers import utils
 
 START_LR = 1e-6
 END_LR = 10.0

@@ -1,7 +1,7 @@
 """synthtex: procedural textures whose classes differ in where features co-occur.
 
 Usage:
-    from synthtex import render_synthtex, SYNTHTEX_CLASSES
+    from helpers.synthtex import render_synthtex, SYNTHTEX_CLASSES
     render_synthtex(0, 128).save("synthtex_0.png")      # sample id 0 (class 0) at 128 x 128
 
     python synthtex.py --out synthtex_grid.png          # one image of every class

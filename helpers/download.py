@@ -2,7 +2,7 @@
 
 Used through `python datasets.py --download NAME --data_dir D` (see datasets.py), or:
 
-    from download import download_dataset
+    from helpers.download import download_dataset
     download_dataset("dtd", "data/dtd", check_layout=lambda root: datasets.load_splits("dtd", root, 1))
 
 Files are fetched into <data_dir>.download/ (a cut download resumes with an HTTP Range request),
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
-import utils
+from helpers import utils
 
 DOWNLOAD_BASE_URL_ENV = "TWISTNET_DOWNLOAD_BASE_URL"
 

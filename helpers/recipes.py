@@ -20,8 +20,8 @@ import torch.nn as nn
 
 import models
 import transforms
-import utils
-from utils import UserError
+from helpers import utils
+from helpers.utils import UserError
 
 # --------------------------------------------------------------------------------------------
 # Schedules

@@ -47,10 +47,9 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-import model_tools
 import models
-import recipes
 import transforms
+from helpers import model_tools, recipes
 
 DOWNSAMPLE_RATIO = 32           # stem /4, stages 2-4 /2 each: the mask patch size
 DEFAULT_MASK_RATIO = 0.6

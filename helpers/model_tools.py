@@ -1,7 +1,7 @@
 """Working with a built model: looking inside it, slimming it, and loading a trained one.
 
 Usage:
-    import model_tools
+    from helpers import model_tools
     model, config = model_tools.load_checkpoint_model("runs/x/best.pt")  # also pruned files (prune.py)
     model_tools.gate_values(model)                 # {'layer3.0': 0.12, ...}
     model_tools.stci_internals(model, images)      # per-head interaction matrices, AIS weights, gates
@@ -15,8 +15,11 @@ they are, whatever built them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
-from typing import Any, Iterable, Iterator, Mapping
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -289,3 +292,86 @@ def classifier_size(state: Mapping[str, Any]) -> int:
     if not matrices:
         raise ModelConfigError("No classifier weight found in the checkpoint")
     return int(state[matrices[-1]].shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs (fvcore), counted the same way for results.json, compute_flops.py and prune.py
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FlopReport:
+    """Result of count_flops; `total` is in multiply-adds (fvcore convention)."""
+    total: int
+    by_module: dict[str, int]
+    by_module_operator: dict[str, dict[str, int]]
+    uncounted: dict[str, int]  # op -> how many calls had no handle
+    img_size: int = 224
+
+    def uncounted_text(self) -> str:
+        if not self.uncounted:
+            return "none"
+        ops = sorted(self.uncounted.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ", ".join(f"{op} (x{n})" for op, n in ops)
+
+
+def _numel(shape: Sequence[int] | None) -> int:
+    # fvcore hands over None for values whose shape the tracer did not record (scalars).
+    return math.prod(shape) if shape else 0
+
+
+def _per_output_element(inputs: list, outputs: list) -> int:
+    from fvcore.nn.jit_handles import get_shape
+    return _numel(get_shape(outputs[0]))
+
+
+def _per_input_element(inputs: list, outputs: list) -> int:
+    from fvcore.nn.jit_handles import get_shape
+    return _numel(get_shape(inputs[0]))
+
+
+def _attention_flops(inputs: list, outputs: list) -> int:
+    # Fused attention hides two matmuls (q @ k^T and attn @ v) that fvcore counts when they are
+    # written out; count them here so fused and unfused models compare fairly.
+    from fvcore.nn.jit_handles import get_shape
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    if not (q and k and v):
+        return 0
+    return _numel(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+# fvcore skips elementwise ops, and STCI is made of them. Products, divisions, rsqrt and the gated
+# add: one op per output element (z_i * t_j, squares for the L2 norm, AIS, gate). Reductions: one
+# multiply-add per input element, as fvcore already does for adaptive_avg_pool2d.
+EXTRA_FLOP_HANDLES: Mapping[str, Callable[[list, list], int]] = {
+    "aten::mul": _per_output_element, "aten::mul_": _per_output_element,
+    "aten::div": _per_output_element, "aten::div_": _per_output_element,
+    "aten::addcmul": _per_output_element, "aten::addcmul_": _per_output_element,
+    "aten::rsqrt": _per_output_element,
+    "aten::linalg_vector_norm": _per_input_element, "aten::sum": _per_input_element,
+    "aten::mean": _per_input_element,
+    "aten::scaled_dot_product_attention": _attention_flops,
+}
+
+
+def count_flops(model: nn.Module, img_size: int = 224, extra_handles: bool = True) -> FlopReport:
+    """FLOPs (multiply-adds) of `model` on one 3 x img_size x img_size image, in eval mode.
+
+    extra_handles=False gives fvcore's plain count (elementwise ops skipped); the default also
+    counts the ops of EXTRA_FLOP_HANDLES. The model's train/eval mode is restored afterwards.
+    """
+    with warnings.catch_warnings():  # fvcore's import torch.jit.scripts a loss, which torch flags
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+    param = next(model.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    image = torch.randn(1, 3, img_size, img_size, device=device, dtype=dtype)
+    # Tracing emits TracerWarnings and deprecation notices that say nothing about FLOPs.
+    with evaluating(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = (FlopCountAnalysis(model, image).unsupported_ops_warnings(False)
+                    .uncalled_modules_warnings(False).tracer_warnings("none"))
+        if extra_handles:
+            for op, handle in EXTRA_FLOP_HANDLES.items():
+                analysis.set_op_handle(op, handle)
+        return FlopReport(int(analysis.total()), {k: int(v) for k, v in analysis.by_module().items()},
+                          {k: {op: int(n) for op, n in c.items()} for k, c in analysis.by_module_and_operator().items()},
+                          dict(analysis.unsupported_ops()), img_size)

@@ -38,12 +38,11 @@ from typing import Any, Mapping, Sequence
 import submitit
 from submitit.slurm import slurm as submitit_slurm
 
-import rundirs
-import utils
+from helpers import rundirs, utils
 
 LAUNCHERS = ("local", "slurm", "submitit_local")
 JOB_RECORD = "job.json"
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 # How often a run may hit its time limit and be requeued before submitit gives up on it.
 MAX_REQUEUES = 50
 SIGNAL_DELAY_S = 120          # SIGUSR2 this long before the time limit: enough to finish a step and save

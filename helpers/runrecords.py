@@ -1,0 +1,240 @@
+"""Reading run directories: the one reader of results.json for tables, figures and the ablation table.
+
+A run counts when its results.json exists. Runs of train.py and of the paper's own code
+(accuracies as fractions, params_M) are both read, the latter as rows "model [paper code]".
+
+Usage:
+    from helpers.runrecords import load_results, Stats
+    runs = load_results(["runs/main"])                 # list[RunResult], NaN accuracies left out
+    Stats(tuple(r.test_acc for r in runs)).mean        # mean and sample std (ddof 1)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import models
+from helpers.utils import UserError
+
+# train.py settings that are not part of a run's recipe: which cell and which run it is, where
+# data and runs live, how fast data is loaded, what is printed.
+NOT_RECIPE = frozenset({"model", "tag", "dataset", "fold", "seed", "data_dir", "run_dir", "workers", "prefetch",
+                        "cache", "no_progress", "force", "device", "benchmark_loader",
+                        "refine"})   # --refine: each fold's run refines its own pruned file
+
+
+# --------------------------------------------------------------------------------------------
+# Reading runs: the one reader of results.json for tables, figures and the ablation table
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    model: str
+    tag: str
+    dataset: str
+    fold: int
+    seed: int
+    test_acc: float
+    params: int | None
+    flops: float | None
+    path: Path                           # the run directory
+    img_size: int | None = None          # the run's input size: its FLOPs are counted at this size
+    classes: tuple[str, ...] = ()
+    recipe: tuple[tuple[str, str], ...] = ()   # (setting, JSON value) of the config, NOT_RECIPE left out
+    recipe_name: str = ""                # "recipe 2" when --split_recipes separates a model's recipes
+    source: str = ""                     # PAPER_CODE for a run directory written by the paper's code
+
+    @property
+    def label(self) -> str:
+        """model[-tag]: a run made with train.py --tag is its own row (and with --split_recipes, each
+        recipe; a run of the paper's code is 'model [paper code]')."""
+        label = models.run_label(self.model, self.tag)
+        label += f" [{self.source}]" if self.source else ""
+        return f"{label} [{self.recipe_name}]" if self.recipe_name else label
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.classes) or None
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return self.label, self.dataset, self.fold, self.seed
+
+
+@dataclasses.dataclass
+class RunCollection:
+    runs: list[RunResult]
+    incomplete: list[Path]               # run directories without results.json
+    unusable: list[tuple[Path, str]]     # results.json that cannot be used, and why
+    duplicates: list[tuple[Path, Path]]  # (ignored, kept): the same run found twice
+    recipe_notes: list[str] = dataclasses.field(default_factory=list)   # what each "[recipe k]" row is
+
+
+def parse_results(path: Path) -> RunResult:
+    """One results.json (ours, or the paper code's); ValueError says why it cannot be used."""
+    try:
+        results = json.loads(path.read_text())
+        fields = {k: results[k] for k in ("model", "dataset", "fold", "seed", "test_acc")}
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"unreadable ({error})") from None
+    except KeyError as error:
+        raise ValueError(f"no {error} field") from None
+    if is_paper_code_results(results):
+        return parse_paper_code_results(results, fields, path)
+    if fields["test_acc"] is None:
+        raise ValueError("no test accuracy (the dataset has no test split)")
+    if not math.isfinite(float(fields["test_acc"])):
+        raise ValueError(f"the test accuracy is {fields['test_acc']} (the run diverged or evaluated nothing)")
+    config = results.get("config") or {}
+    recipe = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in NOT_RECIPE))
+    return RunResult(str(fields["model"]), str(results.get("tag") or ""), str(fields["dataset"]),
+                     int(fields["fold"]), int(fields["seed"]), float(fields["test_acc"]), results.get("params"),
+                     results.get("flops"), path.parent, results.get("img_size", config.get("img_size")),
+                     tuple(str(c) for c in results.get("classes") or ()), recipe)
+
+
+PAPER_CODE = "paper code"
+
+
+def is_paper_code_results(results: dict) -> bool:
+    """The paper code's train.py writes params_M and no config into results.json (ours: params, config)."""
+    return "params_M" in results and "config" not in results
+
+
+def parse_paper_code_results(results: dict, fields: dict, path: Path) -> RunResult:
+    """A results.json of the paper code (github.com/junbolian/TwistNet-2D): accuracies as fractions,
+    params_M in millions, its arguments in config.json beside it (our recipe comparison reads those)."""
+    test_acc = fields["test_acc"]
+    if test_acc is None or not math.isfinite(float(test_acc)) or not 0 <= float(test_acc) <= 1:
+        raise ValueError(f"the paper code's test accuracy should be a fraction in [0, 1], got {test_acc}")
+    try:
+        config = json.loads((path.parent / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {k: results[k] for k in ("epochs", "lr", "batch_size", "crop_scale", "pretrained") if k in results}
+    config = {k: v for k, v in config.items()
+              if k not in NOT_RECIPE and k not in ("num_workers", "resume", "checkpoint")}
+    recipe = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items()))
+    params_m = results.get("params_M")
+    return RunResult(str(fields["model"]), "", str(fields["dataset"]), int(fields["fold"]), int(fields["seed"]),
+                     100 * float(test_acc), int(round(params_m * 1e6)) if params_m else None, None, path.parent,
+                     config.get("img_size"), (), recipe, source=PAPER_CODE)
+
+
+def run_directories(root: Path) -> list[Path]:
+    if (root / "results.json").is_file():
+        return [root]  # a single run directory given directly
+    if not root.is_dir():
+        raise UserError(f"--run_dir {root} is not a directory")
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def load_runs(run_dirs: Iterable[str | Path]) -> RunCollection:
+    found = RunCollection([], [], [], [])
+    seen: dict[tuple, RunResult] = {}
+    for root in map(Path, run_dirs):
+        for run_path in run_directories(root):
+            results_path = run_path / "results.json"
+            if not results_path.is_file():
+                found.incomplete.append(run_path)
+                continue
+            try:
+                run = parse_results(results_path)
+            except ValueError as error:
+                found.unusable.append((results_path, str(error)))
+                continue
+            if run.key in seen:
+                # The same run twice (overlapping --run_dir folders) would count twice in a mean.
+                found.duplicates.append((run.path, seen[run.key].path))
+                continue
+            seen[run.key] = run
+            found.runs.append(run)
+    return found
+
+
+def load_results(run_dirs: Iterable[str | Path]) -> list[RunResult]:
+    """The finished runs below `run_dirs`, warning about what was left out (figures, ablation);
+    a UserError if a cell mixes recipes (see recipe_conflicts)."""
+    found = load_runs(run_dirs)
+    for path, why in found.unusable:
+        warnings.warn(f"{path}: {why}; skipped")
+    for ignored, kept in found.duplicates:
+        warnings.warn(f"{ignored} repeats {kept}; counted once")
+    refuse_mixed_recipes(found.runs)
+    return found.runs
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes: a mean over runs of different recipes is no result
+# --------------------------------------------------------------------------------------------
+def recipe_differences(runs: Sequence[RunResult]) -> list[str]:
+    """'setting: value1 | value2' for the settings that differ among `runs`; a setting some
+    runs lack (written by an older train.py) cannot be compared and is left out."""
+    shared = set.intersection(*(set(dict(r.recipe)) for r in runs)) if runs else set()
+    lines = []
+    for key in sorted(shared):
+        values = sorted({dict(r.recipe)[key] for r in runs})
+        if len(values) > 1:
+            lines.append(f"{key}: {' | '.join(values)}")
+    return lines
+
+
+def recipe_conflicts(runs: Sequence[RunResult]) -> dict[tuple[str, str], list[str]]:
+    """(label, dataset) -> the settings that differ, for every cell whose runs mix recipes."""
+    cells: dict[tuple[str, str], list[RunResult]] = {}
+    for run in runs:
+        cells.setdefault((run.label, run.dataset), []).append(run)
+    return {key: diff for key, group in cells.items() if (diff := recipe_differences(group))}
+
+
+def refuse_mixed_recipes(runs: Sequence[RunResult]) -> None:
+    conflicts = recipe_conflicts(runs)
+    if conflicts:
+        shown = "; ".join(f"{label} on {dataset} ({', '.join(diff)})" for (label, dataset), diff
+                          in sorted(conflicts.items())[:4])
+        raise UserError(f"{len(conflicts)} cell(s) mix runs of different recipes, so their mean would be "
+                        f"no result: {shown}. Give --run_dir folders that hold one recipe each, or (summarize_runs.py) "
+                        f"--split_recipes to show every recipe as its own row.")
+
+
+def split_recipes(runs: Sequence[RunResult]) -> tuple[list[RunResult], list[str]]:
+    """Runs relabelled 'model [recipe k]' where a model's cells mix recipes, and notes saying
+    what each recipe is (the settings in which they differ)."""
+    mixed = {label for label, _ in recipe_conflicts(runs)}
+    out, notes = [], []
+    for label in sorted(mixed):
+        group = [r for r in runs if r.label == label]
+        recipes = sorted({r.recipe for r in group})
+        differing = [line.split(":")[0] for line in recipe_differences(group)]
+        for number, recipe in enumerate(recipes, start=1):
+            values = dict(recipe)
+            notes.append(f"{label} [recipe {number}]: " + ", ".join(f"{k}={values.get(k, '?')}" for k in differing))
+        out += [dataclasses.replace(r, recipe_name=f"recipe {recipes.index(r.recipe) + 1}") for r in group]
+    out += [r for r in runs if r.label not in mixed]
+    return out, notes
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Mean and sample std (ddof 1; None for a single value, where it is undefined) of some runs."""
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if self.n >= 2 else None
+
+    @property
+    def error_bar(self) -> float:
+        """The std for error bars: none drawn for a single run."""
+        return self.std or 0.0
