@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from helpers import distributed  # noqa: E402
+from helpers import distributed, train_cli  # noqa: E402
 import fixtures  # noqa: E402
 import models  # noqa: E402
 from helpers import lrfind, model_tools  # noqa: E402
@@ -31,15 +31,15 @@ def blurpools(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("name", ["twistnet18", "resnet18"])
 def test_drop_path_and_blurpool_flags_build_the_model_and_its_rebuilds(name: str, tmp_path: Path) -> None:
-    args = train.build_parser().parse_args(["--model", name, "--drop_path", "0.2", "--blurpool"])
-    train.validate_args(args)
+    args = train_cli.build_parser().parse_args(["--model", name, "--drop_path", "0.2", "--blurpool"])
+    train_cli.validate_args(args)
     trainer = train.Trainer(args, 4, 10, torch.device("cpu"), utils.Console(None, enabled=False))
     assert max(drop_rates(trainer.model)) == pytest.approx(0.2) and blurpools(trainer.model) >= 3
     # A checkpoint's config rebuilds the same model (prune.py, visualize.py, --refine read it so).
     rebuilt, _ = model_tools.model_from_checkpoint(
-        {"model": trainer.model.state_dict(), "config": train.config_of(args)})
+        {"model": trainer.model.state_dict(), "config": train_cli.config_of(args)})
     assert drop_rates(rebuilt) == drop_rates(trainer.model) and blurpools(rebuilt) == blurpools(trainer.model)
-    plain = train.Trainer(train.build_parser().parse_args(["--model", name]), 4, 10, torch.device("cpu"),
+    plain = train.Trainer(train_cli.build_parser().parse_args(["--model", name]), 4, 10, torch.device("cpu"),
                           utils.Console(None, enabled=False))
     assert drop_rates(plain.model) == [] and blurpools(plain.model) == 0
 

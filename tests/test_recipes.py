@@ -1,7 +1,7 @@
 """Recipe presets (train.py --recipe), schedules, layer-wise lr, decay of every parameter, --stci_init,
 fp32 evaluation, and the paper code's run directories in summarize_runs.py.
 
-In-process calls (train.parse_args, train.Trainer, recipes.build_scheduler) wherever the behaviour
+In-process calls (train_cli.parse_args, train.Trainer, recipes.build_scheduler) wherever the behaviour
 can be read there; one short synthtex run checks what a finished run records.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 import ablation
 import models
-from helpers import model_tools, recipes
+from helpers import model_tools, recipes, train_cli
 import run_all
 import summarize_runs
 from helpers import runrecords
@@ -29,7 +29,7 @@ TINY = ["--dataset", "synthtex", "--img_size", "32", "--batch_size", "16", "--wo
 
 def lrs_over(args_list: list[str], lr: float, steps_per_epoch: int, model: torch.nn.Module | None = None) -> np.ndarray:
     """The lr of the first parameter group at every optimizer step of the whole schedule."""
-    args = train.parse_args(args_list)
+    args = train_cli.parse_args(args_list)
     model = model or torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(recipes.optimizer_param_groups(model, args, lr), lr=lr)
     scheduler = recipes.build_scheduler(optimizer, args, lr, steps_per_epoch)
@@ -45,20 +45,20 @@ def lrs_over(args_list: list[str], lr: float, steps_per_epoch: int, model: torch
 # Presets: defaults, explicit flags win
 # --------------------------------------------------------------------------------------------
 def test_upstream_scratch_preset_sets_the_published_recipe_and_explicit_flags_win() -> None:
-    args = train.parse_args(["--recipe", "upstream_scratch"])
+    args = train_cli.parse_args(["--recipe", "upstream_scratch"])
     expected = dict(lr=0.05, batch_size=64, epochs=200, warmup_epochs=10.0, min_lr=1e-5, crop_scale=0.2,
                     clip_grad=1.0, stci_init="upstream", pretrained=False, decay_all=True, warmup_start=0.1,
                     sched_interval="epoch", weight_decay=1e-4, label_smoothing=0.1, nesterov=True, momentum=0.9)
     assert {k: getattr(args, k) for k in expected} == expected
-    args = train.parse_args(["--recipe", "upstream_scratch", "--lr", "0.2", "--epochs=3", "--no-decay_all"])
+    args = train_cli.parse_args(["--recipe", "upstream_scratch", "--lr", "0.2", "--epochs=3", "--no-decay_all"])
     assert (args.lr, args.epochs, args.decay_all, args.batch_size) == (0.2, 3, False, 64)
-    paper = train.parse_args([])
-    assert vars(paper) == vars(train.build_parser().parse_args([]))   # 'paper' is today's defaults
+    paper = train_cli.parse_args([])
+    assert vars(paper) == vars(train_cli.build_parser().parse_args([]))   # 'paper' is today's defaults
 
 
 def test_stci_init_flag_reaches_the_model_and_a_contradiction_is_refused() -> None:
     def reduce_std(argv: list[str]) -> float:
-        args = train.parse_args(argv)
+        args = train_cli.parse_args(argv)
         torch.manual_seed(0)
         model = models.build_model(args.model, 5, verbose=False, **model_tools.model_kwargs_of(vars(args)))
         return float(model.layer3[0].stci.reduce.weight.detach().std())
@@ -66,11 +66,11 @@ def test_stci_init_flag_reaches_the_model_and_a_contradiction_is_refused() -> No
     assert reduce_std([]) == pytest.approx(reduce_std(["--stci_init", "paper"]))
     assert reduce_std([]) < 0.05                                                       # PyTorch default
     # The preset's stci_init yields to an explicit --model_kwargs one; two explicit ones must agree.
-    args = train.parse_args(["--recipe", "upstream_scratch", "--model_kwargs", '{"stci_init": "paper"}'])
+    args = train_cli.parse_args(["--recipe", "upstream_scratch", "--model_kwargs", '{"stci_init": "paper"}'])
     assert args.stci_init == "paper"
     with pytest.raises(UserError, match="contradicts"):
-        train.parse_args(["--stci_init", "upstream", "--model_kwargs", '{"stci_init": "paper"}'])
-    baseline = train.parse_args(["--recipe", "upstream_scratch", "--model", "resnet18"])
+        train_cli.parse_args(["--stci_init", "upstream", "--model_kwargs", '{"stci_init": "paper"}'])
+    baseline = train_cli.parse_args(["--recipe", "upstream_scratch", "--model", "resnet18"])
     assert model_tools.model_kwargs_of(vars(baseline)) == {}    # timm baselines have no STCI
 
 
@@ -84,7 +84,7 @@ def test_upstream_ed4ee00_gives_5x_lr_to_layer3_layer4_fc_decays_all_and_transfe
     torch.manual_seed(3)
     source = timm.create_model("resnet18").state_dict()
     torch.save(source, tmp_path / "resnet18.pth")
-    args = train.parse_args([*TINY, "--recipe", "upstream_ed4ee00", "--pretrained",
+    args = train_cli.parse_args([*TINY, "--recipe", "upstream_ed4ee00", "--pretrained",
                              "--resnet18_weights", str(tmp_path / "resnet18.pth")])
     lines: list[str] = []
     trainer = train.Trainer(args, 5, 4, torch.device("cpu"), lines.append)
@@ -105,8 +105,8 @@ def test_upstream_ed4ee00_gives_5x_lr_to_layer3_layer4_fc_decays_all_and_transfe
     assert {g["lr_mult"]: g["initial_lr"] for g in groups} == {1.0: pytest.approx(0.01), 5.0: pytest.approx(0.05)}
     assert (args.clip_grad, args.crop_scale, args.warmup_start, args.sched_interval) == (1.0, 0.08, 0.1, "epoch")
     # Without the ResNet-18 transfer the paper code kept one lr: so does the preset (an explicit --lr_mult wins).
-    assert train.parse_args(["--recipe", "upstream_ed4ee00"]).lr_mult == ""
-    assert train.parse_args(["--recipe", "upstream_ed4ee00", "--lr_mult", "fc=2"]).lr_mult == "fc=2"
+    assert train_cli.parse_args(["--recipe", "upstream_ed4ee00"]).lr_mult == ""
+    assert train_cli.parse_args(["--recipe", "upstream_ed4ee00", "--lr_mult", "fc=2"]).lr_mult == "fc=2"
 
 
 def test_lr_mult_syntax_and_a_prefix_matching_nothing_are_clear_errors() -> None:
@@ -116,7 +116,7 @@ def test_lr_mult_syntax_and_a_prefix_matching_nothing_are_clear_errors() -> None
         with pytest.raises(UserError, match="--lr_mult"):
             recipes.parse_lr_mult(bad)
     model = models.build_model("twistnet18", 3, verbose=False)
-    args = train.parse_args(["--lr_mult", "layer5=2"])
+    args = train_cli.parse_args(["--lr_mult", "layer5=2"])
     with pytest.raises(UserError, match="layer5.*top-level modules are"):
         recipes.optimizer_param_groups(model, args, 0.1)
     # 'layer1' must not catch a 'layer10': prefixes are module paths.
@@ -180,7 +180,7 @@ def test_evaluation_is_fp32_unless_eval_amp() -> None:
     batches = [(images, labels, 0)]
 
     def evaluated(*extra: str) -> float:
-        args = train.parse_args([*TINY, "--amp", "bf16", *extra])
+        args = train_cli.parse_args([*TINY, "--amp", "bf16", *extra])
         torch.manual_seed(1)
         trainer = train.Trainer(args, 5, 4, torch.device("cpu"), lambda *_: None)
         assert trainer.amp_dtype == torch.bfloat16   # training would autocast

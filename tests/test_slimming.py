@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import compute_flops  # noqa: E402
 import models  # noqa: E402
-from helpers import model_tools  # noqa: E402
+from helpers import model_tools, train_cli  # noqa: E402
 import plot_results  # noqa: E402
 import prune  # noqa: E402
 import summarize_runs  # noqa: E402
@@ -85,7 +85,7 @@ def test_the_l1_term_shrinks_bn_scales_and_nothing_else() -> None:
     try:
         after = {}
         for reg in ("0", "0.1"):
-            args = train.build_parser().parse_args([*COMMON, "--model", "resnet18", "--sparsity_reg", reg,
+            args = train_cli.build_parser().parse_args([*COMMON, "--model", "resnet18", "--sparsity_reg", reg,
                                                     "--warmup_epochs", "0", "--lr", "0.1"])
             torch.manual_seed(0)
             trainer = train.Trainer(args, 4, 10, torch.device("cpu"), utils.Console(None, enabled=False))

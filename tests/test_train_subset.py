@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 import datasets  # noqa: E402
 import fixtures  # noqa: E402
 import train  # noqa: E402
-from helpers import utils  # noqa: E402
+from helpers import train_cli, utils  # noqa: E402
 
 
 def keys(samples) -> set:
@@ -52,19 +52,19 @@ def test_subsets_depend_on_the_fold_not_on_the_listing_order() -> None:
 
 
 def test_the_subset_is_independent_of_seed_and_marks_the_run(tmp_path: Path) -> None:
-    parser = train.build_parser()
+    parser = train_cli.build_parser()
     base = ["--dataset", "synthtex", "--img_size", "32", "--workers", "0", "--train_per_class", "3"]
     data = {seed: train.build_loaders(parser.parse_args(base + ["--seed", str(seed)]), utils.resolve_device("cpu"))
             for seed in (1, 2)}
     assert data[1].fingerprint == data[2].fingerprint
     assert len(data[1].loaders["train"].dataset) == 3 * len(data[1].classes)
     plain = ["--dataset", "synthtex"]
-    names = {train.run_name(parser.parse_args(plain + extra)) for extra in
+    names = {train_cli.run_name(parser.parse_args(plain + extra)) for extra in
              (["--train_per_class", "3"], ["--train_per_class", "8"], ["--train_fraction", "0.5"],
               ["--train_per_class", "8", "--seed", "1"])}
     assert names == {"synthtex_fold1_twistnet18_seed42_n3", "synthtex_fold1_twistnet18_seed42_n8",
                      "synthtex_fold1_twistnet18_seed42_frac0.5", "synthtex_fold1_twistnet18_seed1_n8"}
-    assert train.run_name(parser.parse_args(plain)) == "synthtex_fold1_twistnet18_seed42"
+    assert train_cli.run_name(parser.parse_args(plain)) == "synthtex_fold1_twistnet18_seed42"
 
 
 @pytest.mark.parametrize("extra, message", [
