@@ -25,6 +25,11 @@ for _path in (str(ROOT), str(TESTS)):
 import fixtures  # noqa: E402  (needs the path above)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: starts a process or trains more than a few steps; `make test-fast` leaves it out")
+
+
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """One torch thread inside the test: CPU kernels stay bitwise repeatable (resumed runs compare

@@ -1,4 +1,4 @@
-"""train.py / pretrain_imagenet.py recipe extras: --drop_path, --blurpool (the model-level behaviour
+"""Training options of train.py / pretrain_imagenet.py: --drop_path, --blurpool (the model-level behaviour
 is tested in test_prune.py; here: the flags reach the model and every rebuild of the run)."""
 from __future__ import annotations
 
