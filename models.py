@@ -17,6 +17,7 @@ ResNet (conv1, bn1, layer1..layer4, fc) so that ResNet-18 state_dicts map onto i
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import os
 import re
@@ -366,7 +367,12 @@ class TwistNet(nn.Module):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registry entry: how to build the model, and how tables and figures name it."""
+    """A registry entry: how to build the model, and how tables and figures name it.
+
+    Every list of models elsewhere is derived from these entries: the TwistNet variants
+    (twistnet_variants: torch.hub's hubconf.py and timm), the ablation study and its figure
+    (ablation_variants), and the models SparK can pretrain (spark_models).
+    """
     name: str
     group: str              # ours, ablation, fair (similar size) or large
     venue: str
@@ -374,13 +380,39 @@ class ModelSpec:
     description: str
     display: str            # name in tables, e.g. "TwistNet-18 w/o AIS"
     short: str              # name in figure legends, which share a 3.5 in column
-    timm_name: str | None = None
+    timm_name: str | None = None    # a timm baseline; None: a TwistNet built by this file
+    spark: bool = False             # a timm baseline SparK can pretrain (TwistNets always can)
+
+    @property
+    def is_twistnet(self) -> bool:
+        return self.timm_name is None
+
+    @property
+    def spark_supported(self) -> bool:
+        # SparK has a mask-aware version of every operator a TwistNet is built from.
+        return self.is_twistnet or self.spark
+
+
+def twistnet_hyperparameters() -> tuple[str, ...]:
+    """The keywords TwistNet's constructor takes besides num_classes (build_model's model_kwargs)."""
+    return tuple(name for name in inspect.signature(TwistNet).parameters if name != "num_classes")
 
 
 def _twistnet_builder(**fixed: Any) -> Callable[..., nn.Module]:
+    unknown = sorted(set(fixed) - set(twistnet_hyperparameters()))
+    if unknown:  # a typo in a registry entry fails at import, not when the variant is first trained
+        raise ModelConfigError(f"TwistNet takes no {', '.join(unknown)}; it takes "
+                               f"{', '.join(twistnet_hyperparameters())}")
+
     def build(num_classes: int, **overrides: Any) -> nn.Module:
         return TwistNet(num_classes=num_classes, **{**fixed, **overrides})
     return build
+
+
+def twistnet_spec(name: str, group: str, description: str, display: str, short: str,
+                  **fixed: Any) -> ModelSpec:
+    """A registry entry for TwistNet with some constructor keywords fixed (an STCI variant)."""
+    return ModelSpec(name, group, "-", _twistnet_builder(**fixed), description, display, short)
 
 
 def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
@@ -396,40 +428,60 @@ def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
 
 
 def _spec_table() -> dict[str, ModelSpec]:
-    ours = [  # name, group, builder, description, display, short
-        ("twistnet18", "ours", _twistnet_builder(), "TwistNet-18: STCI in stages 3-4",
-         "TwistNet-18", "TwistNet-18"),
-        ("twistnet18_no_spiral", "ablation", _twistnet_builder(spiral=False),
-         "same-position products (no directional twist)", "TwistNet-18 w/o spiral twist", "w/o spiral twist"),
-        ("twistnet18_no_ais", "ablation", _twistnet_builder(use_ais=False),
-         "no adaptive interaction selection", "TwistNet-18 w/o AIS", "w/o AIS"),
-        ("twistnet18_first_order", "ablation", _twistnet_builder(stages=()),
-         "no STCI: plain ResNet-18 backbone", "TwistNet-18 first-order only", "first-order only"),
+    # An STCI variant is one line here: it then appears in ablation.py, the figures, SparK,
+    # torch.hub and timm. The full model is the first of group "ours".
+    specs = [
+        twistnet_spec("twistnet18", "ours", "TwistNet-18: STCI in stages 3-4", "TwistNet-18", "TwistNet-18"),
+        twistnet_spec("twistnet18_no_spiral", "ablation", "same-position products (no directional twist)",
+                      "TwistNet-18 w/o spiral twist", "w/o spiral twist", spiral=False),
+        twistnet_spec("twistnet18_no_ais", "ablation", "no adaptive interaction selection",
+                      "TwistNet-18 w/o AIS", "w/o AIS", use_ais=False),
+        twistnet_spec("twistnet18_first_order", "ablation", "no STCI: plain ResNet-18 backbone",
+                      "TwistNet-18 first-order only", "first-order only", stages=()),
     ]
-    specs = [ModelSpec(name, group, "-", builder, text, display, short)
-             for name, group, builder, text, display, short in ours]
-    baselines = [  # name, timm name, venue, group, display, short
-        ("resnet18", "resnet18", "CVPR 2016", "fair", "ResNet-18", "ResNet-18"),
-        ("seresnet18", "seresnet18", "CVPR 2018", "fair", "SE-ResNet-18", "SE-ResNet-18"),
-        ("convnextv2_nano", "convnextv2_nano", "CVPR 2023", "fair", "ConvNeXtV2-Nano", "ConvNeXtV2-N"),
-        ("fastvit_sa12", "fastvit_sa12", "ICCV 2023", "fair", "FastViT-SA12", "FastViT-SA12"),
+    baselines = [  # name, timm name, venue, group, display, short, SparK can pretrain it
+        ("resnet18", "resnet18", "CVPR 2016", "fair", "ResNet-18", "ResNet-18", True),
+        ("seresnet18", "seresnet18", "CVPR 2018", "fair", "SE-ResNet-18", "SE-ResNet-18", True),
+        ("convnextv2_nano", "convnextv2_nano", "CVPR 2023", "fair", "ConvNeXtV2-Nano", "ConvNeXtV2-N", False),
+        ("fastvit_sa12", "fastvit_sa12", "ICCV 2023", "fair", "FastViT-SA12", "FastViT-SA12", False),
         ("efficientformerv2_s2", "efficientformerv2_s2", "ICCV 2023", "fair", "EfficientFormerV2-S2",
-         "EffFormerV2-S2"),
-        ("repvit_m1_5", "repvit_m1_5", "CVPR 2024", "fair", "RepViT-M1.5", "RepViT-M1.5"),
-        ("convnext_tiny", "convnext_tiny", "CVPR 2022", "large", "ConvNeXt-Tiny", "ConvNeXt-T"),
-        ("swin_tiny", "swin_tiny_patch4_window7_224", "ICCV 2021", "large", "Swin-Tiny", "Swin-T"),
+         "EffFormerV2-S2", False),
+        ("repvit_m1_5", "repvit_m1_5", "CVPR 2024", "fair", "RepViT-M1.5", "RepViT-M1.5", False),
+        ("convnext_tiny", "convnext_tiny", "CVPR 2022", "large", "ConvNeXt-Tiny", "ConvNeXt-T", False),
+        ("swin_tiny", "swin_tiny_patch4_window7_224", "ICCV 2021", "large", "Swin-Tiny", "Swin-T", False),
     ]
     specs += [ModelSpec(name, group, venue, _timm_builder(timm_name), f"timm {timm_name}", display, short,
-                        timm_name=timm_name)
-              for name, timm_name, venue, group, display, short in baselines]
+                        timm_name=timm_name, spark=spark)
+              for name, timm_name, venue, group, display, short, spark in baselines]
     return {s.name: s for s in specs}
 
 
-MODEL_SPECS: Mapping[str, ModelSpec] = _spec_table()
+MODEL_SPECS: dict[str, ModelSpec] = _spec_table()
 
 
 def model_names() -> list[str]:
     return list(MODEL_SPECS)
+
+
+def twistnet_variants() -> list[str]:
+    """Every TwistNet of the registry, in registry order (what hubconf.py and timm offer)."""
+    return [name for name, spec in MODEL_SPECS.items() if spec.is_twistnet]
+
+
+def full_model() -> str:
+    """The full TwistNet, the reference of the ablation study: the first TwistNet of group 'ours'."""
+    return next(name for name, spec in MODEL_SPECS.items() if spec.is_twistnet and spec.group == "ours")
+
+
+def ablation_variants() -> list[str]:
+    """The full model, then every TwistNet of group 'ablation' (ablation.py's rows, the figure's order)."""
+    return [full_model()] + [name for name, spec in MODEL_SPECS.items()
+                             if spec.is_twistnet and spec.group == "ablation"]
+
+
+def spark_models() -> list[str]:
+    """Registry models SparK can pretrain (every operator has a mask-aware version), in registry order."""
+    return [name for name, spec in MODEL_SPECS.items() if spec.spark_supported]
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -441,13 +493,73 @@ def get_spec(name: str) -> ModelSpec:
     raise ModelConfigError(f"Unknown model '{name}'.{hint} Known models: {', '.join(MODEL_SPECS)}")
 
 
-# A run's model is named model[-tag] (train.py --tag); ablation.py's sweeps write these tags.
-_TAG_READINGS = (
-    (re.compile(r"^r(\d+)$"), lambda m: f"r = {m[1]}"),
-    (re.compile(r"^heads(\d+)$"), lambda m: f"{m[1]} head{'s' if m[1] != '1' else ''}"),
-    (re.compile(r"^gate(-?\d+(?:\.\d+)?)$"), lambda m: f"gate init {m[1]}"),
-    (re.compile(r"^stages(\d+)$"), lambda m: f"STCI in stage{'s' if len(m[1]) > 1 else ''} {','.join(m[1])}"),
-)
+# --------------------------------------------------------------------------------------------
+# Run labels: model[-tag] (train.py --tag); the sweep tags ablation.py writes and figures read
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepFamily:
+    """One TwistNet hyper-parameter a sweep changes, and how a run's tag writes and reads its value.
+
+    The tag is prefix + value text (r4, heads1, gate-4, stages234); the value goes to the model as
+    model_kwargs[name].
+    """
+    name: str                              # ablation.py --sweeps name and the model_kwargs key
+    prefix: str
+    value_pattern: str                     # regex of the value text in a tag
+    to_text: Callable[[Any], str]          # sweep value -> the tag's value text
+    to_kwarg: Callable[[Any], Any]         # sweep value -> model_kwargs value
+    reading: Callable[[str], str]          # value text -> readable, e.g. "r = 4"
+    describe: Callable[[Any], str]         # sweep value -> a sentence for the ablation plan
+    defaults: tuple                        # the values ablation.py sweeps unless told otherwise
+    parse_value: Callable[[str], Any]      # one value as typed on ablation.py's command line
+    cli_separator: str
+    cli_help: str
+    rank_by_length: bool = False           # stages: fewer stages first, not by the digits' value
+
+    def tag(self, value: Any) -> str:
+        return self.prefix + self.to_text(value)
+
+    def sort_value(self, text: str) -> float:
+        """Order of a value text within the family (0 for text that is not a value)."""
+        if self.rank_by_length:
+            return float(len(text))
+        number = re.fullmatch(r"-?\d+(?:\.\d+)?", text)
+        return float(number[0]) if number else 0.0
+
+
+def _stage_digits(stages: Iterable[int]) -> str:
+    return "".join(str(s) for s in stages)
+
+
+SWEEP_FAMILIES: Mapping[str, SweepFamily] = {f.name: f for f in (
+    SweepFamily("r", "r", r"\d+", lambda v: str(int(v)), int, lambda t: f"r = {t}",
+                lambda v: f"r = {int(v)} channels per head", (4, 16), int, ",", "r sweep, e.g. 4,16"),
+    SweepFamily("heads", "heads", r"\d+", lambda v: str(int(v)), int,
+                lambda t: f"{t} head{'s' if t != '1' else ''}",
+                lambda v: f"{int(v)} head(s): {', '.join(f'{a}°' for a in HEAD_ANGLES[:int(v)])}",
+                (1, 2), int, ",", "heads sweep, e.g. 1,2"),
+    SweepFamily("gate_init", "gate", r"-?\d+(?:\.\d+)?", lambda v: f"{float(v):g}", float,
+                lambda t: f"gate init {t}", lambda v: f"gate initialised to {float(v):g}", (0.0, -4.0), float,
+                ",", "gate_init sweep, e.g. --gate_init_values=0,-4"),
+    SweepFamily("stages", "stages", r"\d+", _stage_digits, lambda v: [int(s) for s in v],
+                lambda t: f"STCI in stage{'s' if len(t) > 1 else ''} {','.join(t)}",
+                lambda v: f"STCI in stage(s) {', '.join(str(s) for s in v)}", ((4,), (2, 3, 4)),
+                lambda text: tuple(int(x) for x in text.split(",")), ";",
+                "stage sets separated by ';', e.g. '4;2,3,4'", rank_by_length=True),
+)}
+
+
+def read_sweep_tag(tag: str) -> tuple[SweepFamily, str] | None:
+    """(family, value text) of a sweep tag such as 'r4' or 'gate-4'; None for any other tag."""
+    for family in SWEEP_FAMILIES.values():
+        if tag.startswith(family.prefix) and re.fullmatch(family.value_pattern, tag[len(family.prefix):]):
+            return family, tag[len(family.prefix):]
+    return None
+
+
+def sweep_family_of_prefix(tag: str) -> SweepFamily | None:
+    """The first family (in SWEEP_FAMILIES order) whose prefix starts `tag`: how figures rank tags."""
+    return next((f for f in SWEEP_FAMILIES.values() if tag.startswith(f.prefix)), None)
 
 
 def run_label(model: str, tag: str = "") -> str:
@@ -471,11 +583,8 @@ def display_name(label: str, short: bool = False) -> str:
     name = (spec.short if short else spec.display) if spec else model
     if not tag:
         return name
-    for pattern, reading in _TAG_READINGS:
-        match = pattern.match(tag)
-        if match:
-            return f"{name} ({reading(match)})"
-    return f"{name} ({tag})"
+    sweep = read_sweep_tag(tag)
+    return f"{name} ({sweep[0].reading(sweep[1]) if sweep else tag})"
 
 
 def gate_init_of_config(config: Mapping[str, Any]) -> float | None:
@@ -486,7 +595,7 @@ def gate_init_of_config(config: Mapping[str, Any]) -> float | None:
 
 
 def is_twistnet(name: str) -> bool:
-    return name in MODEL_SPECS and MODEL_SPECS[name].timm_name is None
+    return name in MODEL_SPECS and MODEL_SPECS[name].is_twistnet
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -512,21 +621,21 @@ def build_model(
     transfer_policy: 'all' or 'stem+layer1+layer2', for the ResNet-18 fallback.
     resnet18_weights: a local timm/torchvision ResNet-18 state_dict used instead of timm's hub.
     verbose / log: what is loaded and transferred is reported with `log` (default: print when verbose).
-    model_kwargs: TwistNet hyper-parameters (r, heads, stages, use_ais, spiral, gate_init, drop_path,
-    blurpool, and stci_init: 'paper' (default) or 'upstream', the paper code's initialisation); the
+    model_kwargs: TwistNet's constructor keywords (twistnet_hyperparameters(); see TwistNet and
+    MultiHeadSTCI: stci_init 'upstream' is the paper code's initialisation); the
     timm baselines take drop_path (timm's drop_path_rate) and, resnet18/seresnet18 only, blurpool
     (timm's aa_layer=BlurPool2d).
     """
     spec = get_spec(name)
     log = log or (print if verbose else (lambda *a, **k: None))
-    if spec.timm_name is not None:
+    if not spec.is_twistnet:
         return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
 
     try:
         model = spec.builder(num_classes, **model_kwargs)
     except TypeError as error:  # an unknown hyper-parameter name in model_kwargs
-        raise ModelConfigError(f"{name}: {error}. TwistNet hyper-parameters are r, heads, stages, "
-                               f"use_ais, spiral, gate_init, stci_init, drop_path and blurpool.") from None
+        raise ModelConfigError(f"{name}: {error}. TwistNet hyper-parameters are "
+                               f"{', '.join(twistnet_hyperparameters())}.") from None
     if pretrained is False or pretrained is None:
         return model
     if pretrained is True:
@@ -723,7 +832,7 @@ def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
             f"Checkpoint {path} is incompatible with {type(model).__name__} "
             f"{getattr(model, 'twisted_stages', '')}: missing {show(missing)}, unexpected "
             f"{show(unexpected)}, shape mismatch {show(mismatched)}. Was it saved from a "
-            f"different model or different STCI settings (r, heads, stages, AIS, spiral)?"
+            f"different model or with other TwistNet hyper-parameters ({', '.join(twistnet_hyperparameters())})?"
         )
     skip = [k for k in classifier if k in state and state[k].shape != own[k].shape]
     to_load = {k: v for k, v in state.items() if k not in skip}
