@@ -17,10 +17,13 @@ ResNet (conv1, bn1, layer1..layer4, fc) so that ResNet-18 state_dicts map onto i
 from __future__ import annotations
 
 import difflib
+import importlib.abc
+import importlib.util
 import inspect
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -941,6 +944,139 @@ def list_models(num_classes: int = 1000, file: Any = None) -> list[dict]:
         print(f"{r['name']:24s} {r['params'] / 1e6:9.2f}M  {r['group']:9s} {r['venue']:10s} {r['description']}",
               file=file)
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# timm: every registry TwistNet is a timm model (timm.create_model("twistnet18", num_classes=47))
+# --------------------------------------------------------------------------------------------
+# Keywords timm.create_model (and timm's train.py) pass that TwistNet has no use for at these
+# values; any other value is refused rather than silently ignored.
+_TIMM_FIXED = {"in_chans": (3, "TwistNet's stem takes RGB images"),
+               "drop_rate": (0.0, "TwistNet has no dropout before its classifier"),
+               "global_pool": ("avg", "TwistNet pools by the mean")}
+_TIMM_IGNORED = ("pretrained_cfg", "cache_dir")   # TwistNet's weights come from weights/, not timm's hub
+
+
+def timm_pretrained_cfg(name: str, num_classes: int = 1000) -> dict[str, Any]:
+    """What timm's utilities (resolve_data_config, ...) read from model.pretrained_cfg: the input,
+    normalisation and evaluation crop train.py uses (resize 256, crop 224)."""
+    return dict(architecture=name, url="", num_classes=num_classes, input_size=(3, 224, 224), pool_size=(7, 7),
+                crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                first_conv="conv1", classifier="fc")
+
+
+def create_for_timm(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+    """build_model(name, ...) called the way timm.create_model calls a model's entry point.
+
+    num_classes and TwistNet's own keywords pass through; drop_path_rate is TwistNet's drop_path;
+    pretrained=True is build_model's weights/ lookup (pretrained_cfg_overlay=dict(file=...), what
+    timm's train.py --pretrained-path sends, loads that file instead); device/dtype move the model.
+    """
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    num_classes = kwargs.pop("num_classes", 1000)
+    for key in _TIMM_IGNORED:
+        kwargs.pop(key, None)
+    for key, (allowed, why) in _TIMM_FIXED.items():
+        value = kwargs.pop(key, None)
+        if value is not None and value != allowed:
+            raise ModelConfigError(f"timm.create_model('{name}', {key}={value!r}): {why}; leave {key} out "
+                                   f"or set it to {allowed!r}")
+    if "drop_path_rate" in kwargs:
+        kwargs["drop_path"] = kwargs.pop("drop_path_rate")
+    unknown = sorted(set(kwargs) - set(twistnet_hyperparameters()))
+    if unknown:
+        raise ModelConfigError(
+            f"timm.create_model('{name}') got {', '.join(unknown)}, which TwistNet does not take. It takes "
+            f"pretrained, num_classes, drop_path_rate, in_chans=3, drop_rate=0, global_pool='avg' and its own "
+            f"{', '.join(twistnet_hyperparameters())}.")
+    if pretrained and overlay.get("file"):
+        pretrained = overlay["file"]
+    model = build_model(name, num_classes, pretrained=pretrained, **kwargs)
+    model.pretrained_cfg = model.default_cfg = timm_pretrained_cfg(name, num_classes)
+    return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
+
+
+def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create_for_timm(name, pretrained, **kwargs)
+    spec = get_spec(name)
+    entrypoint.__name__ = entrypoint.__qualname__ = name   # timm registers a function under its name
+    entrypoint.__doc__ = f"{spec.display}: {spec.description} (models.py registry; see create_for_timm)."
+    entrypoint.twistnet_entrypoint = True  # type: ignore[attr-defined]
+    return entrypoint
+
+
+def register_with_timm() -> None:
+    """Register every registry TwistNet with timm. Repeating it (models.py imported again, a variant
+    added) replaces this file's own earlier entries quietly; a timm model of the same name is kept."""
+    import timm.models
+
+    for name in twistnet_variants():
+        if timm.models.is_model(name) and not getattr(timm.models.model_entrypoint(name), "twistnet_entrypoint", False):
+            warnings.warn(f"timm already has a model '{name}': timm.create_model('{name}') stays timm's")
+            continue
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=f"Overwriting {name} in registry")
+            timm.models.register_model(_timm_entrypoint(name))
+
+
+class _ThenRegisterWithTimm(importlib.abc.Loader):
+    """timm's own loader, which registers the TwistNets once timm's package has run."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def __getattr__(self, attribute: str) -> Any:   # is_package, get_resource_reader, ...
+        return getattr(self.loader, attribute)
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        _remove_timm_hook()
+        try:
+            register_with_timm()
+        except Exception as error:  # never break `import timm` for code that does not use TwistNet
+            warnings.warn(f"TwistNet models not registered with timm: {type(error).__name__}: {error}")
+
+
+class _RegisterWhenTimmIsImported(importlib.abc.MetaPathFinder):
+    """Registers the TwistNets with timm when timm is first imported. Importing timm costs seconds,
+    which the scripts that never use it (summarize_runs.py, ...) should not pay for importing models.
+    It stays until timm is actually imported: a mere importlib.util.find_spec("timm") (torch.hub's
+    dependency check) must not use it up."""
+
+    searching = False
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "timm" or self.searching:
+            return None
+        self.searching = True          # the search below asks this finder too
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self.searching = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenRegisterWithTimm(spec.loader)
+        return spec
+
+
+def _remove_timm_hook() -> None:
+    # By class name: a second import of this file (importlib.reload) has its own class object.
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != _RegisterWhenTimmIsImported.__name__]
+
+
+def _register_with_timm_now_or_on_import() -> None:
+    _remove_timm_hook()
+    if "timm" in sys.modules:
+        register_with_timm()
+    else:
+        sys.meta_path.insert(0, _RegisterWhenTimmIsImported())
+
+
+_register_with_timm_now_or_on_import()
 
 
 if __name__ == "__main__":
