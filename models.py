@@ -1012,6 +1012,8 @@ def register_with_timm() -> None:
     added) replaces this file's own earlier entries quietly; a timm model of the same name is kept."""
     import timm.models
 
+    module = sys.modules[__name__]
+    had_all = hasattr(module, "__all__")
     for name in twistnet_variants():
         if timm.models.is_model(name) and not getattr(timm.models.model_entrypoint(name), "twistnet_entrypoint", False):
             warnings.warn(f"timm already has a model '{name}': timm.create_model('{name}') stays timm's")
@@ -1019,6 +1021,8 @@ def register_with_timm() -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=f"Overwriting {name} in registry")
             timm.models.register_model(_timm_entrypoint(name))
+    if not had_all and hasattr(module, "__all__"):
+        del module.__all__   # timm lists its entry points there; `from models import *` keeps every name
 
 
 class _ThenRegisterWithTimm(importlib.abc.Loader):
