@@ -582,8 +582,8 @@ def gate_init_of(log_file: str | Path) -> float | None:
     else:
         return None
     if not isinstance(holder, Mapping):
-        raise UserError(f"{source} holds a {type(holder).__name__}, not the object train.py writes (with the "
-                        f"run's 'config'): restore it, or move it away to draw the gate figure without the initial gate")
+        raise UserError(f"{source} holds a {type(holder).__name__}, not the object train.py writes (with the run's "
+                        f"'config'): restore it, or move it away to draw the gate figure without the initial gate")
     config = holder.get("config") or {}
     if not isinstance(config, Mapping):
         raise UserError(f"{source}: its 'config' is a {type(config).__name__}, not an object: restore the file "
