@@ -11,7 +11,6 @@ looks for weights/<name>_imagenet.pt, then weights/<name>_spark.pt (under the cu
 beside models.py; see models.build_model for the fallbacks); a path loads that checkpoint; the other
 keywords are TwistNet's (r, heads, stages, ...: models.twistnet_hyperparameters()).
 """
-from pathlib import Path as _Path
 from typing import Any as _Any, Callable as _Callable
 
 import torch.nn as _nn
@@ -21,10 +20,11 @@ import models as _models
 dependencies = ["torch", "timm"]
 
 # torch.hub puts this folder first on sys.path, but a `models` imported earlier (a package of the
-# calling project is often called so) would be reused: refuse it rather than build something else.
-if _Path(_models.__file__).resolve().parent != _Path(__file__).resolve().parent:
+# calling project is often called so) would be reused: refuse it rather than fail obscurely later.
+if not hasattr(_models, "twistnet_variants"):
     raise ImportError(f"hubconf.py needs TwistNet-2D's models.py, but 'models' is already imported from "
-                      f"{_models.__file__}: load TwistNet in a process that has not imported another 'models'")
+                      f"{getattr(_models, '__file__', '?')}: load TwistNet in a process that has not "
+                      f"imported another 'models'")
 
 
 def _entry_point(name: str) -> _Callable[..., _nn.Module]:
