@@ -7,11 +7,13 @@ Usage:
     python ablation.py ... --dry_run        # print the run_all.py commands; run and write nothing
     python ablation.py ... --table_only     # (re)write the table from the finished runs only
 
-Variants:
-    registry ablations  twistnet18 (the full model), twistnet18_no_spiral, twistnet18_no_ais,
-                        twistnet18_first_order: one run_all.py command for all four;
+Variants (all read from the registry in models.py):
+    registry ablations  the full model twistnet18, then every TwistNet of group "ablation"
+                        (twistnet18_no_spiral, twistnet18_no_ais, twistnet18_first_order):
+                        one run_all.py command for all of them (models.ablation_variants());
     STCI sweeps         TwistNet-18 with one hyper-parameter changed, through train.py's
-                        --model_kwargs '<json>' --tag <name>, one run_all.py command each:
+                        --model_kwargs '<json>' --tag <name>, one run_all.py command each
+                        (models.SWEEP_FAMILIES):
                         r       {4, 16}         tags r4, r16          (--r_values)
                         heads   {1, 2}          tags heads1, heads2   (--heads_values)
                         gate_init {0.0, -4.0}   tags gate0, gate-4    (--gate_init_values)
@@ -46,19 +48,8 @@ from helpers.runrecords import RunResult, Stats, load_results
 from helpers.utils import UserError
 
 ROOT = Path(__file__).resolve().parent
-FULL_MODEL = "twistnet18"
-CORE_VARIANTS = (
-    ("twistnet18", "full model: STCI (4 heads, r = 8) with AIS in stages 3-4"),
-    ("twistnet18_no_spiral", "same-position products (no directional twist)"),
-    ("twistnet18_no_ais", "no adaptive interaction selection"),
-    ("twistnet18_first_order", "no STCI: plain ResNet-18 backbone"),
-)
-SWEEP_DEFAULTS: Mapping[str, tuple] = MappingProxyType({
-    "r": (4, 16),
-    "heads": (1, 2),
-    "gate_init": (0.0, -4.0),
-    "stages": ((4,), (2, 3, 4)),
-})
+FULL_MODEL = models.full_model()
+SWEEP_DEFAULTS: Mapping[str, tuple] = MappingProxyType({name: f.defaults for name, f in models.SWEEP_FAMILIES.items()})
 # Options ablation.py sets per variant: passing them through would contradict the plan.
 RESERVED_PASSTHROUGH = ("--model", "--models", "--model_kwargs", "--tag", "--fold", "--seed")
 
@@ -89,30 +80,18 @@ class Row:
 # --------------------------------------------------------------------------------------------
 def sweep_variant(family: str, value: Any) -> Variant:
     """The TwistNet-18 variant with one STCI hyper-parameter set to `value`."""
-    builders: dict[str, Callable[[Any], Variant]] = {
-        "r": lambda v: Variant(FULL_MODEL, f"r{int(v)}", {"r": int(v)}, f"r = {int(v)} channels per head"),
-        "heads": lambda v: Variant(FULL_MODEL, f"heads{int(v)}", {"heads": int(v)},
-                                   f"{int(v)} head(s): {', '.join(f'{a}°' for a in head_angles(int(v)))}"),
-        "gate_init": lambda v: Variant(FULL_MODEL, f"gate{float(v):g}", {"gate_init": float(v)},
-                                       f"gate initialised to {float(v):g}"),
-        "stages": lambda v: Variant(FULL_MODEL, "stages" + "".join(str(s) for s in v),
-                                    {"stages": [int(s) for s in v]},
-                                    f"STCI in stage(s) {', '.join(str(s) for s in v)}"),
-    }
-    if family not in builders:
+    if family not in models.SWEEP_FAMILIES:
         raise UserError(f"Unknown sweep '{family}'; choose from {', '.join(SWEEP_DEFAULTS)}")
-    return builders[family](value)
-
-
-def head_angles(heads: int) -> tuple[int, ...]:
-    return models.HEAD_ANGLES[:heads]
+    sweep = models.SWEEP_FAMILIES[family]
+    return Variant(FULL_MODEL, sweep.tag(value), {family: sweep.to_kwarg(value)}, sweep.describe(value))
 
 
 def plan_variants(sweeps: Sequence[str] = tuple(SWEEP_DEFAULTS),
                   values: Mapping[str, Sequence[Any]] | None = None) -> list[Variant]:
     """The registry ablations, then every value of every requested sweep, in that order."""
     values = {**SWEEP_DEFAULTS, **(values or {})}
-    variants = [Variant(model, description=text) for model, text in CORE_VARIANTS]
+    variants = [Variant(model, description=models.get_spec(model).description)
+                for model in models.ablation_variants()]
     for family in sweeps:
         if family not in SWEEP_DEFAULTS:
             raise UserError(f"Unknown sweep '{family}'; choose from {', '.join(SWEEP_DEFAULTS)}")
@@ -157,11 +136,6 @@ def plan_commands(settings: Settings, variants: Sequence[Variant],
 
 def parse_values(text: str | None, cast: Callable[[str], Any], separator: str = ",") -> list[Any] | None:
     return [cast(v.strip()) for v in text.split(separator) if v.strip()] if text else None
-
-
-def parse_stage_sets(text: str | None) -> list[tuple[int, ...]] | None:
-    """'4;2,3,4' -> [(4,), (2, 3, 4)]."""
-    return parse_values(text, lambda s: tuple(int(x) for x in s.split(",")), ";")
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,10 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run_dir", default="runs/ablation", help="folder of the ablation runs")
     p.add_argument("--sweeps", default=",".join(SWEEP_DEFAULTS),
                    help=f"STCI sweep families ({', '.join(SWEEP_DEFAULTS)}), or 'none'")
-    p.add_argument("--r_values", default=None, help="r sweep, e.g. 4,16")
-    p.add_argument("--heads_values", default=None, help="heads sweep, e.g. 1,2")
-    p.add_argument("--gate_init_values", default=None, help="gate_init sweep, e.g. --gate_init_values=0,-4")
-    p.add_argument("--stages_values", default=None, help="stage sets separated by ';', e.g. '4;2,3,4'")
+    for name, sweep in models.SWEEP_FAMILIES.items():
+        p.add_argument(f"--{name}_values", default=None, help=sweep.cli_help)
     p.add_argument("--jobs", type=int, default=None, help="passed to run_all.py")
     p.add_argument("--dry_run", action="store_true", help="print the run_all.py commands and exit")
     p.add_argument("--table_only", action="store_true", help="skip training; tabulate finished runs")
@@ -293,9 +265,8 @@ def sweep_families(text: str) -> list[str]:
 
 
 def sweep_values_from_args(args: argparse.Namespace) -> dict[str, list]:
-    given = {"r": parse_values(args.r_values, int), "heads": parse_values(args.heads_values, int),
-             "gate_init": parse_values(args.gate_init_values, float),
-             "stages": parse_stage_sets(args.stages_values)}
+    given = {name: parse_values(getattr(args, f"{name}_values"), sweep.parse_value, sweep.cli_separator)
+             for name, sweep in models.SWEEP_FAMILIES.items()}
     return {k: v for k, v in given.items() if v}
 
 

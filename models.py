@@ -17,9 +17,13 @@ ResNet (conv1, bn1, layer1..layer4, fc) so that ResNet-18 state_dicts map onto i
 from __future__ import annotations
 
 import difflib
+import importlib.abc
+import importlib.util
+import inspect
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,7 +370,12 @@ class TwistNet(nn.Module):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registry entry: how to build the model, and how tables and figures name it."""
+    """A registry entry: how to build the model, and how tables and figures name it.
+
+    Every list of models elsewhere is derived from these entries: the TwistNet variants
+    (twistnet_variants: torch.hub's hubconf.py and timm), the ablation study and its figure
+    (ablation_variants), and the models SparK can pretrain (spark_models).
+    """
     name: str
     group: str              # ours, ablation, fair (similar size) or large
     venue: str
@@ -374,13 +383,39 @@ class ModelSpec:
     description: str
     display: str            # name in tables, e.g. "TwistNet-18 w/o AIS"
     short: str              # name in figure legends, which share a 3.5 in column
-    timm_name: str | None = None
+    timm_name: str | None = None    # a timm baseline; None: a TwistNet built by this file
+    spark: bool = False             # a timm baseline SparK can pretrain (TwistNets always can)
+
+    @property
+    def is_twistnet(self) -> bool:
+        return self.timm_name is None
+
+    @property
+    def spark_supported(self) -> bool:
+        # SparK has a mask-aware version of every operator a TwistNet is built from.
+        return self.is_twistnet or self.spark
+
+
+def twistnet_hyperparameters() -> tuple[str, ...]:
+    """The keywords TwistNet's constructor takes besides num_classes (build_model's model_kwargs)."""
+    return tuple(name for name in inspect.signature(TwistNet).parameters if name != "num_classes")
 
 
 def _twistnet_builder(**fixed: Any) -> Callable[..., nn.Module]:
+    unknown = sorted(set(fixed) - set(twistnet_hyperparameters()))
+    if unknown:  # a typo in a registry entry fails at import, not when the variant is first trained
+        raise ModelConfigError(f"TwistNet takes no {', '.join(unknown)}; it takes "
+                               f"{', '.join(twistnet_hyperparameters())}")
+
     def build(num_classes: int, **overrides: Any) -> nn.Module:
         return TwistNet(num_classes=num_classes, **{**fixed, **overrides})
     return build
+
+
+def twistnet_spec(name: str, group: str, description: str, display: str, short: str,
+                  **fixed: Any) -> ModelSpec:
+    """A registry entry for TwistNet with some constructor keywords fixed (an STCI variant)."""
+    return ModelSpec(name, group, "-", _twistnet_builder(**fixed), description, display, short)
 
 
 def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
@@ -396,40 +431,60 @@ def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
 
 
 def _spec_table() -> dict[str, ModelSpec]:
-    ours = [  # name, group, builder, description, display, short
-        ("twistnet18", "ours", _twistnet_builder(), "TwistNet-18: STCI in stages 3-4",
-         "TwistNet-18", "TwistNet-18"),
-        ("twistnet18_no_spiral", "ablation", _twistnet_builder(spiral=False),
-         "same-position products (no directional twist)", "TwistNet-18 w/o spiral twist", "w/o spiral twist"),
-        ("twistnet18_no_ais", "ablation", _twistnet_builder(use_ais=False),
-         "no adaptive interaction selection", "TwistNet-18 w/o AIS", "w/o AIS"),
-        ("twistnet18_first_order", "ablation", _twistnet_builder(stages=()),
-         "no STCI: plain ResNet-18 backbone", "TwistNet-18 first-order only", "first-order only"),
+    # An STCI variant is one line here: it then appears in ablation.py, the figures, SparK,
+    # torch.hub and timm. The full model is the first of group "ours".
+    specs = [
+        twistnet_spec("twistnet18", "ours", "TwistNet-18: STCI in stages 3-4", "TwistNet-18", "TwistNet-18"),
+        twistnet_spec("twistnet18_no_spiral", "ablation", "same-position products (no directional twist)",
+                      "TwistNet-18 w/o spiral twist", "w/o spiral twist", spiral=False),
+        twistnet_spec("twistnet18_no_ais", "ablation", "no adaptive interaction selection",
+                      "TwistNet-18 w/o AIS", "w/o AIS", use_ais=False),
+        twistnet_spec("twistnet18_first_order", "ablation", "no STCI: plain ResNet-18 backbone",
+                      "TwistNet-18 first-order only", "first-order only", stages=()),
     ]
-    specs = [ModelSpec(name, group, "-", builder, text, display, short)
-             for name, group, builder, text, display, short in ours]
-    baselines = [  # name, timm name, venue, group, display, short
-        ("resnet18", "resnet18", "CVPR 2016", "fair", "ResNet-18", "ResNet-18"),
-        ("seresnet18", "seresnet18", "CVPR 2018", "fair", "SE-ResNet-18", "SE-ResNet-18"),
-        ("convnextv2_nano", "convnextv2_nano", "CVPR 2023", "fair", "ConvNeXtV2-Nano", "ConvNeXtV2-N"),
-        ("fastvit_sa12", "fastvit_sa12", "ICCV 2023", "fair", "FastViT-SA12", "FastViT-SA12"),
+    baselines = [  # name, timm name, venue, group, display, short, SparK can pretrain it
+        ("resnet18", "resnet18", "CVPR 2016", "fair", "ResNet-18", "ResNet-18", True),
+        ("seresnet18", "seresnet18", "CVPR 2018", "fair", "SE-ResNet-18", "SE-ResNet-18", True),
+        ("convnextv2_nano", "convnextv2_nano", "CVPR 2023", "fair", "ConvNeXtV2-Nano", "ConvNeXtV2-N", False),
+        ("fastvit_sa12", "fastvit_sa12", "ICCV 2023", "fair", "FastViT-SA12", "FastViT-SA12", False),
         ("efficientformerv2_s2", "efficientformerv2_s2", "ICCV 2023", "fair", "EfficientFormerV2-S2",
-         "EffFormerV2-S2"),
-        ("repvit_m1_5", "repvit_m1_5", "CVPR 2024", "fair", "RepViT-M1.5", "RepViT-M1.5"),
-        ("convnext_tiny", "convnext_tiny", "CVPR 2022", "large", "ConvNeXt-Tiny", "ConvNeXt-T"),
-        ("swin_tiny", "swin_tiny_patch4_window7_224", "ICCV 2021", "large", "Swin-Tiny", "Swin-T"),
+         "EffFormerV2-S2", False),
+        ("repvit_m1_5", "repvit_m1_5", "CVPR 2024", "fair", "RepViT-M1.5", "RepViT-M1.5", False),
+        ("convnext_tiny", "convnext_tiny", "CVPR 2022", "large", "ConvNeXt-Tiny", "ConvNeXt-T", False),
+        ("swin_tiny", "swin_tiny_patch4_window7_224", "ICCV 2021", "large", "Swin-Tiny", "Swin-T", False),
     ]
     specs += [ModelSpec(name, group, venue, _timm_builder(timm_name), f"timm {timm_name}", display, short,
-                        timm_name=timm_name)
-              for name, timm_name, venue, group, display, short in baselines]
+                        timm_name=timm_name, spark=spark)
+              for name, timm_name, venue, group, display, short, spark in baselines]
     return {s.name: s for s in specs}
 
 
-MODEL_SPECS: Mapping[str, ModelSpec] = _spec_table()
+MODEL_SPECS: dict[str, ModelSpec] = _spec_table()
 
 
 def model_names() -> list[str]:
     return list(MODEL_SPECS)
+
+
+def twistnet_variants() -> list[str]:
+    """Every TwistNet of the registry, in registry order (what hubconf.py and timm offer)."""
+    return [name for name, spec in MODEL_SPECS.items() if spec.is_twistnet]
+
+
+def full_model() -> str:
+    """The full TwistNet, the reference of the ablation study: the first TwistNet of group 'ours'."""
+    return next(name for name, spec in MODEL_SPECS.items() if spec.is_twistnet and spec.group == "ours")
+
+
+def ablation_variants() -> list[str]:
+    """The full model, then every TwistNet of group 'ablation' (ablation.py's rows, the figure's order)."""
+    return [full_model()] + [name for name, spec in MODEL_SPECS.items()
+                             if spec.is_twistnet and spec.group == "ablation"]
+
+
+def spark_models() -> list[str]:
+    """Registry models SparK can pretrain (every operator has a mask-aware version), in registry order."""
+    return [name for name, spec in MODEL_SPECS.items() if spec.spark_supported]
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -441,13 +496,73 @@ def get_spec(name: str) -> ModelSpec:
     raise ModelConfigError(f"Unknown model '{name}'.{hint} Known models: {', '.join(MODEL_SPECS)}")
 
 
-# A run's model is named model[-tag] (train.py --tag); ablation.py's sweeps write these tags.
-_TAG_READINGS = (
-    (re.compile(r"^r(\d+)$"), lambda m: f"r = {m[1]}"),
-    (re.compile(r"^heads(\d+)$"), lambda m: f"{m[1]} head{'s' if m[1] != '1' else ''}"),
-    (re.compile(r"^gate(-?\d+(?:\.\d+)?)$"), lambda m: f"gate init {m[1]}"),
-    (re.compile(r"^stages(\d+)$"), lambda m: f"STCI in stage{'s' if len(m[1]) > 1 else ''} {','.join(m[1])}"),
-)
+# --------------------------------------------------------------------------------------------
+# Run labels: model[-tag] (train.py --tag); the sweep tags ablation.py writes and figures read
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepFamily:
+    """One TwistNet hyper-parameter a sweep changes, and how a run's tag writes and reads its value.
+
+    The tag is prefix + value text (r4, heads1, gate-4, stages234); the value goes to the model as
+    model_kwargs[name].
+    """
+    name: str                              # ablation.py --sweeps name and the model_kwargs key
+    prefix: str
+    value_pattern: str                     # regex of the value text in a tag
+    to_text: Callable[[Any], str]          # sweep value -> the tag's value text
+    to_kwarg: Callable[[Any], Any]         # sweep value -> model_kwargs value
+    reading: Callable[[str], str]          # value text -> readable, e.g. "r = 4"
+    describe: Callable[[Any], str]         # sweep value -> a sentence for the ablation plan
+    defaults: tuple                        # the values ablation.py sweeps unless told otherwise
+    parse_value: Callable[[str], Any]      # one value as typed on ablation.py's command line
+    cli_separator: str
+    cli_help: str
+    rank_by_length: bool = False           # stages: fewer stages first, not by the digits' value
+
+    def tag(self, value: Any) -> str:
+        return self.prefix + self.to_text(value)
+
+    def sort_value(self, text: str) -> float:
+        """Order of a value text within the family (0 for text that is not a value)."""
+        if self.rank_by_length:
+            return float(len(text))
+        number = re.fullmatch(r"-?\d+(?:\.\d+)?", text)
+        return float(number[0]) if number else 0.0
+
+
+def _stage_digits(stages: Iterable[int]) -> str:
+    return "".join(str(s) for s in stages)
+
+
+SWEEP_FAMILIES: Mapping[str, SweepFamily] = {f.name: f for f in (
+    SweepFamily("r", "r", r"\d+", lambda v: str(int(v)), int, lambda t: f"r = {t}",
+                lambda v: f"r = {int(v)} channels per head", (4, 16), int, ",", "r sweep, e.g. 4,16"),
+    SweepFamily("heads", "heads", r"\d+", lambda v: str(int(v)), int,
+                lambda t: f"{t} head{'s' if t != '1' else ''}",
+                lambda v: f"{int(v)} head(s): {', '.join(f'{a}°' for a in HEAD_ANGLES[:int(v)])}",
+                (1, 2), int, ",", "heads sweep, e.g. 1,2"),
+    SweepFamily("gate_init", "gate", r"-?\d+(?:\.\d+)?", lambda v: f"{float(v):g}", float,
+                lambda t: f"gate init {t}", lambda v: f"gate initialised to {float(v):g}", (0.0, -4.0), float,
+                ",", "gate_init sweep, e.g. --gate_init_values=0,-4"),
+    SweepFamily("stages", "stages", r"\d+", _stage_digits, lambda v: [int(s) for s in v],
+                lambda t: f"STCI in stage{'s' if len(t) > 1 else ''} {','.join(t)}",
+                lambda v: f"STCI in stage(s) {', '.join(str(s) for s in v)}", ((4,), (2, 3, 4)),
+                lambda text: tuple(int(x) for x in text.split(",")), ";",
+                "stage sets separated by ';', e.g. '4;2,3,4'", rank_by_length=True),
+)}
+
+
+def read_sweep_tag(tag: str) -> tuple[SweepFamily, str] | None:
+    """(family, value text) of a sweep tag such as 'r4' or 'gate-4'; None for any other tag."""
+    for family in SWEEP_FAMILIES.values():
+        if tag.startswith(family.prefix) and re.fullmatch(family.value_pattern, tag[len(family.prefix):]):
+            return family, tag[len(family.prefix):]
+    return None
+
+
+def sweep_family_of_prefix(tag: str) -> SweepFamily | None:
+    """The first family (in SWEEP_FAMILIES order) whose prefix starts `tag`: how figures rank tags."""
+    return next((f for f in SWEEP_FAMILIES.values() if tag.startswith(f.prefix)), None)
 
 
 def run_label(model: str, tag: str = "") -> str:
@@ -471,11 +586,8 @@ def display_name(label: str, short: bool = False) -> str:
     name = (spec.short if short else spec.display) if spec else model
     if not tag:
         return name
-    for pattern, reading in _TAG_READINGS:
-        match = pattern.match(tag)
-        if match:
-            return f"{name} ({reading(match)})"
-    return f"{name} ({tag})"
+    sweep = read_sweep_tag(tag)
+    return f"{name} ({sweep[0].reading(sweep[1]) if sweep else tag})"
 
 
 def gate_init_of_config(config: Mapping[str, Any]) -> float | None:
@@ -486,7 +598,7 @@ def gate_init_of_config(config: Mapping[str, Any]) -> float | None:
 
 
 def is_twistnet(name: str) -> bool:
-    return name in MODEL_SPECS and MODEL_SPECS[name].timm_name is None
+    return name in MODEL_SPECS and MODEL_SPECS[name].is_twistnet
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -512,21 +624,21 @@ def build_model(
     transfer_policy: 'all' or 'stem+layer1+layer2', for the ResNet-18 fallback.
     resnet18_weights: a local timm/torchvision ResNet-18 state_dict used instead of timm's hub.
     verbose / log: what is loaded and transferred is reported with `log` (default: print when verbose).
-    model_kwargs: TwistNet hyper-parameters (r, heads, stages, use_ais, spiral, gate_init, drop_path,
-    blurpool, and stci_init: 'paper' (default) or 'upstream', the paper code's initialisation); the
+    model_kwargs: TwistNet's constructor keywords (twistnet_hyperparameters(); see TwistNet and
+    MultiHeadSTCI: stci_init 'upstream' is the paper code's initialisation); the
     timm baselines take drop_path (timm's drop_path_rate) and, resnet18/seresnet18 only, blurpool
     (timm's aa_layer=BlurPool2d).
     """
     spec = get_spec(name)
     log = log or (print if verbose else (lambda *a, **k: None))
-    if spec.timm_name is not None:
+    if not spec.is_twistnet:
         return _build_baseline(spec, num_classes, pretrained, resnet18_weights, log, **model_kwargs)
 
     try:
         model = spec.builder(num_classes, **model_kwargs)
     except TypeError as error:  # an unknown hyper-parameter name in model_kwargs
-        raise ModelConfigError(f"{name}: {error}. TwistNet hyper-parameters are r, heads, stages, "
-                               f"use_ais, spiral, gate_init, stci_init, drop_path and blurpool.") from None
+        raise ModelConfigError(f"{name}: {error}. TwistNet hyper-parameters are "
+                               f"{', '.join(twistnet_hyperparameters())}.") from None
     if pretrained is False or pretrained is None:
         return model
     if pretrained is True:
@@ -723,7 +835,7 @@ def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
             f"Checkpoint {path} is incompatible with {type(model).__name__} "
             f"{getattr(model, 'twisted_stages', '')}: missing {show(missing)}, unexpected "
             f"{show(unexpected)}, shape mismatch {show(mismatched)}. Was it saved from a "
-            f"different model or different STCI settings (r, heads, stages, AIS, spiral)?"
+            f"different model or with other TwistNet hyper-parameters ({', '.join(twistnet_hyperparameters())})?"
         )
     skip = [k for k in classifier if k in state and state[k].shape != own[k].shape]
     to_load = {k: v for k, v in state.items() if k not in skip}
@@ -832,6 +944,143 @@ def list_models(num_classes: int = 1000, file: Any = None) -> list[dict]:
         print(f"{r['name']:24s} {r['params'] / 1e6:9.2f}M  {r['group']:9s} {r['venue']:10s} {r['description']}",
               file=file)
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# timm: every registry TwistNet is a timm model (timm.create_model("twistnet18", num_classes=47))
+# --------------------------------------------------------------------------------------------
+# Keywords timm.create_model (and timm's train.py) pass that TwistNet has no use for at these
+# values; any other value is refused rather than silently ignored.
+_TIMM_FIXED = {"in_chans": (3, "TwistNet's stem takes RGB images"),
+               "drop_rate": (0.0, "TwistNet has no dropout before its classifier"),
+               "global_pool": ("avg", "TwistNet pools by the mean")}
+_TIMM_IGNORED = ("pretrained_cfg", "cache_dir")   # TwistNet's weights come from weights/, not timm's hub
+
+
+def timm_pretrained_cfg(name: str, num_classes: int = 1000) -> dict[str, Any]:
+    """What timm's utilities (resolve_data_config, ...) read from model.pretrained_cfg: the input,
+    normalisation and evaluation crop train.py uses (resize 256, crop 224)."""
+    return dict(architecture=name, url="", num_classes=num_classes, input_size=(3, 224, 224), pool_size=(7, 7),
+                crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                first_conv="conv1", classifier="fc")
+
+
+def create_for_timm(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+    """build_model(name, ...) called the way timm.create_model calls a model's entry point.
+
+    num_classes and TwistNet's own keywords pass through; drop_path_rate is TwistNet's drop_path;
+    pretrained=True is build_model's weights/ lookup (pretrained_cfg_overlay=dict(file=...), what
+    timm's train.py --pretrained-path sends, loads that file instead); device/dtype move the model.
+    """
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    num_classes = kwargs.pop("num_classes", 1000)
+    for key in _TIMM_IGNORED:
+        kwargs.pop(key, None)
+    for key, (allowed, why) in _TIMM_FIXED.items():
+        value = kwargs.pop(key, None)
+        if value is not None and value != allowed:
+            raise ModelConfigError(f"timm.create_model('{name}', {key}={value!r}): {why}; leave {key} out "
+                                   f"or set it to {allowed!r}")
+    if "drop_path_rate" in kwargs:
+        kwargs["drop_path"] = kwargs.pop("drop_path_rate")
+    unknown = sorted(set(kwargs) - set(twistnet_hyperparameters()))
+    if unknown:
+        raise ModelConfigError(
+            f"timm.create_model('{name}') got {', '.join(unknown)}, which TwistNet does not take. It takes "
+            f"pretrained, num_classes, drop_path_rate, in_chans=3, drop_rate=0, global_pool='avg' and its own "
+            f"{', '.join(twistnet_hyperparameters())}.")
+    if pretrained and overlay.get("file"):
+        pretrained = overlay["file"]
+    model = build_model(name, num_classes, pretrained=pretrained, **kwargs)
+    model.pretrained_cfg = model.default_cfg = timm_pretrained_cfg(name, num_classes)
+    return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
+
+
+def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create_for_timm(name, pretrained, **kwargs)
+    spec = get_spec(name)
+    entrypoint.__name__ = entrypoint.__qualname__ = name   # timm registers a function under its name
+    entrypoint.__doc__ = f"{spec.display}: {spec.description} (models.py registry; see create_for_timm)."
+    entrypoint.twistnet_entrypoint = True  # type: ignore[attr-defined]
+    return entrypoint
+
+
+def register_with_timm() -> None:
+    """Register every registry TwistNet with timm. Repeating it (models.py imported again, a variant
+    added) replaces this file's own earlier entries quietly; a timm model of the same name is kept."""
+    import timm.models
+
+    module = sys.modules[__name__]
+    had_all = hasattr(module, "__all__")
+    for name in twistnet_variants():
+        if timm.models.is_model(name) and not getattr(timm.models.model_entrypoint(name), "twistnet_entrypoint", False):
+            warnings.warn(f"timm already has a model '{name}': timm.create_model('{name}') stays timm's")
+            continue
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=f"Overwriting {name} in registry")
+            timm.models.register_model(_timm_entrypoint(name))
+    if not had_all and hasattr(module, "__all__"):
+        del module.__all__   # timm lists its entry points there; `from models import *` keeps every name
+
+
+class _ThenRegisterWithTimm(importlib.abc.Loader):
+    """timm's own loader, which registers the TwistNets once timm's package has run."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def __getattr__(self, attribute: str) -> Any:   # is_package, get_resource_reader, ...
+        return getattr(self.loader, attribute)
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        _remove_timm_hook()
+        try:
+            register_with_timm()
+        except Exception as error:  # never break `import timm` for code that does not use TwistNet
+            warnings.warn(f"TwistNet models not registered with timm: {type(error).__name__}: {error}")
+
+
+class _RegisterWhenTimmIsImported(importlib.abc.MetaPathFinder):
+    """Registers the TwistNets with timm when timm is first imported. Importing timm costs seconds,
+    which the scripts that never use it (summarize_runs.py, ...) should not pay for importing models.
+    It stays until timm is actually imported: a mere importlib.util.find_spec("timm") (torch.hub's
+    dependency check) must not use it up."""
+
+    searching = False
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "timm" or self.searching:
+            return None
+        self.searching = True          # the search below asks this finder too
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self.searching = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenRegisterWithTimm(spec.loader)
+        return spec
+
+
+def _remove_timm_hook() -> None:
+    # By class name: a second import of this file (importlib.reload) has its own class object.
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != _RegisterWhenTimmIsImported.__name__]
+
+
+def _register_with_timm_now_or_on_import() -> None:
+    _remove_timm_hook()
+    if "timm" in sys.modules:
+        register_with_timm()
+    else:
+        sys.meta_path.insert(0, _RegisterWhenTimmIsImported())
+
+
+_register_with_timm_now_or_on_import()
 
 
 if __name__ == "__main__":

@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import difflib
 import math
-import re
 import sys
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -59,19 +60,14 @@ from matplotlib.ticker import MaxNLocator
 import datasets
 import models
 import transforms
-from helpers import figures, loading, model_tools, utils
+from helpers import figures, loading, model_tools, rundirs, utils
 from helpers.figures import COLUMN_WIDTH_IN, PAGE_WIDTH_IN, new_figure, paper_style, save_figure
 from helpers.runrecords import RunResult, Stats, load_results
 from helpers.utils import UserError
 
-AGGREGATE_KINDS = ("bar", "radar", "scatter", "efficiency", "ablation", "prune")
-PLOT_KINDS = (*AGGREGATE_KINDS, "curves", "gate", "confusion", "interaction", "tsne")
-DEFAULT_BASELINE = "twistnet18"
+DEFAULT_BASELINE = models.full_model()
 MAX_POINT_LABELS = 6
 LOG_SCALE_RATIO = 30.0     # loss curves spanning more than this factor get a log axis
-# Order of the ablation figure and table: the full model, the registry ablations, then sweeps.
-CORE_ABLATION_ORDER = ("twistnet18", "twistnet18_no_spiral", "twistnet18_no_ais", "twistnet18_first_order")
-TAG_FAMILY_ORDER = ("r", "heads", "gate", "stages")
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +98,13 @@ def ordered_labels(runs: Iterable[RunResult], preferred: Sequence[str] | None = 
     present = {r.label for r in runs}
     if preferred:
         return [label for label in preferred if label in present]
-    return sorted(present, key=lambda label: (label.startswith("twistnet"), label))
+    return sorted(present, key=lambda label: (is_twistnet_label(label), label))
+
+
+def is_twistnet_label(label: str) -> bool:
+    """A model[-tag] label of a registry TwistNet (a name outside the registry: by its prefix)."""
+    model, _ = models.split_label(label)
+    return models.is_twistnet(model) if model in models.MODEL_SPECS else model.startswith("twistnet")
 
 
 def ordered_groups(runs: Iterable[RunResult], group_by: str) -> list[str]:
@@ -134,20 +136,17 @@ def dataset_display_name(group: str) -> str:
 
 
 def ablation_sort_key(label: str) -> tuple:
-    """Full model, then the registry ablations, then tagged sweeps by family and value."""
-    model, _, tag = label.partition("-")
+    """Full model, then the registry ablations (models.ablation_variants), then tagged sweeps by
+    family (models.SWEEP_FAMILIES order) and value."""
+    model, tag = models.split_label(label)
     if not tag:
-        core = CORE_ABLATION_ORDER.index(model) if model in CORE_ABLATION_ORDER else len(CORE_ABLATION_ORDER)
-        return (0, core, model, 0.0, tag)
-    family = next((f for f in TAG_FAMILY_ORDER if tag.startswith(f)), "")
-    rank = TAG_FAMILY_ORDER.index(family) if family else len(TAG_FAMILY_ORDER)
-    rest = tag[len(family):]
-    if family == "stages":
-        value = float(len(rest))  # stage tags list the stages as digits: fewer stages first
-    else:
-        number = re.fullmatch(r"-?\d+(?:\.\d+)?", rest)
-        value = float(number[0]) if number else 0.0
-    return (1, rank, model, value, tag)
+        core = models.ablation_variants()
+        return (0, core.index(model) if model in core else len(core), model, 0.0, tag)
+    families = list(models.SWEEP_FAMILIES.values())
+    family = models.sweep_family_of_prefix(tag)
+    if family is None:
+        return (1, len(families), model, 0.0, tag)
+    return (1, families.index(family), model, family.sort_value(tag[len(family.prefix):]), tag)
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,12 +573,21 @@ def run_name_of(path: str | Path) -> str:
 def gate_init_of(log_file: str | Path) -> float | None:
     """gate_init of the run a log belongs to, from its results.json or best.pt config if present."""
     run_path = Path(log_file).resolve().parent
-    config: dict = {}
     if (run_path / "results.json").is_file():
-        config = utils.read_json(run_path / "results.json").get("config") or {}
+        source, holder = run_path / "results.json", utils.read_json(run_path / "results.json")
     elif (run_path / "best.pt").is_file():
-        import torch
-        config = torch.load(run_path / "best.pt", map_location="cpu", weights_only=True).get("config") or {}
+        source, holder = run_path / "best.pt", rundirs.read_checkpoint(
+            run_path / "best.pt", (rundirs.TRAIN_BEST, rundirs.PRETRAIN_BEST),
+            "The gate figure reads only its config: move the file away to draw the figure without the initial gate.")
+    else:
+        return None
+    if not isinstance(holder, Mapping):
+        raise UserError(f"{source} holds a {type(holder).__name__}, not the object train.py writes (with the run's "
+                        f"'config'): restore it, or move it away to draw the gate figure without the initial gate")
+    config = holder.get("config") or {}
+    if not isinstance(config, Mapping):
+        raise UserError(f"{source}: its 'config' is a {type(config).__name__}, not an object: restore the file "
+                        f"train.py wrote, or move it away to draw the gate figure without the initial gate")
     return models.gate_init_of_config(config)
 
 
@@ -593,7 +601,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=_HelpFormatter)
-    p.add_argument("--plot", required=True, choices=PLOT_KINDS)
+    # Not argparse choices: an unknown kind is then one error line (plot_of_kind), not a usage block.
+    p.add_argument("--plot", required=True, help=f"the kind of figure, one of: {', '.join(PLOT_KINDS)}")
     p.add_argument("--run_dir", nargs="+", default=None,
                    help="folders of run directories (bar, radar, scatter, efficiency, ablation)")
     p.add_argument("--log_file", nargs="+", default=None, help="log.jsonl file(s) (curves, gate)")
@@ -628,29 +637,58 @@ def require(value: Any, flag: str, kind: str) -> Any:
     return value
 
 
-def aggregate_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
+Figures = list[tuple[str, Figure]]   # (file stem, figure) pairs
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The finished runs an aggregate figure draws, and how they are grouped."""
+    runs: list[RunResult]
+    labels: list[str]
+    groups: list[str]
+    stats: dict[tuple[str, str], Stats]
+
+
+def select_runs(args: argparse.Namespace) -> Selection:
     runs = load_results(require(args.run_dir, "--run_dir", args.plot))
     runs = filter_runs(runs, utils.split_list(args.models), utils.split_list(args.datasets))
     if not runs:
         raise UserError(f"No finished runs (results.json with a test accuracy) under {', '.join(args.run_dir)}"
                          + (" matching --models/--datasets" if args.models or args.datasets else ""))
-    labels = ordered_labels(runs, utils.split_list(args.models))
-    groups = ordered_groups(runs, args.group_by)
-    stats = accuracy_stats(runs, args.group_by)
-    if args.plot == "bar":
-        return [(args.name or "bar", bar_figure(stats, labels, groups))]
-    if args.plot == "radar":
-        return [(args.name or "radar", radar_figure(stats, labels, groups))]
-    if args.plot == "scatter":
-        cost, unit = complexity_axis(runs, args.x)
-        return [(args.name or f"scatter_{args.x}", scatter_figure(runs, labels, groups, cost, unit, args.group_by))]
-    if args.plot == "prune":
-        cost, unit = complexity_axis(runs, args.x)
-        return [(args.name or f"prune_{args.x}", prune_figure(prune_points(runs, cost, args.group_by), groups, unit))]
-    if args.plot == "efficiency":
-        cost, unit = speed_axis(require(args.speed_json, "--speed_json", "efficiency"), args.speed_metric)
-        return [(args.name or "efficiency", scatter_figure(runs, labels, groups, cost, unit, args.group_by))]
-    return [(args.name or "ablation", ablation_figure(stats, labels, groups, args.baseline))]
+    return Selection(runs, ordered_labels(runs, utils.split_list(args.models)),
+                     ordered_groups(runs, args.group_by), accuracy_stats(runs, args.group_by))
+
+
+def aggregate(draw: Callable[[argparse.Namespace, Selection], Figures]) -> Callable[[argparse.Namespace], Figures]:
+    """A plot kind that draws the runs under --run_dir."""
+    return lambda args: draw(args, select_runs(args))
+
+
+def bar_plot(args: argparse.Namespace, s: Selection) -> Figures:
+    return [(args.name or "bar", bar_figure(s.stats, s.labels, s.groups))]
+
+
+def radar_plot(args: argparse.Namespace, s: Selection) -> Figures:
+    return [(args.name or "radar", radar_figure(s.stats, s.labels, s.groups))]
+
+
+def scatter_plot(args: argparse.Namespace, s: Selection) -> Figures:
+    cost, unit = complexity_axis(s.runs, args.x)
+    return [(args.name or f"scatter_{args.x}", scatter_figure(s.runs, s.labels, s.groups, cost, unit, args.group_by))]
+
+
+def efficiency_plot(args: argparse.Namespace, s: Selection) -> Figures:
+    cost, unit = speed_axis(require(args.speed_json, "--speed_json", "efficiency"), args.speed_metric)
+    return [(args.name or "efficiency", scatter_figure(s.runs, s.labels, s.groups, cost, unit, args.group_by))]
+
+
+def ablation_plot(args: argparse.Namespace, s: Selection) -> Figures:
+    return [(args.name or "ablation", ablation_figure(s.stats, s.labels, s.groups, args.baseline))]
+
+
+def prune_plot(args: argparse.Namespace, s: Selection) -> Figures:
+    cost, unit = complexity_axis(s.runs, args.x)
+    return [(args.name or f"prune_{args.x}", prune_figure(prune_points(s.runs, cost, args.group_by), s.groups, unit))]
 
 
 def per_file_stem(args: argparse.Namespace, path: str | Path, count: int) -> str:
@@ -660,31 +698,29 @@ def per_file_stem(args: argparse.Namespace, path: str | Path, count: int) -> str
     return f"{prefix}_{run_name_of(path)}"
 
 
-def per_run_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
+def curves_plots(args: argparse.Namespace) -> Figures:
+    files = require(args.log_file, "--log_file", args.plot)
+    return [(per_file_stem(args, path, len(files)), curves_figure(read_log(path), run_name_of(path)))
+            for path in files]
+
+
+def gate_plots(args: argparse.Namespace) -> Figures:
+    files = require(args.log_file, "--log_file", args.plot)
+    return [(per_file_stem(args, path, len(files)), gate_figure(read_log(path), gate_init_of(path), run_name_of(path)))
+            for path in files]
+
+
+def confusion_plots(args: argparse.Namespace) -> Figures:
+    files = require(args.results, "--results", args.plot)
     figures = []
-    if args.plot in ("curves", "gate"):
-        files = require(args.log_file, "--log_file", args.plot)
-        for path in files:
-            records = read_log(path)
-            title = run_name_of(path)
-            fig = curves_figure(records, title) if args.plot == "curves" else \
-                gate_figure(records, gate_init_of(path), title)
-            figures.append((per_file_stem(args, path, len(files)), fig))
-    elif args.plot == "confusion":
-        files = require(args.results, "--results", args.plot)
-        for path in files:
-            data = utils.read_json(path)
-            if data.get("confusion") is None:
-                raise UserError(f"{path} has no confusion matrix (the run had no test split)")
-            classes = data.get("classes") or [str(k) for k in range(len(data["confusion"]))]
-            title = (f"{display_name(models.run_label(data['model'], data.get('tag', '')))} on "
-                     f"{dataset_display_name(data['dataset'])} f{data['fold']}: {data['test_acc']:.1f}%")
-            figures.append((per_file_stem(args, path, len(files)),
-                            confusion_figure(data["confusion"], classes, title)))
-    elif args.plot == "tsne":
-        figures.append(tsne_from_checkpoint(args))
-    else:
-        figures.append(interaction_from_checkpoint(args))
+    for path in files:
+        data = utils.read_json(path)
+        if data.get("confusion") is None:
+            raise UserError(f"{path} has no confusion matrix (the run had no test split)")
+        classes = data.get("classes") or [str(k) for k in range(len(data["confusion"]))]
+        title = (f"{display_name(models.run_label(data['model'], data.get('tag', '')))} on "
+                 f"{dataset_display_name(data['dataset'])} f{data['fold']}: {data['test_acc']:.1f}%")
+        figures.append((per_file_stem(args, path, len(files)), confusion_figure(data["confusion"], classes, title)))
     return figures
 
 
@@ -766,11 +802,35 @@ def tsne_figure(embedding: np.ndarray, labels: np.ndarray, classes: Sequence[str
     return fig
 
 
-def make_figures(args: argparse.Namespace) -> list[tuple[str, Figure]]:
+# --plot kind -> what draws it; the order is the order of --help and of the error that lists them.
+PLOTS: Mapping[str, Callable[[argparse.Namespace], Figures]] = {
+    "bar": aggregate(bar_plot),
+    "radar": aggregate(radar_plot),
+    "scatter": aggregate(scatter_plot),
+    "efficiency": aggregate(efficiency_plot),
+    "ablation": aggregate(ablation_plot),
+    "prune": aggregate(prune_plot),
+    "curves": curves_plots,
+    "gate": gate_plots,
+    "confusion": confusion_plots,
+    "interaction": lambda args: [interaction_from_checkpoint(args)],
+    "tsne": lambda args: [tsne_from_checkpoint(args)],
+}
+PLOT_KINDS = tuple(PLOTS)
+
+
+def plot_of_kind(kind: str) -> Callable[[argparse.Namespace], Figures]:
+    """What draws --plot `kind`; an unknown kind is a UserError that lists the kinds."""
+    if kind in PLOTS:
+        return PLOTS[kind]
+    close = difflib.get_close_matches(kind, PLOTS, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise UserError(f"unknown --plot kind '{kind}'.{hint} Choose from: {', '.join(PLOTS)}")
+
+
+def make_figures(args: argparse.Namespace) -> Figures:
     """(file stem, figure) pairs for the requested plot kind."""
-    if args.plot in AGGREGATE_KINDS:
-        return aggregate_figures(args)
-    return per_run_figures(args)
+    return plot_of_kind(args.plot)(args)
 
 
 def make_plots(argv: Sequence[str] | None = None) -> list[Path]:

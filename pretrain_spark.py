@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
 
     g = groups["model"]
-    g.add_argument("--model", default="twistnet18", choices=spark.SPARK_MODELS,
+    g.add_argument("--model", default="twistnet18", choices=models.spark_models(),
                    help="a registry CNN whose every layer has a mask-aware version (spark.py)")
     g.add_argument("--mask_ratio", type=float, default=spark.DEFAULT_MASK_RATIO,
                    help="share of the 32 x 32 patches of each image that are hidden")

@@ -317,8 +317,8 @@ def checkpoint_kind(obj: Any) -> str:
     return f"a {type(obj).__name__}, not a dict"
 
 
-def read_checkpoint(path: str | os.PathLike, expected: str, way_out: str) -> dict:
-    """A checkpoint of the `expected` kind (a CHECKPOINT_KINDS name), loaded safely.
+def read_checkpoint(path: str | os.PathLike, expected: str | tuple[str, ...], way_out: str) -> dict:
+    """A checkpoint of the `expected` kind (a CHECKPOINT_KINDS name, or a tuple of those), loaded safely.
 
     A missing, unreadable or foreign file is a UserError that names the file, says what it is
     (or is not) and ends with `way_out`, the safe thing to do.
@@ -329,8 +329,9 @@ def read_checkpoint(path: str | os.PathLike, expected: str, way_out: str) -> dic
     except models.ModelError as error:
         raise UserError(f"{error} {way_out}") from None
     kind = checkpoint_kind(obj)
-    if kind != expected:
-        raise UserError(f"{path} is {kind}; expected {expected}. {way_out}")
+    kinds = (expected,) if isinstance(expected, str) else expected
+    if kind not in kinds:
+        raise UserError(f"{path} is {kind}; expected {' or '.join(kinds)}. {way_out}")
     return obj
 
 

@@ -57,8 +57,6 @@ DEFAULT_MASK_RATIO = 0.6
 # TwistNet-18 (512) that makes decoder + densify 24.7M parameters beside an 11.6M encoder; at 512
 # they are 11.1M and the coarsest densify projection is an identity, SparK's rule for equal widths.
 DEFAULT_DECODER_WIDTH = 512
-SPARK_MODELS = ("twistnet18", "twistnet18_no_spiral", "twistnet18_no_ais", "twistnet18_first_order",
-                "resnet18", "seresnet18")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 TITLE_HEIGHT = 12               # pixels above the reconstruction grid's columns
 FEATURE_PATH = ("conv1", "bn1", "act1", "maxpool") + STAGES   # the modules forward_features runs
@@ -289,7 +287,7 @@ def _pass_through_classes(timm_model: bool) -> tuple[type, ...]:
 
 def _unsupported(what: str) -> models.ModelConfigError:
     return models.ModelConfigError(f"SparK pretraining has no mask-aware version of {what}. "
-                                   f"Supported models: {', '.join(SPARK_MODELS)}.")
+                                   f"Supported models: {', '.join(models.spark_models())}.")
 
 
 def _make_mask_aware(module: nn.Module, name: str, state: MaskState, timm_model: bool) -> None:
@@ -316,9 +314,10 @@ def _make_mask_aware(module: nn.Module, name: str, state: MaskState, timm_model:
 def check_spark_model(name: str) -> None:
     """ModelConfigError unless `name` is a registry model SparK can pretrain."""
     models.get_spec(name)  # an unknown name: the registry's own error, with the closest match
-    if name not in SPARK_MODELS:
+    if name not in models.spark_models():
         raise models.ModelConfigError(f"SparK pretraining does not support '{name}' (it needs a CNN whose every "
-                                      f"operator has a mask-aware version). Supported: {', '.join(SPARK_MODELS)}.")
+                                      f"operator has a mask-aware version). "
+                                      f"Supported: {', '.join(models.spark_models())}.")
 
 
 def _is_timm_resnet(model: nn.Module) -> bool:

@@ -49,7 +49,8 @@ def test_sweep_selection_and_custom_values() -> None:
     assert [v.label for v in ablation.plan_variants([])] == CORE
     with pytest.raises(utils.UserError, match="Unknown sweep 'width'"):
         ablation.plan_variants(["width"])
-    assert ablation.parse_stage_sets("4;2,3,4") == [(4,), (2, 3, 4)]
+    typed = ablation.build_parser().parse_args(["--stages_values", "4;2,3,4", "--gate_init_values=0,-4"])
+    assert ablation.sweep_values_from_args(typed) == {"stages": [(4,), (2, 3, 4)], "gate_init": [0.0, -4.0]}
 
 
 def test_every_planned_variant_builds() -> None:

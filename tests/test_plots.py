@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +21,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import datasets
+import fixtures
 import models  # the repository root is on sys.path through tests/conftest.py
 import plot_results
 import transforms
 import visualize
 from helpers import figures, model_tools, utils
 
+ROOT = Path(__file__).resolve().parents[1]
 DPI = 300
 DATASETS = ("dtd", "fmd", "kth_tips2")
 MODELS = ("resnet18", "seresnet18", "twistnet18")
@@ -210,6 +214,57 @@ def test_curves_and_gate_plots(log_file: Path, tmp_path: Path) -> None:
     gate = plot_results.make_plots(["--plot", "gate", "--log_file", str(log_file), "--save_dir", str(tmp_path),
                               "--name", "gate"])
     assert_figure(gate, 3.5)
+
+
+@pytest.fixture
+def gate_run(log_file: Path, tmp_path: Path) -> Path:
+    """A copy of the run directory of log_file, to put a best.pt or results.json beside its log."""
+    run = tmp_path / log_file.parent.name
+    run.mkdir()
+    (run / "log.jsonl").write_text(log_file.read_text())
+    return run
+
+
+def gate_cli(run: Path, capsys) -> tuple[int, str]:
+    code = utils.run_main(plot_results.main, ["--plot", "gate", "--log_file", str(run / "log.jsonl"),
+                                              "--save_dir", str(run / "figures")])
+    return code, capsys.readouterr().err
+
+
+def test_gate_reads_the_initial_gate_from_best_pt_safely(gate_run: Path, capsys) -> None:
+    config = {"model": "twistnet18", "model_kwargs": {"gate_init": -4.0}}
+    torch.save({"model": {}, "val_acc": 50.0, "config": config}, gate_run / "best.pt")
+    assert plot_results.gate_init_of(gate_run / "log.jsonl") == -4.0
+    (gate_run / "best.pt").write_bytes(b"PK\x03\x04 a zip that stops here")   # a damaged copy
+    code, err = gate_cli(gate_run, capsys)
+    line = fixtures.one_error_line(err)
+    assert code == 2 and "Could not read checkpoint" in line and "best.pt" in line, line
+    assert "weights_only" not in err and not (gate_run / "figures").exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '"text"', '{"config": [1]}'])
+def test_gate_with_a_results_json_that_is_no_record_is_one_error_line(content: str, gate_run: Path, capsys) -> None:
+    (gate_run / "results.json").write_text(content)
+    code, err = gate_cli(gate_run, capsys)
+    line = fixtures.one_error_line(err)
+    assert code == 2 and str(gate_run / "results.json") in line, line
+
+
+def test_an_unknown_plot_kind_is_one_error_line_listing_the_kinds(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "plot_results.py", "--plot", "nosuch", "--run_dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = fixtures.one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "unknown --plot kind 'nosuch'" in line
+    assert line.endswith("Choose from: " + ", ".join(plot_results.PLOTS)), line
+    assert list(plot_results.PLOTS) == ["bar", "radar", "scatter", "efficiency", "ablation", "prune",
+                                        "curves", "gate", "confusion", "interaction", "tsne"]
+
+
+def test_a_misspelt_plot_kind_is_named_not_drawn(run_dir: Path, tmp_path: Path, capsys) -> None:
+    code = utils.run_main(plot_results.main, ["--plot", "ablaton", "--run_dir", str(run_dir),
+                                              "--save_dir", str(tmp_path)])
+    assert code == 2 and "Did you mean 'ablation'?" in fixtures.one_error_line(capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
 
 
 def test_gate_figure_draws_logged_values(log_file: Path) -> None:
