@@ -249,10 +249,11 @@ def unused_reason(path: Path) -> str | None:
 
 
 def split_fingerprint(classes: Sequence[str], samples_by_split: Mapping[str, Sequence[tuple[Any, int]]]) -> dict:
-    """What identifies a fold's data without reading an image: the split sizes and a sha256 of the
-    class names and every (sample id, label). Image paths count relative to the folder that holds
-    them all, so moving the dataset keeps the fingerprint; adding, removing or relabelling an
-    image, or another split, changes it."""
+    """What identifies a fold's data without reading an image: the split sizes, a sha256 of the
+    class names and every (sample id, label), and a sha256 of the image files' sizes. Image paths
+    count relative to the folder that holds them all, so moving the dataset keeps the fingerprint;
+    adding, removing or relabelling an image, another split, or images re-exported in place (other
+    file sizes) change it. The sizes cost one stat per file, no image is opened."""
     paths = [key for split in SPLIT_NAMES for key, _ in samples_by_split.get(split, ()) if isinstance(key, str)]
     base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
     digest = hashlib.sha256("\n".join(classes).encode())
@@ -261,13 +262,29 @@ def split_fingerprint(classes: Sequence[str], samples_by_split: Mapping[str, Seq
         for key, label in samples_by_split.get(split, ()):
             name = os.path.relpath(key, base).replace(os.sep, "/") if isinstance(key, str) else str(key)
             digest.update(f"\n{name}\t{label}".encode())
-    return {"sizes": {split: len(samples_by_split.get(split, ())) for split in SPLIT_NAMES},
-            "sha256": digest.hexdigest()}
+    fingerprint = {"sizes": {split: len(samples_by_split.get(split, ())) for split in SPLIT_NAMES},
+                   "sha256": digest.hexdigest()}
+    if paths:   # synthtex has no files: its sample ids are its content
+        fingerprint["file_sizes_sha256"] = file_sizes_digest(paths)
+    return fingerprint
+
+
+def file_sizes_digest(paths: Iterable[str]) -> str:
+    """A sha256 of the files' sizes in the given order (-1 for a file that cannot be stat'ed)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1
+        digest.update(f"{size}\n".encode())
+    return digest.hexdigest()
 
 
 def data_difference(saved_classes: Sequence[str], saved: Mapping[str, Any], classes: Sequence[str],
                     current: Mapping[str, Any]) -> str:
-    """How two folds' data differ, in words ('' when their fingerprints agree)."""
+    """How two folds' data differ, in words ('' when their fingerprints agree). File sizes count
+    only when both fingerprints have them (one written before they were recorded has not)."""
     if list(saved_classes) != list(classes):
         gone, new = sorted(set(saved_classes) - set(classes)), sorted(set(classes) - set(saved_classes))
         detail = "; ".join(filter(None, [f"not any more: {', '.join(gone[:5])}" if gone else "",
@@ -279,6 +296,10 @@ def data_difference(saved_classes: Sequence[str], saved: Mapping[str, Any], clas
         return f"the split sizes differ ({sizes})"
     if saved["sha256"] != current["sha256"]:
         return "the splits hold other images (same sizes, other sample ids or labels)"
+    before, now = saved.get("file_sizes_sha256"), current.get("file_sizes_sha256")
+    if before and now and before != now:
+        return ("the image files changed (same names and labels, other file sizes: re-exported or edited "
+                "in place?)")
     return ""
 
 
