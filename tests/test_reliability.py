@@ -122,7 +122,8 @@ def test_heartbeat_refreshes_the_lock_and_notices_a_takeover(tmp_path: Path) -> 
 def test_two_writers_of_one_file_never_share_a_temp_file(tmp_path: Path) -> None:
     """The old fixed temp name (.best.pt.tmp) let one writer rename the other's half-written file."""
     script = textwrap.dedent("""
-        import sys, torch, utils
+        import sys, torch
+        from helpers import utils
         for i in range(40):
             utils.atomic_save({"w": torch.full((50_000,), float(sys.argv[2]))}, sys.argv[1])
     """)
@@ -242,7 +243,8 @@ def user_namespaces_work() -> bool:
 
 
 FULL_DISK = textwrap.dedent("""
-    import os, sys, torch, utils
+    import os, sys, torch
+    from helpers import utils
     folder = sys.argv[1]
     utils.atomic_save({"w": torch.ones(1_000_000)}, os.path.join(folder, "last.pt"))      # 4 MB: fits
     try:
