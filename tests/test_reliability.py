@@ -308,6 +308,65 @@ def test_train_py_on_a_full_disk_says_so_and_a_retry_after_freeing_space_trains(
 
 
 # --------------------------------------------------------------------------------------------
+# Temp files of writers killed mid-write
+# --------------------------------------------------------------------------------------------
+STUCK_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from helpers import utils
+    def write(tmp):                                    # half a checkpoint on disk, then stuck
+        tmp.write_bytes(bytes(3 * 2**20))
+        print(tmp.name, flush=True)
+        time.sleep(600)
+    utils._replace_atomically(Path(sys.argv[1]), write, 6 * 2**20)
+""")
+
+
+def start_stuck_writer(target: Path) -> subprocess.Popen:
+    """A real writer of `target` that stops in the middle of its temp file (and prints the file's name)."""
+    return subprocess.Popen([sys.executable, "-c", STUCK_WRITER, str(target)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_temp_files_of_killed_writers_are_removed_at_start_and_live_ones_kept(tmp_path: Path,
+                                                                             one_torch_thread: None) -> None:
+    """kill -9 during a checkpoint write left .last.pt.<pid>.<hex>.tmp for good; train.py and the
+    pretraining scripts remove those of dead writers when they start, never a live writer's."""
+    import pretrain_imagenet
+    import train
+
+    run = tmp_path / "runs" / "synthtex_fold1_twistnet18_seed42_n2"
+    ckpt = tmp_path / "ckpt"
+    for folder in (run, ckpt):
+        folder.mkdir(parents=True)
+    writers = {(folder, name): start_stuck_writer(folder / name) for folder in (run, ckpt) for name in ("last.pt", "best.pt")}
+    leftovers = {key: writer.stdout.readline().strip() for key, writer in writers.items()}   # all mid-write now
+    live = [writer for (_, name), writer in writers.items() if name == "best.pt"]
+    for (_, name), writer in writers.items():
+        if name == "last.pt":
+            writer.kill()                                              # SIGKILL mid-write
+            writer.wait(timeout=60)
+    for (folder, name), temp in leftovers.items():
+        assert temp.startswith(f".{name}.") and (folder / temp).is_file()
+    try:
+        assert utils.run_main(train.main, [
+            "--dataset", "synthtex", "--train_per_class", "2", "--epochs", "1", "--img_size", "32", "--batch_size", "16",
+            "--workers", "0", "--no_progress", "--randaug_n", "0", "--mixup", "0", "--cutmix", "0",
+            "--run_dir", str(tmp_path / "runs")]) == 0
+        assert utils.run_main(pretrain_imagenet.main, [
+            "--data", "synthetic", "--synthetic_images", "16", "--synthetic_val_images", "4", "--num_classes", "3",
+            "--epochs", "1", "--img_size", "32", "--batch_size", "8", "--workers", "0", "--device", "cpu",
+            "--print_freq", "0", "--checkpoint_dir", str(ckpt), "--weights_dir", str(tmp_path / "weights")]) == 0
+        for (folder, name), temp in leftovers.items():
+            assert (folder / temp).exists() == (name == "best.pt"), (folder, temp)   # only the live writer's
+        assert f"removed 1 temp file(s) (3 MB) left in {run} by a writer that was killed" in (run / "train.log").read_text()
+    finally:
+        for writer in live:
+            writer.kill()
+            writer.wait(timeout=60)
+
+
+# --------------------------------------------------------------------------------------------
 # Settings that run, but far slower than expected
 # --------------------------------------------------------------------------------------------
 def test_bf16_on_a_cpu_without_native_bf16_and_compile_on_cpu_are_flagged() -> None:
