@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import datasets
+import fixtures
 from helpers import rundirs, utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,6 +307,45 @@ def test_train_py_on_a_full_disk_says_so_and_a_retry_after_freeing_space_trains(
     assert not [n for n in (out / "first.ls").read_text().split() if n.endswith(".tmp")]
     assert (out / "second.rc").read_text().strip() == "0", (out / "second.out").read_text()
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+# --------------------------------------------------------------------------------------------
+# The data fingerprint: which images, down to their file sizes
+# --------------------------------------------------------------------------------------------
+def fold_fingerprint(root: Path) -> tuple[list[str], dict]:
+    splits = datasets.load_splits("imagefolder", root, 1)
+    return splits.classes, datasets.split_fingerprint(splits.classes, {s: splits.split(s) for s in datasets.SPLIT_NAMES})
+
+
+def test_images_re_exported_in_place_are_other_data_and_old_records_stay_comparable(
+        tmp_path: Path, one_torch_thread: None, capsys: pytest.CaptureFixture) -> None:
+    """Same names and labels, other bytes (a dataset re-exported in place): train.py refuses to count
+    the finished run as this command's; a moved copy is the same data; a fingerprint recorded
+    before file sizes were (no file_sizes_sha256) still matches, so old runs are not all 'other data'."""
+    import train
+
+    data = fixtures.make_imagefolder(tmp_path / "data", classes=3, train_per_class=4)
+    classes, before = fold_fingerprint(data)
+    args = ["--dataset", "imagefolder", "--data_dir", str(data), "--epochs", "1", "--batch_size", "4", "--img_size", "32",
+            "--workers", "0", "--no_progress", "--run_dir", str(tmp_path / "runs")]
+    assert utils.run_main(train.main, args) == 0
+    capsys.readouterr()
+
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    assert datasets.data_difference(classes, before, *fold_fingerprint(moved)) == ""
+    image = data / "val" / "class_1" / "val_0.png"
+    fixtures.write_image(image, label=1, index=7, size=44)           # re-exported: same name, other size
+    change = datasets.data_difference(classes, before, *fold_fingerprint(data))
+    assert change.startswith("the image files changed (same names and labels, other file sizes")
+    assert utils.run_main(train.main, args) == 2
+    line = fixtures.one_error_line(capsys.readouterr().err)
+    assert "already finished on other data: the image files changed" in line and "--force" in line
+
+    old_style = {k: v for k, v in before.items() if k != "file_sizes_sha256"}
+    assert datasets.data_difference(classes, old_style, *fold_fingerprint(data)) == ""
+    fixtures.write_image(data / "val" / "class_1" / "val_9.png", label=1, index=9)   # a new image still counts
+    assert "the split sizes differ (val 6 -> 7)" in datasets.data_difference(classes, old_style, *fold_fingerprint(data))
 
 
 # --------------------------------------------------------------------------------------------
