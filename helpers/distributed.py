@@ -761,10 +761,12 @@ def header_record(kind: str, trainer: Pretrainer, **fields: Any) -> dict:
     }
 
 
-def image_set(classes: Sequence[str], samples_by_split: Mapping[str, Sequence[tuple[Any, int]]]) -> dict:
+def image_set(classes: Sequence[str], samples_by_split: Mapping[str, Sequence[tuple[Any, int]]],
+              roots: Sequence[str] | None = None) -> dict:
     """Which images a pretraining run reads: the class names and datasets.split_fingerprint (names
-    relative to their common folder, labels, counts, file sizes), so a moved folder is the same set."""
-    return {"classes": list(classes), "fingerprint": datasets.split_fingerprint(classes, samples_by_split)}
+    relative to their common folder or to each of `roots`, labels, counts, file sizes), so a moved
+    folder is the same set."""
+    return {"classes": list(classes), "fingerprint": datasets.split_fingerprint(classes, samples_by_split, roots)}
 
 
 def image_set_change(ckpt: Mapping[str, Any], images: Mapping[str, Any] | None) -> str | None:

@@ -659,6 +659,30 @@ def test_resume_refuses_other_images_and_follows_a_moved_folder(unlabelled: Path
     assert recorded["file_sizes_sha256"] != saved["images"]["fingerprint"]["file_sizes_sha256"]
 
 
+def test_resume_fingerprint_lets_each_data_dir_folder_move_on_its_own(unlabelled: Path, tmp_path: Path) -> None:
+    """Several --data_dir folders (ImageNet's train/ and DTD's images/, say) on different disks: one
+    of them moved is still the same image set; an image taken from one is not."""
+    from helpers import distributed
+
+    first, second = tmp_path / "disk1" / "imagenet", tmp_path / "disk2" / "dtd"
+    shutil.copytree(unlabelled, first)
+    shutil.copytree(unlabelled, second)
+
+    def image_set(*folders: Path) -> dict:
+        found = datasets.unlabelled_dataset([str(f) for f in folders], None)
+        return distributed.image_set([], {"train": found.samples}, [str(f) for f in folders])
+
+    before = image_set(first, second)
+    moved = tmp_path / "disk3" / "dtd"
+    moved.parent.mkdir()
+    second.rename(moved)
+    after = image_set(first, moved)
+    assert after == before
+    sorted(moved.rglob("*.JPEG"))[0].unlink()
+    assert distributed.image_set_change({"images": before}, image_set(first, moved)).startswith(
+        f"the split sizes differ (train {2 * IMAGES} -> {2 * IMAGES - 1})")
+
+
 def test_loss_falls_and_unreadable_images_are_skipped(unlabelled: Path, tmp_path: Path, one_torch_thread: None,
                                                      capsys: pytest.CaptureFixture) -> None:
     data = tmp_path / "data"
