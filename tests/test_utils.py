@@ -19,7 +19,7 @@ import models
 import pretrain_imagenet
 import pretrain_spark
 import train
-from helpers import utils
+from helpers import train_cli, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -133,7 +133,7 @@ def test_progress_disable_writes_nothing() -> None:
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag", ["--device", "--amp", "--channels_last"])
 def test_device_flags_are_the_same_in_every_script(flag: str) -> None:
-    parsers = {"train.py": train.build_parser(), "pretrain_imagenet.py": pretrain_imagenet.build_parser(),
+    parsers = {"train.py": train_cli.build_parser(), "pretrain_imagenet.py": pretrain_imagenet.build_parser(),
                "pretrain_spark.py": pretrain_spark.build_parser(), "compute_flops.py": compute_flops.build_parser()}
     actions = {name: next(a for a in p._actions if flag in a.option_strings) for name, p in parsers.items()}
     described = {name: (a.choices, a.default, a.nargs, a.const, a.help) for name, a in actions.items()}
@@ -146,7 +146,7 @@ def test_device_flag_values() -> None:
     assert utils.resolve_amp("auto", cpu) is None and utils.resolve_amp("off", cpu) is None
     assert utils.resolve_amp("bf16", cpu) == torch.bfloat16 and utils.resolve_amp("fp16", cpu) == torch.float16
     assert not utils.resolve_channels_last("auto", cpu) and utils.resolve_channels_last("on", cpu)
-    parsed = train.build_parser().parse_args(["--channels_last"])
+    parsed = train_cli.build_parser().parse_args(["--channels_last"])
     assert parsed.channels_last == "on"   # the bare switch of earlier versions still means on
     if not torch.cuda.is_available():
         with pytest.raises(utils.UserError, match="no CUDA GPU"):
