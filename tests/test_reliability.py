@@ -223,7 +223,8 @@ def test_killed_or_hung_up_sweeps_leave_no_train_py_and_resume(tmp_path: Path) -
 
 def test_sighup_stops_train_py_like_sigterm() -> None:
     script = textwrap.dedent("""
-        import os, signal, utils
+        import os, signal
+        from helpers import utils
         with utils.StopFlag() as stop:
             os.kill(os.getpid(), signal.SIGHUP)
         print(stop.requested, stop.reason)
