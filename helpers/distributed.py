@@ -18,7 +18,8 @@ GPUs, gloo CPUs.
 
 Resuming a pretraining run (README "Resuming"): the run takes days and moves between machines, so
 its recipe comes from the checkpoint, and the new command may change only where things are and
-how fast they run (device, workers, the per-process batch with the same global batch).
+how fast they run (device, workers, the per-process batch with the same global batch). The
+images must be the same ones (latest.pt records which: image_set), wherever they now are.
 A fine-tuning run (train.py) is stricter: it is one cell of a table, so its command must not
 change at all between an interruption and its resumption.
 """
