@@ -248,26 +248,60 @@ def unused_reason(path: Path) -> str | None:
     return None
 
 
-def split_fingerprint(classes: Sequence[str], samples_by_split: Mapping[str, Sequence[tuple[Any, int]]]) -> dict:
-    """What identifies a fold's data without reading an image: the split sizes and a sha256 of the
-    class names and every (sample id, label). Image paths count relative to the folder that holds
-    them all, so moving the dataset keeps the fingerprint; adding, removing or relabelling an
-    image, or another split, changes it."""
+def split_fingerprint(classes: Sequence[str], samples_by_split: Mapping[str, Sequence[tuple[Any, int]]],
+                      roots: Sequence[str | Path] | None = None) -> dict:
+    """What identifies a fold's data without reading an image: the split sizes, a sha256 of the
+    class names and every (sample id, label), and a sha256 of the image files' sizes. Image paths
+    count relative to the folder that holds them all (or, given the `roots` they were listed
+    from, to their own root, so that each root may move on its own), so moving the dataset keeps
+    the fingerprint; adding, removing or relabelling an image, another split, or images re-exported
+    in place (other file sizes) change it. The sizes cost one stat per file, no image is opened."""
     paths = [key for split in SPLIT_NAMES for key, _ in samples_by_split.get(split, ()) if isinstance(key, str)]
-    base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
+    name_of = relative_namer(paths, roots)
     digest = hashlib.sha256("\n".join(classes).encode())
     for split in SPLIT_NAMES:
         digest.update(f"\n[{split}]".encode())
         for key, label in samples_by_split.get(split, ()):
-            name = os.path.relpath(key, base).replace(os.sep, "/") if isinstance(key, str) else str(key)
-            digest.update(f"\n{name}\t{label}".encode())
-    return {"sizes": {split: len(samples_by_split.get(split, ())) for split in SPLIT_NAMES},
-            "sha256": digest.hexdigest()}
+            digest.update(f"\n{name_of(key) if isinstance(key, str) else key}\t{label}".encode())
+    fingerprint = {"sizes": {split: len(samples_by_split.get(split, ())) for split in SPLIT_NAMES},
+                   "sha256": digest.hexdigest()}
+    if paths:   # synthtex has no files: its sample ids are its content
+        fingerprint["file_sizes_sha256"] = file_sizes_digest(paths)
+    return fingerprint
+
+
+def relative_namer(paths: Sequence[str], roots: Sequence[str | Path] | None) -> Callable[[str], str]:
+    """path -> its name where the data may move: relative to the paths' common folder, or with
+    `roots`, '<k>/<path relative to root k>' for the first root k that holds it."""
+    if roots is None:
+        base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
+        return lambda path: os.path.relpath(path, base).replace(os.sep, "/")
+    prefixes = [str(Path(root)) for root in roots]
+
+    def name(path: str) -> str:
+        for k, root in enumerate(prefixes):
+            if path.startswith(root.rstrip(os.sep) + os.sep):
+                return f"{k}/" + os.path.relpath(path, root).replace(os.sep, "/")
+        return path
+    return name
+
+
+def file_sizes_digest(paths: Iterable[str]) -> str:
+    """A sha256 of the files' sizes in the given order (-1 for a file that cannot be stat'ed)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1
+        digest.update(f"{size}\n".encode())
+    return digest.hexdigest()
 
 
 def data_difference(saved_classes: Sequence[str], saved: Mapping[str, Any], classes: Sequence[str],
                     current: Mapping[str, Any]) -> str:
-    """How two folds' data differ, in words ('' when their fingerprints agree)."""
+    """How two folds' data differ, in words ('' when their fingerprints agree). File sizes count
+    only when both fingerprints have them (one written before they were recorded has not)."""
     if list(saved_classes) != list(classes):
         gone, new = sorted(set(saved_classes) - set(classes)), sorted(set(classes) - set(saved_classes))
         detail = "; ".join(filter(None, [f"not any more: {', '.join(gone[:5])}" if gone else "",
@@ -279,6 +313,10 @@ def data_difference(saved_classes: Sequence[str], saved: Mapping[str, Any], clas
         return f"the split sizes differ ({sizes})"
     if saved["sha256"] != current["sha256"]:
         return "the splits hold other images (same sizes, other sample ids or labels)"
+    before, now = saved.get("file_sizes_sha256"), current.get("file_sizes_sha256")
+    if before and now and before != now:
+        return ("the image files changed (same names and labels, other file sizes: re-exported or edited "
+                "in place?)")
     return ""
 
 

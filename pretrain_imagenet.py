@@ -129,6 +129,7 @@ class TrainData(distributed.EpochBatches):
         super().__init__(lambda size: load_folder_splits(args, size)[0], num_images, plan, ctx, args.seed,
                          args.workers, args.prefetch, f"{args.data_dir}/train", first_set)
         self.args, self.num_classes = args, num_classes
+        self.images: dict | None = None   # distributed.image_set of a folder, on rank 0
 
     def batches(self, epoch: int, skip_steps: int, size: int) -> Iterable:
         if self.args.data == "synthetic":
@@ -354,6 +355,7 @@ def train_run(start: distributed.RunStart, ctx: DistContext, phases: list[tuple[
     train_data, val_data = load_data(args, ctx, plan, phases, start_epoch=ckpt["epoch"] if ckpt else 0)
     model = distributed.build_model(args, train_data.num_classes, ctx, console, warm_start=ckpt is None)
     trainer = Pretrainer(args, ctx, plan, model, train_data.num_classes, train_data.steps_per_epoch, console)
+    trainer.images = train_data.images
     utils.seed_everything(args.seed * 1000 + ctx.rank + 1)
     if ckpt is not None:
         distributed.resume_trainer(trainer, ckpt, start.path, ckpt_dir / "log.jsonl",
@@ -395,8 +397,10 @@ def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phase
     check_imagenet_layout(args.data_dir)
     size = recipes.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
     train_set, val_set, classes = load_folder_splits(args, size)
-    return (TrainData(args, ctx, plan, len(train_set), len(classes), first_set=(size, train_set)),
-            ValData(args, ctx, val_set, len(classes)))
+    train_data = TrainData(args, ctx, plan, len(train_set), len(classes), first_set=(size, train_set))
+    if ctx.is_main:   # one stat per image: rank 0 alone records (and on a resume compares) them
+        train_data.images = distributed.image_set(classes, {"train": train_set.samples, "val": val_set.samples})
+    return train_data, ValData(args, ctx, val_set, len(classes))
 
 
 def start_line(trainer: Pretrainer, train_data: TrainData, val_data: ValData) -> str:

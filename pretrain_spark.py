@@ -379,6 +379,9 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
     model = distributed.build_model(args, 1000, ctx, console, warm_start=start.ckpt is None)
     net = spark.SparkModel(model, args.mask_ratio, args.decoder_width)
     trainer = SparkTrainer(args, ctx, start.plan, net, data.steps_per_epoch, console)
+    if ctx.is_main:   # which images (one stat each): rank 0 records them, and on a resume compares
+        roots = args.data_dir if args.data == "folder" else None   # each --data_dir folder may move on its own
+        trainer.images = distributed.image_set([], {"train": images.samples}, roots)
     utils.seed_everything(args.seed * 1000 + ctx.rank + 1)
     if start.ckpt is not None:
         distributed.resume_trainer(trainer, start.ckpt, start.path, ckpt_dir / "log.jsonl",

@@ -28,10 +28,14 @@ A run that another process is training (its run.lock is held: another run_all.py
 --run_dir, on this machine or another one sharing the folder) is reported as "running elsewhere"
 and not started; several sweeps on one --run_dir thus share out the runs, each trained once.
 
-Ctrl-C, SIGTERM or SIGHUP (a closed terminal) asks every running train.py to save last.pt and stop,
-waits for them, prints the summary and exits 130; a second signal stops the runs at once. The
-children die with the sweep: if run_all.py itself is killed (SIGKILL, the OOM killer), each
-train.py gets SIGTERM, saves last.pt and stops, so no orphan trains on. Exit status: 0 when every
+Ctrl-C, SIGTERM or SIGHUP (a closed terminal) asks every running train.py to stop at its next
+training step and save last.pt there, waits for them, prints the summary and exits 130; a second
+signal stops the runs at once. train.py looks for the request between training steps only: a run
+asked while it evaluates after an epoch stops at the first step of the next one, and a run asked
+after its last training step (the last epoch's validation, the final test) has no step left, so
+it finishes instead (results.json), which takes as long as those evaluations. The children die
+with the sweep: if run_all.py itself is killed (SIGKILL, the OOM killer), each train.py gets
+SIGTERM and stops the same way, so no orphan trains on. Exit status: 0 when every
 run is finished or running elsewhere, 1 when any failed, 2 on a bad command line, 130 when
 interrupted.
 """

@@ -10,7 +10,9 @@ Usage:
 
 Each --run_dir is a folder of run directories written by train.py (README "The run directory"). A run
 counts when its results.json exists; run directories without one are counted as incomplete and
-left out, and so is a run whose test accuracy is not a number (NaN), with a note. A model's name is
+left out, and so, with a note naming the file and why, is a malformed results.json (not a JSON
+object, a field of the wrong type) or one whose test accuracy is no percentage in [0, 100] (NaN, a
+string, 1e308, -5): the table of the other runs still prints. A model's name is
 results["model"], plus "-<tag>" when the run had a tag. Run directories written by the paper's own code
 (github.com/junbolian/TwistNet-2D: accuracies as fractions, params_M) are read too, converted to
 percent, and shown as their own rows, "model [paper code]", so both can sit in one table.

@@ -17,7 +17,8 @@ the end, for the best-validation weights and for the last epoch's weights: it ne
 One process at a time: the run directory is locked (run.lock) while a process trains it; a second
 one exits with status 75 and says who holds it. Exit status: 0 done (or already finished), 2 bad
 input, 75 the run is locked by another process, 130 interrupted (last.pt saved; SIGINT, SIGTERM,
-SIGHUP, or the death of the run_all.py that started it).
+SIGHUP, or the death of the run_all.py that started it). A stop is taken at the next training step;
+one that comes after the last step (during the final validation or test) lets the run finish.
 """
 from __future__ import annotations
 
@@ -364,6 +365,9 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
                                      f"this run from scratch; {run_path} holds nothing else to resume from.")
         check_resume(ckpt, config, data, last_path)
     console = utils.Console(run_path / "train.log", timestamps=True)
+    stale = utils.remove_stale_temp_files(run_path)   # we hold the lock: their writers are gone
+    if stale:
+        console(stale)
     utils.configure_kernels(args.deterministic, device)
     utils.seed_everything(args.seed)
     loaders, classes = data.loaders, data.classes
@@ -425,10 +429,11 @@ def lr_find(args: argparse.Namespace, run_path: Path) -> int:
         utils.seed_everything(args.seed)
         trainer = Trainer(args, len(data.classes), len(data.loaders["train"]), device, utils.Console(None))
         result = lrfind.range_test(trainer.forward_model, trainer.recipe, data.loaders["train"], device,
-                                   trainer.channels_last, args.lr_find_steps)
+                                   trainer.channels_last, args.lr_find_steps, progress=not args.no_progress)
         written = lrfind.write_report(result, run_path)
     suggested = result["suggested_lr"]
-    print(f"lr range test ({result['steps_run']} steps): suggested --lr {suggested:.2e}" if suggested else
+    stopped = ", stopped early: the loss diverged" if result["steps_run"] < result["steps"] else ""
+    print(f"lr range test ({result['steps_run']} steps{stopped}): suggested --lr {suggested:.2e}" if suggested else
           "lr range test: the loss diverged before a slope could be measured; see the curve", end="")
     print(f" | {written[0]}, {written[1]}")
     return 0

@@ -18,7 +18,8 @@ GPUs, gloo CPUs.
 
 Resuming a pretraining run (README "Resuming"): the run takes days and moves between machines, so
 its recipe comes from the checkpoint, and the new command may change only where things are and
-how fast they run (device, workers, the per-process batch with the same global batch).
+how fast they run (device, workers, the per-process batch with the same global batch). The
+images must be the same ones (latest.pt records which: image_set), wherever they now are.
 A fine-tuning run (train.py) is stricter: it is one cell of a table, so its command must not
 change at all between an interruption and its resumption.
 """
@@ -43,8 +44,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+import datasets
 import models
 from helpers import launchers, loading, model_tools, recipes, rundirs, utils
+from helpers.errors import EXIT_USAGE
 from helpers.utils import UserError
 
 LR_REFERENCE_BATCH = 256
@@ -348,6 +351,9 @@ def checkpoint_dir_lock(ckpt_dir: Path, ctx: DistContext) -> Iterator[rundirs.Ru
             lock = rundirs.RunLock(ckpt_dir).acquire()
         except rundirs.RunLockedError as locked:
             error = locked
+        stale = utils.remove_stale_temp_files(ckpt_dir) if lock is not None else None
+        if stale:
+            print(stale, flush=True)
     if all_agree_to_stop(error is not None, ctx):
         if error is not None:
             raise error
@@ -493,6 +499,9 @@ class Pretrainer:
         self.totals = EpochTotals()
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         self.step_profile: list[StepTimes] = []
+        # Which images the run reads (image_set(); rank 0 only, None for synthetic data): saved in
+        # latest.pt, so that a resume on another image set is refused.
+        self.images: dict | None = None
 
     # ---------------------------------------------------------------------------------- hooks
     def loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
@@ -516,7 +525,7 @@ class Pretrainer:
                 **self.recipe.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "world_size": self.ctx.world_size,
                 "global_batch": self.plan.global_batch, "steps_per_epoch": self.steps_per_epoch,
-                "rank_states": rank_states, "config": config, **self.extra_state()}
+                "rank_states": rank_states, "config": config, "images": self.images, **self.extra_state()}
 
     def restore(self, ckpt: dict) -> None:
         if ckpt["steps_per_epoch"] != self.steps_per_epoch:
@@ -753,9 +762,45 @@ def header_record(kind: str, trainer: Pretrainer, **fields: Any) -> dict:
     }
 
 
+def image_set(classes: Sequence[str], samples_by_split: Mapping[str, Sequence[tuple[Any, int]]],
+              roots: Sequence[str] | None = None) -> dict:
+    """Which images a pretraining run reads: the class names and datasets.split_fingerprint (names
+    relative to their common folder or to each of `roots`, labels, counts, file sizes), so a moved
+    folder is the same set."""
+    return {"classes": list(classes), "fingerprint": datasets.split_fingerprint(classes, samples_by_split, roots)}
+
+
+def image_set_change(ckpt: Mapping[str, Any], images: Mapping[str, Any] | None) -> str | None:
+    """How the checkpoint's images differ from `images`, in words; '' when they agree, None when
+    either side has no record (synthetic data, or a checkpoint written before images were recorded)."""
+    saved = ckpt.get("images")
+    if saved is None or images is None:
+        return None
+    return datasets.data_difference(saved["classes"], saved["fingerprint"], images["classes"], images["fingerprint"])
+
+
+def check_same_images(trainer: Pretrainer, ckpt: Mapping[str, Any], path: Path) -> None:
+    """Refuse to resume on another image set (rank 0 compares; every rank stops together)."""
+    ctx, args = trainer.ctx, trainer.args
+    change = image_set_change(ckpt, trainer.images) if ctx.is_main else None
+    if all_agree_to_stop(bool(change), ctx):
+        if not change:
+            raise SystemExit(EXIT_USAGE)   # rank 0 says why, once
+        where = " ".join(args.data_dir) if isinstance(args.data_dir, (list, tuple)) else args.data_dir
+        raise UserError(f"{path} was pretrained on other images than --data_dir {where} holds ({change}): "
+                        f"resuming would continue one run on two image sets. Point --data_dir at the images the "
+                        f"run started with (a moved folder is fine), or start a fresh --checkpoint_dir.")
+    if ctx.is_main and trainer.images is not None and ckpt.get("images") is None:
+        trainer.console(f"note: {path} was written before pretraining recorded its images, so it cannot be "
+                        f"checked that --data_dir holds the images the run started with; from now on they are "
+                        f"recorded.")
+
+
 def resume_trainer(trainer: Pretrainer, ckpt: dict, path: Path, log_path: Path, record: Callable[[], dict]) -> None:
-    """Restore the trainer, drop log records past the checkpoint and log the resume (record())."""
+    """Refuse another image set, restore the trainer, drop log records past the checkpoint and log
+    the resume (record())."""
     ctx, console = trainer.ctx, trainer.console
+    check_same_images(trainer, ckpt, path)
     if ckpt["world_size"] != ctx.world_size:
         console(f"[resume] world size {ckpt['world_size']} -> {ctx.world_size}: keeping the global batch "
                 f"({trainer.plan.describe()}); data order and lr schedule continue exactly, per-process random "

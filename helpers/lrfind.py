@@ -14,11 +14,12 @@ the loss starts to climb.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -52,10 +53,29 @@ class RecipeBatches(TrainDataLoaderIter):
         return images, labels
 
 
+@contextlib.contextmanager
+def library_output(progress: bool) -> Iterator[None]:
+    """torch-lr-finder prints lines of its own (one with a literal, unformatted "{finder_name}", and
+    its suggestion, which write_report and train.py give instead) and draws a tqdm bar whatever
+    --no_progress says. Inside the block its lines are dropped and its bar is utils.progress,
+    which honours the flag (and keeps a log file to whole lines)."""
+    import torch_lr_finder.lr_finder as library
+
+    bar = library.tqdm
+    library.tqdm = lambda iterable, **kwargs: utils.progress(iterable, disable=not progress,
+                                                             desc="lr range test", **kwargs)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        library.tqdm = bar
+
+
 def range_test(model: nn.Module, recipe: Any, loader: DataLoader, device: torch.device, channels_last: bool,
-               steps: int) -> dict:
+               steps: int, progress: bool = True) -> dict:
     """Run the test with the recipe's optimizer, criterion, precision and mixing; returns
-    {"lr": [...], "loss": [...], "suggested_lr": float | None, ...}. The model is trained by it."""
+    {"lr": [...], "loss": [...], "suggested_lr": float | None, ...}. The model is trained by it.
+    progress: a bar over the steps (utils.progress)."""
     optimizer = recipe.optimizer
     for group in optimizer.param_groups:
         group.pop("initial_lr", None)   # the run's schedule is not used: the test sets every rate itself
@@ -64,18 +84,20 @@ def range_test(model: nn.Module, recipe: Any, loader: DataLoader, device: torch.
                       amp_backend="torch" if amp else None,
                       amp_config={"device_type": device.type, "dtype": recipe.amp_dtype} if amp else None,
                       grad_scaler=recipe.scaler if amp else None)
-    finder.range_test(RecipeBatches(loader, device, channels_last, recipe.mixup), start_lr=START_LR,
-                      end_lr=END_LR, num_iter=steps, step_mode="exp", smooth_f=SMOOTHING,
-                      diverge_th=DIVERGE_FACTOR)
+    with library_output(progress):
+        finder.range_test(RecipeBatches(loader, device, channels_last, recipe.mixup), start_lr=START_LR,
+                          end_lr=END_LR, num_iter=steps, step_mode="exp", smooth_f=SMOOTHING,
+                          diverge_th=DIVERGE_FACTOR)
     lrs, losses = finder.history["lr"], finder.history["loss"]
     skip_start, skip_end = steps // 10, steps // 20
     figure = Figure(figsize=(5, 3.5), layout="constrained")
     ax = figure.add_subplot()
     suggested = None
-    if len(lrs) >= skip_start + skip_end + 2 and all(math.isfinite(x) for x in losses):
-        _, suggested = finder.plot(skip_start=skip_start, skip_end=skip_end, ax=ax, suggest_lr=True)
-    else:   # diverged before enough steps for a slope: the curve alone
-        finder.plot(skip_start=0, skip_end=0, ax=ax, suggest_lr=False)
+    with library_output(progress=False):
+        if len(lrs) >= skip_start + skip_end + 2 and all(math.isfinite(x) for x in losses):
+            _, suggested = finder.plot(skip_start=skip_start, skip_end=skip_end, ax=ax, suggest_lr=True)
+        else:   # diverged before enough steps for a slope: the curve alone
+            finder.plot(skip_start=0, skip_end=0, ax=ax, suggest_lr=False)
     ax.set_title(f"LR range test: suggested lr {suggested:.2e}" if suggested else "LR range test")
     return {"lr": [float(x) for x in lrs], "loss": [float(x) for x in losses],
             "suggested_lr": float(suggested) if suggested is not None else None,

@@ -86,42 +86,17 @@ def _boot_id() -> str | None:
     return boot
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) of a process from /proc (Linux), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()   # the name in brackets may hold spaces
-    return fields[0], int(fields[19])
-
-
-def _process_alive(pid: int, proc_start: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass   # exists, owned by someone else
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, start = stat
-    # A zombie is dead (its parent has not reaped it yet); another start time is a reused pid.
-    return state != "Z" and (proc_start is None or start == proc_start)
-
-
 def process_here_alive(host: str, boot_id: str | None, pid: int, proc_start: int | None = None) -> bool | None:
     """Whether a process recorded with its host and boot id is alive: None when it ran on another
     host (or boot, or pid namespace), where its pid cannot be checked from here."""
     if host != socket.gethostname() or boot_id != _boot_id():
         return None
-    return _process_alive(pid, proc_start)
+    return utils.process_alive(pid, proc_start)
 
 
 def this_process() -> dict[str, Any]:
     """host, boot id, pid and start time of this process: what process_here_alive checks."""
-    stat = _proc_stat(os.getpid())
+    stat = utils.proc_stat(os.getpid())
     return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
             "proc_start": stat[1] if stat else None}
 
@@ -197,7 +172,7 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> str:
-        stat = _proc_stat(os.getpid())
+        stat = utils.proc_stat(os.getpid())
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
                            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "boot_id": _boot_id(),
                            "proc_start": stat[1] if stat else None,

@@ -75,26 +75,74 @@ class RunCollection:
 
 
 def parse_results(path: Path) -> RunResult:
-    """One results.json (ours, or the paper code's); ValueError says why it cannot be used."""
+    """One results.json (ours, or the paper code's); ValueError says why it cannot be used: not a
+    JSON object, a field missing or of the wrong type, an accuracy that is no percentage."""
     try:
         results = json.loads(path.read_text())
-        fields = {k: results[k] for k in ("model", "dataset", "fold", "seed", "test_acc")}
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:   # ValueError: bad JSON, or bytes that are no text
         raise ValueError(f"unreadable ({error})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"not a JSON object of run fields (a {type(results).__name__}: {_shown(results)})")
+    try:
+        fields = {k: results[k] for k in ("model", "dataset", "fold", "seed", "test_acc")}
     except KeyError as error:
         raise ValueError(f"no {error} field") from None
+    for key in ("model", "dataset"):
+        if not isinstance(fields[key], str) or not fields[key]:
+            raise ValueError(f"{key} is {_shown(fields[key])}, not a name")
+    for key in ("fold", "seed"):
+        if not _is_integer(fields[key]):
+            raise ValueError(f"{key} is {_shown(fields[key])}, not an integer")
+    if not isinstance(results.get("config") or {}, dict):
+        raise ValueError(f"config is {_shown(results['config'])}, not an object of settings")
     if is_paper_code_results(results):
         return parse_paper_code_results(results, fields, path)
     if fields["test_acc"] is None:
         raise ValueError("no test accuracy (the dataset has no test split)")
-    if not math.isfinite(float(fields["test_acc"])):
-        raise ValueError(f"the test accuracy is {fields['test_acc']} (the run diverged or evaluated nothing)")
+    test_acc = _accuracy(fields["test_acc"], 100.0, "a percentage in [0, 100]")
     config = results.get("config") or {}
     recipe = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in NOT_RECIPE))
-    return RunResult(str(fields["model"]), str(results.get("tag") or ""), str(fields["dataset"]),
-                     int(fields["fold"]), int(fields["seed"]), float(fields["test_acc"]), results.get("params"),
-                     results.get("flops"), path.parent, results.get("img_size", config.get("img_size")),
-                     tuple(str(c) for c in results.get("classes") or ()), recipe)
+    img_size = results.get("img_size", config.get("img_size"))
+    classes = results.get("classes") or []
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"classes is {_shown(classes)}, not a list of names")
+    return RunResult(fields["model"], str(results.get("tag") or ""), fields["dataset"], fields["fold"],
+                     fields["seed"], test_acc, _count(results, "params"), _count(results, "flops"), path.parent,
+                     img_size if _is_integer(img_size) else None, tuple(classes), recipe)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _accuracy(value: object, top: float, expected: str) -> float:
+    """A test accuracy as a float in [0, top]; ValueError naming the value otherwise."""
+    if not _is_real(value):
+        raise ValueError(f"the test accuracy is {_shown(value)}, not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"the test accuracy is {value} (the run diverged or evaluated nothing)")
+    if not 0 <= value <= top:
+        raise ValueError(f"the test accuracy is {value:g}, not {expected}")
+    return float(value)
+
+
+def _count(results: dict, key: str) -> float | None:
+    """A parameter or FLOP count (a non-negative number) or None; ValueError for anything else."""
+    value = results.get(key)
+    if value is None:
+        return None
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key} is {_shown(value)}, not a count")
+    return value
 
 
 PAPER_CODE = "paper code"
@@ -108,20 +156,21 @@ def is_paper_code_results(results: dict) -> bool:
 def parse_paper_code_results(results: dict, fields: dict, path: Path) -> RunResult:
     """A results.json of the paper code (github.com/junbolian/TwistNet-2D): accuracies as fractions,
     params_M in millions, its arguments in config.json beside it (our recipe comparison reads those)."""
-    test_acc = fields["test_acc"]
-    if test_acc is None or not math.isfinite(float(test_acc)) or not 0 <= float(test_acc) <= 1:
-        raise ValueError(f"the paper code's test accuracy should be a fraction in [0, 1], got {test_acc}")
+    test_acc = _accuracy(fields["test_acc"], 1.0, "the paper code's fraction in [0, 1]")
     try:
         config = json.loads((path.parent / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
         config = {k: results[k] for k in ("epochs", "lr", "batch_size", "crop_scale", "pretrained") if k in results}
     config = {k: v for k, v in config.items()
               if k not in NOT_RECIPE and k not in ("num_workers", "resume", "checkpoint")}
     recipe = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items()))
-    params_m = results.get("params_M")
-    return RunResult(str(fields["model"]), "", str(fields["dataset"]), int(fields["fold"]), int(fields["seed"]),
-                     100 * float(test_acc), int(round(params_m * 1e6)) if params_m else None, None, path.parent,
-                     config.get("img_size"), (), recipe, source=PAPER_CODE)
+    params_m = _count(results, "params_M")
+    img_size = config.get("img_size")
+    return RunResult(fields["model"], "", fields["dataset"], fields["fold"], fields["seed"],
+                     100 * test_acc, int(round(params_m * 1e6)) if params_m else None, None, path.parent,
+                     img_size if _is_integer(img_size) else None, (), recipe, source=PAPER_CODE)
 
 
 def run_directories(root: Path) -> list[Path]:

@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -225,23 +226,89 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
 # --------------------------------------------------------------------------------------------
 def temp_beside(path: Path) -> Path:
     # Unique per writer: two processes saving the same file never share (or rename) a temp file.
+    # The writer's pid in the name lets remove_stale_temp_files tell a killed writer's leftover.
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")   # temp_beside's names
+LOCK_TEMP_PREFIX = ".run.lock."   # rundirs.RunLock's: written before the lock is held, see below
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> str | None:
+    """Delete the temp files (temp_beside) in `folder` whose writer process is gone, and say so
+    (None if there were none). A writer killed mid-write (kill -9, the OOM killer) leaves one for
+    good, as large as the file it was writing (~90 MB for a last.pt); a live writer's is kept.
+
+    Call it holding the folder's lock (rundirs.RunLock): every other writer of the folder is then
+    gone, whatever its host. A contender for the lock writes its temp file before it holds the lock,
+    possibly from another host where its pid means nothing here, so those are never touched."""
+    if os.name != "posix":   # os.kill(pid, 0) would end the process elsewhere
+        return None
+    removed: list[tuple[str, int]] = []
+    for path in Path(folder).glob(".*.tmp"):
+        match = TEMP_NAME.match(path.name)
+        if match is None or path.name.startswith(LOCK_TEMP_PREFIX) or process_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            size = path.stat().st_size
+            path.unlink()
+            removed.append((path.name, size))
+    if not removed:
+        return None
+    total_mb = sum(size for _, size in removed) / 2**20
+    return (f"note: removed {len(removed)} temp file(s) ({total_mb:.0f} MB) left in {folder} by a writer that was "
+            f"killed mid-write: {', '.join(name for name, _ in removed[:3])}")
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a process from /proc (Linux), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()   # the name in brackets may hold spaces
+    return fields[0], int(fields[19])
+
+
+def process_alive(pid: int, proc_start: int | None = None) -> bool:
+    """Whether process `pid` of this host runs (given its start time: the same process, not a
+    reused pid). A zombie counts as gone. POSIX only."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass   # exists, owned by someone else
+    stat = proc_stat(pid)
+    if stat is None:
+        return True
+    state, start = stat
+    # A zombie is dead (its parent has not reaped it yet); another start time is a reused pid.
+    return state != "Z" and (proc_start is None or start == proc_start)
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None], size_bytes: int) -> None:
     """Write through a temp file and rename it over `path`; on any failure the temp file goes and
-    `path` keeps its previous content. A failed write (full disk, quota) is a UserError."""
+    `path` keeps its previous content. A failed write (full disk, quota, ulimit -f) is a UserError."""
     tmp = temp_beside(path)
     try:
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:
+        written = _size_or_none(tmp)
         tmp.unlink(missing_ok=True)
         if isinstance(error, OSError) or _is_torch_write_error(error):
-            raise write_error(path, error, size_bytes) from None
+            raise write_error(path, error, size_bytes, written) from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _is_torch_write_error(error: RuntimeError) -> bool:
@@ -251,17 +318,27 @@ def _is_torch_write_error(error: RuntimeError) -> bool:
     return "unexpected pos" in text or "PytorchStreamWriter" in text or "inline_container" in text
 
 
-def write_error(path: Path, error: Exception, size_bytes: int) -> UserError:
-    """The error for a file that could not be written: 'no space left on <dir> (needs ~N MB)' when
-    the filesystem is (nearly) full, else the system's reason. Either way `path` is unchanged."""
+def write_error(path: Path, error: Exception, size_bytes: int, written: int | None = None) -> UserError:
+    """The error for a file that could not be written: 'file size limit (ulimit -f) reached' when
+    the process's file-size limit stopped it, 'no space left on <dir> (needs ~N MB)' when the
+    filesystem is (nearly) full, else the system's reason. Either way `path` is unchanged.
+    `written`: how large the file had grown when the write failed, if known."""
     folder = path.parent
     needed_mb = max(1, math.ceil(size_bytes / 2**20))
+    kept = f"{path.name} keeps its previous content" if path.exists() else f"{path.name} was not written"
+    limit = file_size_limit()
+    # With SIGXFSZ ignored, a write past the limit fails with EFBIG; torch.save's zip writer drops
+    # the errno, but leaves a file cut off exactly at the limit.
+    if getattr(error, "errno", None) == errno.EFBIG or (limit is not None and written is not None and written >= limit):
+        limit_text = f", the limit is {limit / 2**20:.0f} MB" if limit is not None else ""
+        return UserError(f"file size limit (ulimit -f) reached writing {path} (needs ~{needed_mb} MB{limit_text}); "
+                         f"{kept}. Raise the limit (ulimit -f unlimited, or in the job script) and run the same "
+                         f"command again.")
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
     full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < size_bytes)
-    kept = f"{path.name} keeps its previous content" if path.exists() else f"{path.name} was not written"
     if full:
         free_text = f", {free / 2**20:.0f} MB free" if free is not None else ""
         return UserError(f"no space left on {folder} (needs ~{needed_mb} MB for {path.name}{free_text}); "
@@ -269,6 +346,16 @@ def write_error(path: Path, error: Exception, size_bytes: int) -> UserError:
                          f"same command again.")
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
     return UserError(f"could not write {path} (~{needed_mb} MB): {reason}; {kept}.")
+
+
+def file_size_limit() -> int | None:
+    """This process's file-size limit in bytes (ulimit -f, RLIMIT_FSIZE); None if there is none."""
+    try:
+        import resource   # POSIX only
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def payload_bytes(obj: Any) -> int:

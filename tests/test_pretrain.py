@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import corrupt, make_imagenet_folder
+from fixtures import corrupt, make_imagenet_folder, one_error_line
 
 import models
 from helpers import distributed, figures, loading
@@ -290,6 +290,33 @@ def test_resume_refuses_what_is_not_a_pretraining_checkpoint(straight: tuple[Pat
         text = str(error.value)
         assert str(ckpt / name) in text and "--resume takes the latest.pt" in text, text
         assert (what or "not a torch.save file") in text and "will likely succeed" not in text
+
+
+def test_resume_refuses_other_images_and_follows_a_moved_folder(imagenet: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """Same counts, one validation image relabelled (moved to another class): refused, naming what
+    differs; the moved folder resumes."""
+    data = copy_folder(imagenet, tmp_path / "A")
+    ckpt = tmp_path / "ckpt"
+    command = ["--epochs", "2", "--checkpoint_dir", str(ckpt), "--weights_dir", str(tmp_path / "weights"),
+               "--resume", "auto", "--stop_after_steps", "1"]
+    assert run_inline(*command, "--data_dir", str(data)) == 130
+    assert load(ckpt / "latest.pt")["images"]["fingerprint"]["sizes"] == {"train": 24, "val": 9, "test": 0}
+
+    relabelled = copy_folder(data, tmp_path / "B")
+    first, second = sorted(p for p in (relabelled / "val").iterdir())[:2]
+    image = sorted(first.iterdir())[0]
+    image.rename(second / image.name)
+    capsys.readouterr()
+    assert utils.run_main(pretrain.main, [*TINY, *command, "--data_dir", str(relabelled)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"was pretrained on other images than --data_dir {relabelled} holds" in line
+    assert "other sample ids or labels" in line and "point --data_dir at the images the run started with" in line.lower()
+
+    moved = tmp_path / "A_moved"
+    data.rename(moved)
+    assert run_inline(*command, "--data_dir", str(moved)) == 130
+    assert "Resumed from" in capsys.readouterr().out
 
 
 def test_a_checkpoint_dir_in_use_is_refused(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import datasets
+import fixtures
 from helpers import rundirs, utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +124,8 @@ def test_heartbeat_refreshes_the_lock_and_notices_a_takeover(tmp_path: Path) -> 
 def test_two_writers_of_one_file_never_share_a_temp_file(tmp_path: Path) -> None:
     """The old fixed temp name (.best.pt.tmp) let one writer rename the other's half-written file."""
     script = textwrap.dedent("""
-        import sys, torch, utils
+        import sys, torch
+        from helpers import utils
         for i in range(40):
             utils.atomic_save({"w": torch.full((50_000,), float(sys.argv[2]))}, sys.argv[1])
     """)
@@ -220,7 +223,8 @@ def test_killed_or_hung_up_sweeps_leave_no_train_py_and_resume(tmp_path: Path) -
 
 def test_sighup_stops_train_py_like_sigterm() -> None:
     script = textwrap.dedent("""
-        import os, signal, utils
+        import os, signal
+        from helpers import utils
         with utils.StopFlag() as stop:
             os.kill(os.getpid(), signal.SIGHUP)
         print(stop.requested, stop.reason)
@@ -242,7 +246,8 @@ def user_namespaces_work() -> bool:
 
 
 FULL_DISK = textwrap.dedent("""
-    import os, sys, torch, utils
+    import os, sys, torch
+    from helpers import utils
     folder = sys.argv[1]
     utils.atomic_save({"w": torch.ones(1_000_000)}, os.path.join(folder, "last.pt"))      # 4 MB: fits
     try:
@@ -303,6 +308,104 @@ def test_train_py_on_a_full_disk_says_so_and_a_retry_after_freeing_space_trains(
     assert not [n for n in (out / "first.ls").read_text().split() if n.endswith(".tmp")]
     assert (out / "second.rc").read_text().strip() == "0", (out / "second.out").read_text()
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+# --------------------------------------------------------------------------------------------
+# The data fingerprint: which images, down to their file sizes
+# --------------------------------------------------------------------------------------------
+def fold_fingerprint(root: Path) -> tuple[list[str], dict]:
+    splits = datasets.load_splits("imagefolder", root, 1)
+    return splits.classes, datasets.split_fingerprint(splits.classes, {s: splits.split(s) for s in datasets.SPLIT_NAMES})
+
+
+def test_images_re_exported_in_place_are_other_data_and_old_records_stay_comparable(
+        tmp_path: Path, one_torch_thread: None, capsys: pytest.CaptureFixture) -> None:
+    """Same names and labels, other bytes (a dataset re-exported in place): train.py refuses to count
+    the finished run as this command's; a moved copy is the same data; a fingerprint recorded
+    before file sizes were (no file_sizes_sha256) still matches, so old runs are not all 'other data'."""
+    import train
+
+    data = fixtures.make_imagefolder(tmp_path / "data", classes=3, train_per_class=4)
+    classes, before = fold_fingerprint(data)
+    args = ["--dataset", "imagefolder", "--data_dir", str(data), "--epochs", "1", "--batch_size", "4", "--img_size", "32",
+            "--workers", "0", "--no_progress", "--run_dir", str(tmp_path / "runs")]
+    assert utils.run_main(train.main, args) == 0
+    capsys.readouterr()
+
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    assert datasets.data_difference(classes, before, *fold_fingerprint(moved)) == ""
+    image = data / "val" / "class_1" / "val_0.png"
+    fixtures.write_image(image, label=1, index=7, size=44)           # re-exported: same name, other size
+    change = datasets.data_difference(classes, before, *fold_fingerprint(data))
+    assert change.startswith("the image files changed (same names and labels, other file sizes")
+    assert utils.run_main(train.main, args) == 2
+    line = fixtures.one_error_line(capsys.readouterr().err)
+    assert "already finished on other data: the image files changed" in line and "--force" in line
+
+    old_style = {k: v for k, v in before.items() if k != "file_sizes_sha256"}
+    assert datasets.data_difference(classes, old_style, *fold_fingerprint(data)) == ""
+    fixtures.write_image(data / "val" / "class_1" / "val_9.png", label=1, index=9)   # a new image still counts
+    assert "the split sizes differ (val 6 -> 7)" in datasets.data_difference(classes, old_style, *fold_fingerprint(data))
+
+
+# --------------------------------------------------------------------------------------------
+# Temp files of writers killed mid-write
+# --------------------------------------------------------------------------------------------
+STUCK_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from helpers import utils
+    def write(tmp):                                    # half a checkpoint on disk, then stuck
+        tmp.write_bytes(bytes(3 * 2**20))
+        print(tmp.name, flush=True)
+        time.sleep(600)
+    utils._replace_atomically(Path(sys.argv[1]), write, 6 * 2**20)
+""")
+
+
+def start_stuck_writer(target: Path) -> subprocess.Popen:
+    """A real writer of `target` that stops in the middle of its temp file (and prints the file's name)."""
+    return subprocess.Popen([sys.executable, "-c", STUCK_WRITER, str(target)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_temp_files_of_killed_writers_are_removed_at_start_and_live_ones_kept(tmp_path: Path,
+                                                                             one_torch_thread: None) -> None:
+    """kill -9 during a checkpoint write left .last.pt.<pid>.<hex>.tmp for good; train.py and the
+    pretraining scripts remove those of dead writers when they start, never a live writer's."""
+    import pretrain_imagenet
+    import train
+
+    run = tmp_path / "runs" / "synthtex_fold1_twistnet18_seed42_n2"
+    ckpt = tmp_path / "ckpt"
+    for folder in (run, ckpt):
+        folder.mkdir(parents=True)
+    writers = {(folder, name): start_stuck_writer(folder / name) for folder in (run, ckpt) for name in ("last.pt", "best.pt")}
+    leftovers = {key: writer.stdout.readline().strip() for key, writer in writers.items()}   # all mid-write now
+    live = [writer for (_, name), writer in writers.items() if name == "best.pt"]
+    for (_, name), writer in writers.items():
+        if name == "last.pt":
+            writer.kill()                                              # SIGKILL mid-write
+            writer.wait(timeout=60)
+    for (folder, name), temp in leftovers.items():
+        assert temp.startswith(f".{name}.") and (folder / temp).is_file()
+    try:
+        assert utils.run_main(train.main, [
+            "--dataset", "synthtex", "--train_per_class", "2", "--epochs", "1", "--img_size", "32", "--batch_size", "16",
+            "--workers", "0", "--no_progress", "--randaug_n", "0", "--mixup", "0", "--cutmix", "0",
+            "--run_dir", str(tmp_path / "runs")]) == 0
+        assert utils.run_main(pretrain_imagenet.main, [
+            "--data", "synthetic", "--synthetic_images", "16", "--synthetic_val_images", "4", "--num_classes", "3",
+            "--epochs", "1", "--img_size", "32", "--batch_size", "8", "--workers", "0", "--device", "cpu",
+            "--print_freq", "0", "--checkpoint_dir", str(ckpt), "--weights_dir", str(tmp_path / "weights")]) == 0
+        for (folder, name), temp in leftovers.items():
+            assert (folder / temp).exists() == (name == "best.pt"), (folder, temp)   # only the live writer's
+        assert f"removed 1 temp file(s) (3 MB) left in {run} by a writer that was killed" in (run / "train.log").read_text()
+    finally:
+        for writer in live:
+            writer.kill()
+            writer.wait(timeout=60)
 
 
 # --------------------------------------------------------------------------------------------

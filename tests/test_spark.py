@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -599,6 +600,87 @@ def test_rerun_of_a_finished_run_and_refusals(straight: tuple[Path, list[str]], 
     assert err.startswith("error: ") and err.count("\n") == 1 and "--mask_ratio: 0.6 -> 0.5" in err
     with pytest.raises(utils.UserError, match="not a pretrain_imagenet.py checkpoint .a spark one"):
         pretrain_imagenet.main(["--resume", str(stopped / "latest.pt"), "--device", "cpu"])
+
+
+def start_and_kill_when_saved(command: list[str], latest: Path, seconds: float = 240) -> None:
+    """Start pretrain_spark.py and SIGKILL it once `latest` exists (as a crash or an OOM kill would)."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=ENV, text=True)
+    deadline = time.time() + seconds
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    _, err = proc.communicate(timeout=60)
+    assert latest.exists(), err
+
+
+def test_resume_refuses_other_images_and_follows_a_moved_folder(unlabelled: Path, tmp_path: Path,
+                                                                one_torch_thread: None,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """Killed with SIGKILL mid-run; resumed on another folder (refused, with what differs), on the
+    same images re-exported in place (refused), on the moved folder (resumes), and from a checkpoint
+    that predates the record of its images (resumes, with a note)."""
+    data = tmp_path / "A"
+    shutil.copytree(unlabelled, data)
+    ckpt, weights = tmp_path / "ckpt", tmp_path / "weights"
+    command = [*TINY, "--epochs", "50", "--vis_every", "0", "--save_every_steps", "2", "--checkpoint_dir", str(ckpt),
+               "--weights_dir", str(weights)]
+    start_and_kill_when_saved([*command, "--data_dir", str(data)], ckpt / "latest.pt")
+    saved = load(ckpt / "latest.pt")
+    assert saved["images"]["fingerprint"]["sizes"] == {"train": IMAGES, "val": 0, "test": 0}
+
+    fewer = tmp_path / "B"
+    shutil.copytree(data, fewer)
+    sorted(fewer.rglob("*.JPEG"))[3].unlink()
+    reexported = tmp_path / "C"
+    shutil.copytree(data, reexported)
+    victim = sorted(reexported.rglob("*.JPEG"))[3]
+    Image.open(victim).convert("RGB").save(victim, format="JPEG", quality=30)   # same name, other bytes
+    for other, expected in ((fewer, f"the split sizes differ (train {IMAGES} -> {IMAGES - 1})"),
+                            (reexported, "the image files changed (same names and labels, other file sizes")):
+        assert utils.run_main(spark_script.main, [*command, "--data_dir", str(other)]) == 2
+        line = fixtures.one_error_line(capsys.readouterr().err)
+        assert f"{ckpt / 'latest.pt'} was pretrained on other images than --data_dir {other}" in line
+        assert expected in line and "start a fresh --checkpoint_dir" in line, line
+    assert not weights.exists()                 # nothing was exported from the wrong images
+
+    moved = tmp_path / "A_moved"
+    data.rename(moved)
+    assert utils.run_main(spark_script.main, [*command, "--data_dir", str(moved), "--stop_after_steps", "1"]) == 130
+    assert "Resumed from" in capsys.readouterr().out
+
+    old = load(ckpt / "latest.pt")               # as written before the images were recorded
+    del old["images"]
+    utils.atomic_save(old, ckpt / "latest.pt")
+    assert utils.run_main(spark_script.main, [*command, "--data_dir", str(reexported), "--stop_after_steps", "1"]) == 130
+    out = capsys.readouterr().out
+    assert "Resumed from" in out and "was written before pretraining recorded its images" in out
+    recorded = load(ckpt / "latest.pt")["images"]["fingerprint"]           # recorded again, of these images
+    assert recorded["file_sizes_sha256"] != saved["images"]["fingerprint"]["file_sizes_sha256"]
+
+
+def test_resume_fingerprint_lets_each_data_dir_folder_move_on_its_own(unlabelled: Path, tmp_path: Path) -> None:
+    """Several --data_dir folders (ImageNet's train/ and DTD's images/, say) on different disks: one
+    of them moved is still the same image set; an image taken from one is not."""
+    from helpers import distributed
+
+    first, second = tmp_path / "disk1" / "imagenet", tmp_path / "disk2" / "dtd"
+    shutil.copytree(unlabelled, first)
+    shutil.copytree(unlabelled, second)
+
+    def image_set(*folders: Path) -> dict:
+        found = datasets.unlabelled_dataset([str(f) for f in folders], None)
+        return distributed.image_set([], {"train": found.samples}, [str(f) for f in folders])
+
+    before = image_set(first, second)
+    moved = tmp_path / "disk3" / "dtd"
+    moved.parent.mkdir()
+    second.rename(moved)
+    after = image_set(first, moved)
+    assert after == before
+    sorted(moved.rglob("*.JPEG"))[0].unlink()
+    assert distributed.image_set_change({"images": before}, image_set(first, moved)).startswith(
+        f"the split sizes differ (train {2 * IMAGES} -> {2 * IMAGES - 1})")
 
 
 def test_loss_falls_and_unreadable_images_are_skipped(unlabelled: Path, tmp_path: Path, one_torch_thread: None,

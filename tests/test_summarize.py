@@ -282,3 +282,39 @@ def test_a_constant_paired_difference_gives_no_t_test_p_value(capsys) -> None:
     p_w, p_t, note = summarize_runs.paired_test([70.0, 71.0, 72.0], [69.0, 70.0, 71.0])
     assert math.isnan(p_t) and "constant difference" in note and 0 < p_w <= 1
     assert summarize_runs.p_text(p_t) == "n/a"
+
+
+def test_malformed_results_are_left_out_with_a_note_and_the_table_still_prints(tmp_path: Path, capsys) -> None:
+    """A results.json that is a list, or whose accuracy is no percentage (1e308, -5, the string
+    "88.1"), or whose fields have the wrong type: left out, each with a note naming the file and why;
+    the good runs still make their cells."""
+    write_configured_run(tmp_path, "twistnet18", 1, 70.0)
+    write_configured_run(tmp_path, "twistnet18", 2, 72.0)
+    bad = {"list": [1, 2, 3], "huge": 1e308, "negative": -5, "string": "88.1", "above": 100.5}
+    reasons = {"list": "not a JSON object of run fields (a list: [1, 2, 3])",
+               "huge": "the test accuracy is 1e+308, not a percentage in [0, 100]",
+               "negative": "the test accuracy is -5, not a percentage in [0, 100]",
+               "string": 'the test accuracy is "88.1", not a number',
+               "above": "the test accuracy is 100.5, not a percentage in [0, 100]"}
+    for name, value in bad.items():
+        run = tmp_path / f"dtd_fold1_{name}_seed42"
+        run.mkdir()
+        content = value if name == "list" else {"model": "twistnet18", "tag": "", "dataset": "dtd", "fold": 3 + len(name),
+                                                "seed": 42, "test_acc": value, "config": {"epochs": 100, "lr": 0.01}}
+        (run / "results.json").write_text(json.dumps(content))
+    wrong_types = {"fold": "one", "model": None, "config": [1], "params": "11M", "classes": "abc"}
+    for key, value in wrong_types.items():
+        run = tmp_path / f"dtd_fold9_{key}_seed42"
+        run.mkdir()
+        fields = {"model": "twistnet18", "dataset": "dtd", "fold": 9, "seed": 42, "test_acc": 50.0, key: value}
+        (run / "results.json").write_text(json.dumps(fields))
+
+    out = summarize(capsys, "--run_dir", str(tmp_path))
+    table, notes = out.split("\n\n", 1)
+    assert "71.00 ± 1.41 (2)" in table                                       # only the two good runs
+    for name, why in reasons.items():
+        assert f"left out {tmp_path / f'dtd_fold1_{name}_seed42' / 'results.json'}: {why}" in notes, (name, notes)
+    for key in wrong_types:
+        assert f"dtd_fold9_{key}_seed42/results.json: {key} is " in notes, (key, notes)
+    found = runrecords.load_runs([tmp_path])
+    assert len(found.runs) == 2 and len(found.unusable) == len(bad) + len(wrong_types)

@@ -100,5 +100,10 @@ def test_lr_find_writes_the_curve_and_a_suggestion_and_no_checkpoint(tmp_path: P
     assert 10 <= len(lrs) == len(report["loss"]) == report["steps_run"] <= 20
     assert lrs[0] == pytest.approx(lrfind.START_LR) and all(b > a for a, b in zip(lrs, lrs[1:]))
     assert lrs[0] < report["suggested_lr"] < lrs[-1]
-    assert f"suggested --lr {report['suggested_lr']:.2e}" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"suggested --lr {report['suggested_lr']:.2e}" in out
+    # torch-lr-finder's own lines (an unformatted "{finder_name}", its suggestion) and bar are not shown.
+    assert "{finder_name}" not in out and "Suggested LR" not in out and "LR suggestion" not in out
+    assert len(out.strip().splitlines()) == 1, out
+    assert "it/s" not in err and "%|" not in err, err                    # --no_progress: no bar
     assert (run / "lr_find.png").read_bytes()[:4] == b"\x89PNG"

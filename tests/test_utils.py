@@ -4,6 +4,7 @@ device flags mean the same in every script, and the scripts' import map has one 
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -165,3 +166,44 @@ def test_atomic_files_leave_no_temp_file_behind(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"epoch": 1}\nnot json\n')
     with pytest.raises(utils.UserError, match="bad.jsonl, line 2"):
         utils.read_jsonl(tmp_path / "bad.jsonl")
+
+
+SIZE_LIMITED_WRITES = """
+import json, os, sys, torch
+from helpers import utils
+folder = sys.argv[1]
+utils.atomic_save({"w": torch.ones(1_000_000)}, os.path.join(folder, "last.pt"))          # 4 MB: fits
+attempts = {"torch.save": lambda: utils.atomic_save({"w": torch.zeros(2_500_000)}, os.path.join(folder, "last.pt")),
+            "write_bytes": lambda: utils.atomic_write_bytes(bytes(9 * 2**20), os.path.join(folder, "blob.bin"))}
+said = {}
+for name, attempt in attempts.items():
+    try:
+        attempt()
+    except utils.UserError as error:
+        said[name] = str(error)
+said["files"] = sorted(os.listdir(folder))
+said["kept"] = int(torch.load(os.path.join(folder, "last.pt"), weights_only=True)["w"].sum())
+print(json.dumps(said))
+"""
+
+
+def test_a_file_size_limit_is_named_as_such(tmp_path: Path) -> None:
+    """ulimit -f (RLIMIT_FSIZE) with SIGXFSZ ignored, as batch systems set it: torch.save's zip writer
+    reported 'unexpected pos ...'; the limit is named, with the size needed, and nothing is lost."""
+    import resource
+    import signal
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 2**20, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-c", SIZE_LIMITED_WRITES, str(tmp_path)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    said = json.loads(proc.stdout.splitlines()[-1])
+    assert said["torch.save"].startswith(f"file size limit (ulimit -f) reached writing {tmp_path / 'last.pt'} "
+                                         f"(needs ~10 MB, the limit is 8 MB); last.pt keeps its previous content")
+    assert said["write_bytes"].startswith(f"file size limit (ulimit -f) reached writing {tmp_path / 'blob.bin'} "
+                                          f"(needs ~9 MB, the limit is 8 MB); blob.bin was not written")
+    assert "ulimit -f unlimited" in said["torch.save"] and "unexpected pos" not in said["torch.save"]
+    assert said["files"] == ["last.pt"] and said["kept"] == 1_000_000
