@@ -585,6 +585,10 @@ def launch_jobs(args: argparse.Namespace, runs: Sequence[Run]) -> int:
         print("--dry_run: nothing was submitted or written.")
         return EXIT_OK
     start = time.perf_counter()
+    for run in to_do:
+        note = launchers.expired_job_note(run.path, args.slurm_unknown_expiry)
+        if note:
+            print(note, flush=True)
     submitted = launchers.submit(args, to_do) if to_do else []
     print(f"{len(runs)} runs in {args.run_dir}: {plan_counts(runs)}; submitted {len(submitted)} job(s) "
           f"({args.launcher}): " + ", ".join(str(job.job_id) for _, job in submitted), flush=True)

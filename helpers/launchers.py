@@ -307,7 +307,7 @@ def job_state(record: dict, run_path: Path, unknown_expiry_min: float = UNKNOWN_
             if state.split()[0] not in SLURM_ACTIVE:
                 return None
             return {"PENDING": "queued", "RUNNING": "running"}.get(state, state.lower())
-        why = "sacct is not on PATH" if shutil.which("sacct") is None else "sacct does not report it"
+        why = sacct_silence()
     quiet_min = (time.time() - last_sign_of_life(run_path)) / 60
     if quiet_min >= unknown_expiry_min:
         return None
@@ -317,6 +317,24 @@ def job_state(record: dict, run_path: Path, unknown_expiry_min: float = UNKNOWN_
 
 def is_unknown(state: str) -> bool:
     return state.startswith(UNKNOWN)
+
+
+def sacct_silence() -> str:
+    """Why a SLURM job's state is unknown."""
+    return "sacct is not on PATH" if shutil.which("sacct") is None else "sacct does not report it"
+
+
+def expired_job_note(run_path: Path, unknown_expiry_min: float = UNKNOWN_EXPIRY_MIN) -> str | None:
+    """What to tell before a run is submitted again because its recorded SLURM job's state
+    cannot be read and the run has shown no progress for unknown_expiry_min (None otherwise)."""
+    record = read_record(run_path)
+    if not record or record.get("job_id") is None or record.get("launcher") != "slurm":
+        return None
+    if slurm_state(record).split()[0] != "UNKNOWN":
+        return None
+    quiet_min = (time.time() - last_sign_of_life(run_path)) / 60
+    return (f"{run_path.name}: job {record['job_id']}'s state is unknown ({sacct_silence()}) and the run has shown "
+            f"no progress for {quiet_min:.0f} min (--slurm_unknown_expiry {unknown_expiry_min:g}): submitting it again")
 
 
 def active_job(run_path: Path, unknown_expiry_min: float = UNKNOWN_EXPIRY_MIN) -> tuple[str, str] | None:

@@ -154,8 +154,12 @@ def test_a_job_whose_state_cannot_be_read_is_reported_expires_and_is_submitted_a
     os.utime(run / "job.json", (hour_ago, hour_ago))
     again = run_all_with(env, *args, "--slurm_unknown_expiry", "30")
     assert again.returncode == 0 and "submitted 1 job(s) (slurm): 5000" in again.stdout, again.stdout + again.stderr
+    assert ("synthtex_fold1_resnet18_seed42: job 4242's state is unknown (sacct does not report it) and the run has "
+            "shown no progress for 60 min (--slurm_unknown_expiry 30): submitting it again") in again.stdout
     assert json.loads((run / "job.json").read_text())["job_id"] == "5000"
     assert len(submissions.read_text().splitlines()) == 1
+    folders = [p.name for p in (run_dir / "submitit").iterdir() if p.is_dir() and not p.is_symlink()]
+    assert folders == ["5000"]   # the job's folder, no literal '%j'
 
 
 def test_an_sbatch_rejection_is_one_error_line_quoting_sbatch(tmp_path: Path) -> None:
