@@ -785,6 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base_url", default=None,
                         help=f"fetch the release files from this URL instead (a mirror); also ${download.DOWNLOAD_BASE_URL_ENV}")
     parser.add_argument("--keep_archives", action="store_true", help="keep the downloaded archives after unpacking")
+    parser.add_argument("--download_timeout", type=float, default=download.DEADLINE_MIN, metavar="MINUTES",
+                        help="give up a download that has not finished after this long (a re-run resumes it)")
     parser.add_argument("--fold", type=int, default=1)
     parser.add_argument("--no_open_check", action="store_true", help="only check the layout, open no image")
     parser.add_argument("--workers", type=int, default=8, help="threads that open images")
@@ -798,12 +800,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.download:
         if args.dataset not in (None, args.download) or not args.data_dir:
             parser.error("--download NAME needs --data_dir (and no other --dataset)")
+        if not args.download_timeout > 0:
+            parser.error(f"--download_timeout {args.download_timeout:g}: minutes, more than 0")
         args.dataset, args.no_open_check = args.download, True   # the checksums vouch for the images
     elif not args.dataset:
         parser.error("--dataset is required (or --download NAME)")
     if args.download:
         download.download_dataset(args.download, args.data_dir, lambda root: load_splits(args.download, root, 1),
-                                  args.base_url, args.keep_archives)
+                                  args.base_url, args.keep_archives, deadline_s=args.download_timeout * 60)
     splits = load_splits(args.dataset, args.data_dir, args.fold)
     print(describe_splits(args.dataset, args.data_dir, args.fold, splits))
     # The same notes train.py prints when it starts.

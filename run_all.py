@@ -35,9 +35,10 @@ asked while it evaluates after an epoch stops at the first step of the next one,
 after its last training step (the last epoch's validation, the final test) has no step left, so
 it finishes instead (results.json), which takes as long as those evaluations. The children die
 with the sweep: if run_all.py itself is killed (SIGKILL, the OOM killer), each train.py gets
-SIGTERM and stops the same way, so no orphan trains on. Exit status: 0 when every
-run is finished or running elsewhere, 1 when any failed, 2 on a bad command line, 130 when
-interrupted.
+SIGTERM and stops the same way, so no orphan trains on. Exit status: 0 when every run is
+finished, running elsewhere or submitted, 1 when any failed or was left alone because its
+recorded cluster job's state cannot be read ("unknown": neither done nor submitted), 2 on a bad
+command line, 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -183,7 +184,8 @@ class Run:
     name: str
     path: Path
     command: tuple[str, ...]
-    status: str  # "run", "resume", "skip" or "elsewhere" (another process holds its lock)
+    status: str  # "run", "resume", "skip", "elsewhere" (another process holds its lock or a job is queued)
+    #              or "unknown" (a recorded cluster job whose state cannot be read)
 
     @property
     def log_path(self) -> Path:
@@ -206,9 +208,12 @@ def train_command(args: argparse.Namespace, model: str, fold: int, seed: int,
     return command + list(passthrough)
 
 
-def run_status(path: Path, force: bool) -> str:
-    if rundirs.lock_holder(path) is not None or launchers.active_job(path) is not None:
-        return "elsewhere"   # trained, or queued as a cluster job, by another process
+def run_status(path: Path, force: bool, unknown_expiry_min: float = launchers.UNKNOWN_EXPIRY_MIN) -> str:
+    if rundirs.lock_holder(path) is not None:
+        return "elsewhere"   # trained by another process
+    job = launchers.active_job(path, unknown_expiry_min)
+    if job is not None:      # queued or running as a cluster job, or a job nobody can tell about
+        return "unknown" if launchers.is_unknown(job[0]) else "elsewhere"
     if force:
         return "run"  # train.py --force restarts finished and interrupted runs alike
     if (path / "results.json").exists():
@@ -228,7 +233,7 @@ def plan_runs(args: argparse.Namespace, passthrough: Sequence[str], options: arg
                 train_cli.validate_args(run_args)   # e.g. --batch_size 1: refused once, not by every run
                 name = train_cli.run_name(run_args)
                 path = Path(args.run_dir) / name
-                run = Run(name, path, tuple(command), run_status(path, options.force))
+                run = Run(name, path, tuple(command), run_status(path, options.force, args.slurm_unknown_expiry))
                 if run.status == "skip":
                     if fold not in fingerprints:
                         fingerprints[fold] = data_of_fold(args, fold, run_args)
@@ -268,7 +273,7 @@ def finished_run_conflict(run: Run, run_args: argparse.Namespace, data: Any) -> 
 
 
 def print_plan(runs: Sequence[Run]) -> None:
-    label = {"run": "would-run", "resume": "resume", "skip": "skip", "elsewhere": "elsewhere"}
+    label = {"run": "would-run", "resume": "resume", "skip": "skip", "elsewhere": "elsewhere", "unknown": "unknown"}
     print(f"Plan: {len(runs)} runs ({plan_counts(runs)})")
     for run in runs:
         print(f"{label[run.status]:9s}  {run.name}")
@@ -279,7 +284,8 @@ def print_plan(runs: Sequence[Run]) -> None:
 def plan_counts(runs: Sequence[Run]) -> str:
     counts = collections.Counter(r.status for r in runs)
     text = f"{counts['run']} to run, {counts['resume']} to resume, {counts['skip']} finished (skipped)"
-    return text + (f", {counts['elsewhere']} running elsewhere" if counts["elsewhere"] else "")
+    text += f", {counts['elsewhere']} running elsewhere" if counts["elsewhere"] else ""
+    return text + (f", {counts['unknown']} with a job of unknown state" if counts["unknown"] else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +365,8 @@ class Sweep:
     it (rundirs.die_with_parent_preexec), so if run_all dies, its children get SIGTERM and stop.
     """
 
-    def __init__(self, runs: Sequence[Run], slots: Sequence[dict[str, str]], force: bool = False) -> None:
+    def __init__(self, runs: Sequence[Run], slots: Sequence[dict[str, str]], force: bool = False,
+                 unknown_expiry_min: float = launchers.UNKNOWN_EXPIRY_MIN) -> None:
         self.pending = collections.deque(runs)
         self.total = len(runs)
         self.slots = list(slots)[:max(1, len(runs))]
@@ -369,6 +376,7 @@ class Sweep:
         self.signals_received = 0
         self.signals_forwarded = 0
         self.force = force
+        self.unknown_expiry_min = unknown_expiry_min
         self.preexec = rundirs.die_with_parent_preexec(signal.SIGTERM)
 
     @property
@@ -451,9 +459,9 @@ class Sweep:
         """Start one child (called under the lock, so a stop cannot miss it)."""
         # Look again: the plan may be hours old, and another sweep on this --run_dir may have
         # taken the run (or finished it) since.
-        status = run_status(run.path, self.force)
-        if status in ("elsewhere", "skip"):
-            return Outcome(run, "elsewhere" if status == "elsewhere" else "skipped")
+        status = run_status(run.path, self.force, self.unknown_expiry_min)
+        if status in ("elsewhere", "skip", "unknown"):
+            return Outcome(run, {"skip": "skipped"}.get(status, status))
         try:
             run.path.mkdir(parents=True, exist_ok=True)
             log = open(run.log_path, "a", buffering=1)
@@ -487,11 +495,13 @@ def outcome_line(outcome: Outcome, count: int, total: int) -> str:
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-STATES = ("done", "skipped", "failed", "interrupted", "not started", "elsewhere")
-STATE_LABELS = {"elsewhere": "running elsewhere"}
+STATES = ("done", "skipped", "failed", "interrupted", "not started", "elsewhere", "unknown")
+STATE_LABELS = {"elsewhere": "running elsewhere", "unknown": "job state unknown"}
+NOT_STARTED_HERE = {"skip": "skipped", "elsewhere": "elsewhere", "unknown": "unknown"}
 
 
-def format_report(outcomes: Sequence[Outcome], seconds: float) -> str:
+def format_report(outcomes: Sequence[Outcome], seconds: float,
+                  unknown_expiry_min: float = launchers.UNKNOWN_EXPIRY_MIN) -> str:
     counts = collections.Counter(o.state for o in outcomes)
     lines = ["", f"Sweep summary: {len(outcomes)} runs in {format_duration(seconds)}",
              f"  {'status':18s} {'runs':>5s}"]
@@ -511,15 +521,29 @@ def format_report(outcomes: Sequence[Outcome], seconds: float) -> str:
     if elsewhere:
         lines.append("Running elsewhere (another process holds their run.lock; not started here):")
         for o in elsewhere:
-            holder, job = rundirs.lock_holder(o.run.path), launchers.active_job(o.run.path)
+            holder, job = rundirs.lock_holder(o.run.path), launchers.active_job(o.run.path, unknown_expiry_min)
             where = holder.describe() if holder else job[1] if job else "(finished or stopped since)"
             lines.append(f"  {o.run.name}  {where}")
+    lines += unknown_lines([o.run for o in outcomes if o.state == "unknown"], unknown_expiry_min)
     return "\n".join(lines)
+
+
+def unknown_lines(runs: Sequence[Run], unknown_expiry_min: float) -> list[str]:
+    """The runs left alone because their recorded job's state cannot be read, and what to do."""
+    if not runs:
+        return []
+    lines = ["Job state unknown (not started or submitted: sacct cannot tell whether their recorded job is queued; "
+             "check with sacct -j ID, or pass --slurm_unknown_expiry 0 to submit them again now):"]
+    for run in runs:
+        job = launchers.active_job(run.path, unknown_expiry_min)
+        lines.append(f"  {run.name}  {job[1] if job else '(its record expired since)'}")
+    return lines
 
 
 def exit_code(outcomes: Sequence[Outcome], interrupted: bool) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
+    # "unknown" is not a success: such a run was neither trained nor submitted.
     return EXIT_OK if all(o.state in ("done", "skipped", "elsewhere") for o in outcomes) else EXIT_FAILED
 
 
@@ -534,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_passthrough(passthrough, parser)
     runs = plan_runs(args, passthrough, options)
     if args.status:
-        print(launchers.status_table(runs)[0])
+        print(launchers.status_table(runs, args.slurm_unknown_expiry)[0])
         return EXIT_OK
     if args.launcher != "local":
         return launch_jobs(args, runs)
@@ -543,22 +567,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     slots = slot_environments(args.gpus, args.runs_per_gpu, args.jobs)
-    to_do = [r for r in runs if r.status not in ("skip", "elsewhere")]
+    to_do = [r for r in runs if r.status not in NOT_STARTED_HERE]
     where = f"GPUs {','.join(args.gpus)} x {args.runs_per_gpu}" if args.gpus else f"{args.jobs} job(s) on CPU"
     print(f"{len(runs)} runs in {args.run_dir}: {plan_counts(runs)}; {len(slots)} at a time ({where})",
           flush=True)
     start = time.perf_counter()
-    sweep = Sweep(to_do, slots, options.force)
-    outcomes = [Outcome(r, {"skip": "skipped", "elsewhere": "elsewhere"}[r.status]) for r in runs
-                if r.status in ("skip", "elsewhere")]
+    sweep = Sweep(to_do, slots, options.force, args.slurm_unknown_expiry)
+    outcomes = [Outcome(r, NOT_STARTED_HERE[r.status]) for r in runs if r.status in NOT_STARTED_HERE]
     outcomes += sweep.execute() if to_do else []
-    say(format_report(outcomes, time.perf_counter() - start))
+    say(format_report(outcomes, time.perf_counter() - start, args.slurm_unknown_expiry))
     return exit_code(outcomes, sweep.stopping)
 
 
 def launch_jobs(args: argparse.Namespace, runs: Sequence[Run]) -> int:
     """--launcher slurm / submitit_local: one job per unfinished run (launchers.py)."""
-    to_do = [r for r in runs if r.status not in ("skip", "elsewhere")]
+    to_do = [r for r in runs if r.status not in NOT_STARTED_HERE]
     if args.dry_run:
         print(f"Plan: {len(runs)} runs ({plan_counts(runs)}); sbatch script(s) for the {len(to_do)} to submit:")
         for script in launchers.sbatch_scripts(args, to_do) if to_do else []:
@@ -566,19 +589,26 @@ def launch_jobs(args: argparse.Namespace, runs: Sequence[Run]) -> int:
         print("--dry_run: nothing was submitted or written.")
         return EXIT_OK
     start = time.perf_counter()
+    for run in to_do:
+        note = launchers.expired_job_note(run.path, args.slurm_unknown_expiry)
+        if note:
+            print(note, flush=True)
     submitted = launchers.submit(args, to_do) if to_do else []
     print(f"{len(runs)} runs in {args.run_dir}: {plan_counts(runs)}; submitted {len(submitted)} job(s) "
           f"({args.launcher}): " + ", ".join(str(job.job_id) for _, job in submitted), flush=True)
     if not args.wait:
+        unknown = [r for r in runs if r.status == "unknown"]
+        for line in unknown_lines(unknown, args.slurm_unknown_expiry):
+            print(line)
         print("Follow them with the same command and --status.")
-        return EXIT_OK
+        return EXIT_FAILED if unknown else EXIT_OK
     launchers.wait_for([job for _, job in submitted])
     ids = {run.name for run, _ in submitted}
-    outcomes = [Outcome(r, {"skip": "skipped"}.get(r.status, "elsewhere")) for r in runs if r.name not in ids]
+    outcomes = [Outcome(r, NOT_STARTED_HERE.get(r.status, "elsewhere")) for r in runs if r.name not in ids]
     for run, _ in submitted:
-        finished = launchers.finished_state(run)
+        finished = launchers.finished_state(run, args.slurm_unknown_expiry)
         outcomes.append(Outcome(run, finished.state, finished.returncode, 0.0, finished.last_line))
-    say(format_report(outcomes, time.perf_counter() - start))
+    say(format_report(outcomes, time.perf_counter() - start, args.slurm_unknown_expiry))
     return exit_code(outcomes, False)
 
 

@@ -15,13 +15,17 @@ boundary, waits for it, and is requeued; the requeued job resumes exactly where 
 
 Every submitted job is recorded in <run>/job.json (written atomically, claimed with a hard link
 before the submission), so a second run_all.py on the same sweep never submits a run whose job is
-queued or running: a queued job holds no run.lock yet.
+queued or running: a queued job holds no run.lock yet. A job whose state cannot be read (no sacct
+here, or sacct does not know it) is reported as "unknown" and holds its run only while the run
+shows signs of life (job.json, run_all.log, train.log, log.jsonl or last.pt written within
+--slurm_unknown_expiry minutes); after that the next sweep submits the run again.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import submitit
+from submitit.core.utils import FailedJobError
 from submitit.slurm import slurm as submitit_slurm
 
 from helpers import rundirs, utils
@@ -47,10 +52,18 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_REQUEUES = 50
 SIGNAL_DELAY_S = 120          # SIGUSR2 this long before the time limit: enough to finish a step and save
 CLAIM_STALE_S = 600.0         # a claim without a job id from another host is abandoned after this long
+# A job whose state cannot be read holds its run this long after the run's last sign of life: long
+# enough for a queue wait on a busy cluster, short enough that a lost job does not block for days.
+UNKNOWN_EXPIRY_MIN = 360
+UNKNOWN = "state unknown"
+# The run's files that a job writes while it starts and trains: their mtimes are its signs of life.
+SIGNS_OF_LIFE = (JOB_RECORD, "run_all.log", "train.log", "log.jsonl", "last.pt")
 # SLURM job states (sacct) in which a job may still start or run.
 SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                 "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD",
-                "PREEMPTED", "UNKNOWN"}
+                "PREEMPTED"}
+# Control characters would end a line of the sbatch script and start a new, runnable one.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 EXIT_MARKER = re.compile(r"^===== exit code (-?\d+)", re.M)
 
 
@@ -87,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="submit the runs as one job array with at most this many running at once")
     g.add_argument("--slurm_folder", default=None,
                    help="folder for submitit's job files and logs (default: <run_dir>/submitit)")
+    g.add_argument("--slurm_unknown_expiry", type=float, default=UNKNOWN_EXPIRY_MIN, metavar="MINUTES",
+                   help="a recorded job whose state sacct cannot tell holds its run (reported as unknown) until "
+                        "the run has shown no progress for this long; then the run is submitted again")
 
 
 def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -96,12 +112,32 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if cluster and (args.gpus or args.jobs is not None):
         parser.error(f"--gpus and --jobs are for --launcher local; with --launcher {args.launcher} each run is "
                      f"one job (--slurm_gpus, --slurm_cpus)")
-    if args.slurm_time < 1 or args.slurm_gpus < 0 or (args.slurm_array_parallelism or 1) < 1:
+    parallelism = args.slurm_array_parallelism
+    if args.slurm_time < 1 or args.slurm_gpus < 0 or (parallelism is not None and parallelism < 1):
         parser.error("--slurm_time and --slurm_array_parallelism must be at least 1, --slurm_gpus at least 0")
+    if args.slurm_unknown_expiry < 0:
+        parser.error(f"--slurm_unknown_expiry {args.slurm_unknown_expiry:g}: minutes, 0 or more")
+    if cluster:
+        check_script_text(args, parser)
+
+
+def check_script_text(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse control characters in what goes into the sbatch script: a newline in a value would
+    end its #SBATCH line (or comment) and make the rest a command of the job."""
+    texts = {f"--{name}": getattr(args, name) for name in (
+        "slurm_partition", "slurm_mem", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_folder", "run_dir")}
+    texts.update({f"--slurm_extra {key}": f"{key}={value}" for key, value in args.slurm_extra})
+    bad = [flag for flag, text in texts.items() if text is not None and CONTROL_CHARACTERS.search(str(text))]
+    if bad:
+        parser.error(f"{', '.join(bad)} holds a control character (a newline?), which would break the sbatch "
+                     "script: give a plain value")
 
 
 def job_folder(args: argparse.Namespace) -> Path:
-    return Path(args.slurm_folder or Path(args.run_dir) / "submitit").resolve() / "%j"
+    """submitit's folder for job files: one folder per SLURM job (%j); the local executor's
+    controller would create a literal '%j' folder, and names its files by job id anyway."""
+    folder = Path(args.slurm_folder or Path(args.run_dir) / "submitit").resolve()
+    return folder / "%j" if args.launcher == "slurm" else folder
 
 
 def slurm_parameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,8 +155,15 @@ def setup_lines(runs: Sequence[Any], launcher: str = "slurm") -> list[str]:
     """Shell lines before the job starts: which train.py command(s) it runs (comments in the
     sbatch script, for whoever reads it) and the repository on PYTHONPATH, where the job unpickles
     TrainJob from. The local executor joins the lines with &&, where a comment would end the line."""
-    lines = [f"# run {run.name}: {shlex.join(run.command)}" for run in runs] if launcher == "slurm" else []
+    lines = [f"# run {comment_text(run.name)}: {comment_text(shlex.join(run.command))}" for run in runs] \
+        if launcher == "slurm" else []
     return lines + [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+
+
+def comment_text(text: str) -> str:
+    """text for a comment line of the script: control characters (a newline would start a new
+    line, outside the comment) written as escapes."""
+    return CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,9 +275,21 @@ def slurm_state(record: dict) -> str:
         return "UNKNOWN"
 
 
-def job_state(record: dict) -> str | None:
+def last_sign_of_life(run_path: Path) -> float:
+    """The newest mtime of the run's files that its job writes (0 when there is none)."""
+    times = []
+    for name in SIGNS_OF_LIFE:
+        with contextlib.suppress(OSError):
+            times.append((run_path / name).stat().st_mtime)
+    return max(times, default=0.0)
+
+
+def job_state(record: dict, run_path: Path, unknown_expiry_min: float = UNKNOWN_EXPIRY_MIN) -> str | None:
     """What a recorded job is doing: None when it has ended (or never got submitted), else a
-    short description ("queued", "running", "being submitted", "state unknown")."""
+    short description ("queued", "running", "being submitted", "state unknown (why)").
+
+    A job whose state cannot be read counts as alive only until the run has shown no sign of
+    life for unknown_expiry_min: a lost job must not hold its run for ever."""
     if record.get("job_id") is None:   # claimed by a sweep that is submitting it
         alive = rundirs.process_here_alive(record.get("host", ""), record.get("boot_id"), int(record.get("pid", 0)),
                                            record.get("proc_start"))
@@ -243,24 +298,56 @@ def job_state(record: dict) -> str | None:
         return None
     if record.get("launcher") == "submitit_local":   # the job id is the pid of its controller
         alive = rundirs.process_here_alive(record["host"], record.get("boot_id"), int(record["job_id"]))
-        return {True: "running", False: None, None: "state unknown (a local job on another host)"}[alive]
-    state = slurm_state(record)
-    if state.split()[0] not in SLURM_ACTIVE:
+        if alive is not None:
+            return "running" if alive else None
+        why = "a local job on another host"
+    else:
+        state = slurm_state(record)
+        if state.split()[0] != "UNKNOWN":
+            if state.split()[0] not in SLURM_ACTIVE:
+                return None
+            return {"PENDING": "queued", "RUNNING": "running"}.get(state, state.lower())
+        why = sacct_silence()
+    quiet_min = (time.time() - last_sign_of_life(run_path)) / 60
+    if quiet_min >= unknown_expiry_min:
         return None
-    return {"PENDING": "queued", "RUNNING": "running"}.get(state, state.lower())
+    return f"{UNKNOWN} ({why}; it holds the run until {unknown_expiry_min:g} min pass without progress, "\
+           f"{quiet_min:.0f} min so far)"
 
 
-def active_job(run_path: Path) -> tuple[str, str] | None:
-    """(state, description) of the run's queued or running job, or None if it has none."""
+def is_unknown(state: str) -> bool:
+    return state.startswith(UNKNOWN)
+
+
+def sacct_silence() -> str:
+    """Why a SLURM job's state is unknown."""
+    return "sacct is not on PATH" if shutil.which("sacct") is None else "sacct does not report it"
+
+
+def expired_job_note(run_path: Path, unknown_expiry_min: float = UNKNOWN_EXPIRY_MIN) -> str | None:
+    """What to tell before a run is submitted again because its recorded SLURM job's state
+    cannot be read and the run has shown no progress for unknown_expiry_min (None otherwise)."""
     record = read_record(run_path)
-    state = None if record is None else job_state(record)
+    if not record or record.get("job_id") is None or record.get("launcher") != "slurm":
+        return None
+    if slurm_state(record).split()[0] != "UNKNOWN":
+        return None
+    quiet_min = (time.time() - last_sign_of_life(run_path)) / 60
+    return (f"{run_path.name}: job {record['job_id']}'s state is unknown ({sacct_silence()}) and the run has shown "
+            f"no progress for {quiet_min:.0f} min (--slurm_unknown_expiry {unknown_expiry_min:g}): submitting it again")
+
+
+def active_job(run_path: Path, unknown_expiry_min: float = UNKNOWN_EXPIRY_MIN) -> tuple[str, str] | None:
+    """(state, description) of the run's queued, running or unknown job, or None if it has none."""
+    record = read_record(run_path)
+    state = None if record is None else job_state(record, run_path, unknown_expiry_min)
     if state is None:
         return None
     job = f"job {record['job_id']}" if record.get("job_id") else f"a job of pid {record.get('pid')}"
     return state, f"{job} ({record.get('launcher', 'submitit')}, {state}; record {run_path / JOB_RECORD})"
 
 
-def claim(run_path: Path) -> str | None:
+def claim(run_path: Path, unknown_expiry_min: float = UNKNOWN_EXPIRY_MIN) -> str | None:
     """Claim the run for a submission (a token), or None if a queued or running job has it.
 
     The claim is a job.json created with a hard link, atomic on network filesystems too; an old
@@ -282,7 +369,7 @@ def claim(run_path: Path) -> str | None:
         record = read_record(run_path)
         if record is None:
             continue
-        if job_state(record) is not None:
+        if job_state(record, run_path, unknown_expiry_min) is not None:
             return None
         aside = path.with_name(f".{JOB_RECORD}.{token}.old")
         try:
@@ -314,16 +401,17 @@ def last_exit_code(run_path: Path) -> int | None:
     return int(codes[-1]) if codes else None
 
 
-def run_state(run_path: Path) -> tuple[str, str]:
-    """(state, detail) of a run: done, running, queued, failed, interrupted or not started."""
+def run_state(run_path: Path, unknown_expiry_min: float = UNKNOWN_EXPIRY_MIN) -> tuple[str, str]:
+    """(state, detail) of a run: done, running, queued, unknown (its job's state cannot be read),
+    failed, interrupted or not started."""
     if (run_path / "results.json").exists():
         return "done", ""
     holder = rundirs.lock_holder(run_path)
     if holder is not None:
         return "running", holder.describe()
-    job = active_job(run_path)
+    job = active_job(run_path, unknown_expiry_min)
     if job is not None:
-        return ("running" if job[0] == "running" else "queued"), job[1]
+        return ("running" if job[0] == "running" else "unknown" if is_unknown(job[0]) else "queued"), job[1]
     code = last_exit_code(run_path)
     if code not in (None, 0, rundirs.EXIT_LOCKED, 130, -signal.SIGTERM, -signal.SIGINT):
         return "failed", f"exit {code}; log {run_path / 'run_all.log'}"
@@ -332,8 +420,8 @@ def run_state(run_path: Path) -> tuple[str, str]:
     return ("not started", "") if code is None else ("failed", f"exit {code} before the first last.pt")
 
 
-def status_table(runs: Sequence[Any]) -> tuple[str, dict[str, int]]:
-    states = [(run, *run_state(run.path)) for run in runs]
+def status_table(runs: Sequence[Any], unknown_expiry_min: float = UNKNOWN_EXPIRY_MIN) -> tuple[str, dict[str, int]]:
+    states = [(run, *run_state(run.path, unknown_expiry_min)) for run in runs]
     counts: dict[str, int] = {}
     lines = []
     for run, state, detail in states:
@@ -373,32 +461,59 @@ def sbatch_scripts(args: argparse.Namespace, runs: Sequence[Any]) -> list[str]:
 def submit(args: argparse.Namespace, runs: Sequence[Any]) -> list[tuple[Any, submitit.Job]]:
     """Submit one job per run (a job array with --slurm_array_parallelism); runs whose job is
     queued or running (another sweep's) are left out. Records each job id in the run dir."""
-    if args.launcher == "slurm" and not shutil.which("sbatch"):
-        raise utils.UserError("--launcher slurm needs sbatch, which is not on PATH: run on a SLURM login node, "
-                              "or use --launcher submitit_local (or --dry_run to see the scripts).")
+    missing = [tool for tool in ("sbatch", "srun") if not shutil.which(tool)] if args.launcher == "slurm" else []
+    if missing:
+        raise utils.UserError(f"--launcher slurm needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                              "not on PATH: run on a SLURM login node, or use --launcher submitit_local (or --dry_run "
+                              "to see the scripts).")
     executor = make_executor(args)
-    claimed = [(run, token) for run in runs if (token := claim(run.path)) is not None]
+    claimed = [(run, token) for run in runs if (token := claim(run.path, args.slurm_unknown_expiry)) is not None]
     if not claimed:
         return []
     cwd = os.getcwd()
     jobs: list[submitit.Job] = []
+    # submitit prints sbatch's complaint on stderr itself before raising it: that goes into our one
+    # error line instead; anything else it says is passed on.
+    said = io.StringIO()
     try:
-        if args.slurm_array_parallelism:
-            executor.update_parameters(setup=setup_lines([run for run, _ in claimed], args.launcher))
-            with executor.batch():
-                jobs = [executor.submit(TrainJob(run.command, str(run.path), cwd)) for run, _ in claimed]
-        else:
-            for run, _ in claimed:
-                names = {"job_name": run.name} if args.launcher == "slurm" else {}
-                executor.update_parameters(setup=setup_lines([run], args.launcher), **names)
-                jobs.append(executor.submit(TrainJob(run.command, str(run.path), cwd)))
-    except Exception:
+        with contextlib.redirect_stderr(said):
+            if args.slurm_array_parallelism:
+                executor.update_parameters(setup=setup_lines([run for run, _ in claimed], args.launcher))
+                with executor.batch():
+                    jobs = [executor.submit(TrainJob(run.command, str(run.path), cwd)) for run, _ in claimed]
+            else:
+                for run, _ in claimed:
+                    names = {"job_name": run.name} if args.launcher == "slurm" else {}
+                    executor.update_parameters(setup=setup_lines([run], args.launcher), **names)
+                    jobs.append(executor.submit(TrainJob(run.command, str(run.path), cwd)))
+    except BaseException as error:
         for run, _ in claimed[len(jobs):]:
             (run.path / JOB_RECORD).unlink(missing_ok=True)   # our claims: nothing was submitted for them
+        record_jobs(args, claimed, jobs)                       # those that were submitted keep their record
+        if isinstance(error, FailedJobError):
+            what = f"the job array of {len(claimed)} runs" if args.slurm_array_parallelism else \
+                f"the job of {claimed[len(jobs)][0].name}"
+            raise utils.UserError(rejection_message(args, error, what, len(jobs))) from None
+        sys.stderr.write(said.getvalue())
         raise
+    sys.stderr.write(said.getvalue())
+    record_jobs(args, claimed, jobs)
+    return [(run, job) for (run, _), job in zip(claimed, jobs)]
+
+
+def record_jobs(args: argparse.Namespace, claimed: Sequence[tuple[Any, str]], jobs: Sequence[submitit.Job]) -> None:
     for (run, token), job in zip(claimed, jobs):
         write_record(run.path, token, args.launcher, job, job_folder(args))
-    return [(run, job) for (run, _), job in zip(claimed, jobs)]
+
+
+def rejection_message(args: argparse.Namespace, error: Exception, what: str, submitted: int) -> str:
+    """One line for a submission that sbatch (or the local executor) refused, quoting its reason."""
+    reason = last_output_line(str(error)) or "no message"
+    tool = "sbatch" if args.launcher == "slurm" else "submitit"
+    done = f"; the {submitted} job(s) submitted before it are recorded" if submitted else "; nothing was submitted"
+    return (f"{tool} refused {what}: \"{reason}\"{done}. Check --slurm_partition, --slurm_account, "
+            f"--slurm_qos, --slurm_time and the other --slurm_* options against the cluster (sinfo, sacctmgr), "
+            f"or see the script with --dry_run.")
 
 
 def wait_for(jobs: Sequence[submitit.Job], interval_s: float = 1.0) -> None:
@@ -414,11 +529,11 @@ class Finished:
     last_line: str
 
 
-def finished_state(run: Any) -> Finished:
-    state, detail = run_state(run.path)
+def finished_state(run: Any, unknown_expiry_min: float = UNKNOWN_EXPIRY_MIN) -> Finished:
+    state, detail = run_state(run.path, unknown_expiry_min)
     code = last_exit_code(run.path)
     mapping = {"done": "done", "failed": "failed", "interrupted": "interrupted", "running": "elsewhere",
-               "queued": "elsewhere", "not started": "not started"}
+               "queued": "elsewhere", "unknown": "unknown", "not started": "not started"}
     return Finished(mapping[state], code, detail)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,6 +29,8 @@ DESCRIPTION = "Train one model on one fold of one dataset, resumably; writes a r
 # trajectory (where data lives, how fast it is loaded, how much is printed). A moved dataset is
 # fine; other data is caught by the fingerprint of the splits.
 RESUME_SAFE_KEYS = {"data_dir", "workers", "run_dir", "force", "cache", "no_progress", "prefetch", "tensorboard"}
+# A --tag becomes part of the run's folder name and of cluster job names and scripts: plain characters only.
+TAG_PATTERN = re.compile(r"[A-Za-z0-9._+-]*")
 
 # --------------------------------------------------------------------------------------------
 # Command line
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stochastic depth: the last block's drop rate, rising linearly from 0 (timm's DropPath)")
     g.add_argument("--blurpool", action="store_true",
                    help="anti-aliased downsampling (timm's BlurPool2d); same weight names and shapes")
-    g.add_argument("--tag", default="", help="suffix for the run name, to tell variants of one model apart")
+    g.add_argument("--tag", default="", help="suffix for the run name, to tell variants of one model apart "
+                                             "(letters, digits and . _ + - only)")
     g.add_argument("--fold", type=int, default=1, help="split: DTD and FMD 1-10, KTH-TIPS2 1-4; CUB, Flowers and synthtex any k >= 1 (README)")
     g.add_argument("--seed", type=int, default=42, help="seed of weights init, data order and augmentation (never of the split)")
     g.add_argument("--train_per_class", type=int, default=None,
@@ -118,6 +122,9 @@ def run_name(args: argparse.Namespace) -> str:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Values that cannot make a run, refused before anything is loaded or written."""
+    if not TAG_PATTERN.fullmatch(args.tag):
+        raise UserError(f"--tag {args.tag!r}: a tag is part of the run's folder name (and of a SLURM job's name "
+                        "and script), so it may hold letters, digits and . _ + - only.")
     if args.epochs < 1:
         raise UserError(f"--epochs {args.epochs}: a run needs at least 1 epoch.")
     if args.batch_size < 2:

@@ -431,7 +431,12 @@ class TensorBoard:
         self.writer = None
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter   # imports tensorboard: only when asked
-            self.writer = SummaryWriter(str(log_dir))
+            try:
+                self.writer = SummaryWriter(str(log_dir))
+            except OSError as error:   # a file in the folder's place, no permission, a full disk
+                raise UserError(f"--tensorboard cannot write its event files to {log_dir}: "
+                                f"{error.strerror or error}. Remove or rename what is at that path, or make its "
+                                "folder writable, or run without --tensorboard.") from None
 
     def log_record(self, record: Mapping, step: int, prefix: str = "") -> None:
         """Every finite number of a log record as a scalar; nested dicts (gates per block) as

@@ -6,13 +6,16 @@ archive members, and the layout each release is unpacked into. Nothing here reac
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import resource
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,10 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class ReleaseServer:
     """Serves {name: bytes} on 127.0.0.1 with HTTP Range support; records (name, Range header) of
-    each GET; `cut_after[name] = n` makes the next GET of name send n body bytes and hang up."""
+    each GET; `cut_after[name] = n` makes the next GET of name send n body bytes and hang up;
+    `trickle[name] = s` sends name one byte every s seconds (at most 200 bytes, then hangs up);
+    names in `no_length` are sent without a Content-Length (the end is the connection's close)."""
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files, self.requests, self.cut_after = dict(files), [], {}
+        self.trickle: dict[str, float] = {}
+        self.no_length: set[str] = set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,11 +57,25 @@ class ReleaseServer:
                 self.send_response(206 if start else 200)
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(data) - start))
+                if name not in server.no_length:
+                    self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
-                cut = server.cut_after.pop(name, None)
-                self.wfile.write(data[start:start + cut] if cut is not None else data[start:])
                 self.close_connection = True
+                if name in server.trickle:
+                    self.send_slowly(data[start:start + 200], server.trickle[name])
+                    return
+                cut = server.cut_after.pop(name, None)
+                with contextlib.suppress(ConnectionError):   # a client that stopped reading
+                    self.wfile.write(data[start:start + cut] if cut is not None else data[start:])
+
+            def send_slowly(self, data: bytes, pause_s: float) -> None:
+                for i in range(len(data)):
+                    try:
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                    except ConnectionError:
+                        return
+                    time.sleep(pause_s)
 
             def log_message(self, *args) -> None:
                 pass
@@ -271,3 +292,124 @@ def test_official_table() -> None:
             assert remote.url.startswith("https://")
             assert remote.md5 is not None and len(remote.md5) == 32 and int(remote.md5, 16) >= 0
             assert remote.sha256 is None or len(remote.sha256) == 64
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded downloads, links, full disks and clashing members
+# --------------------------------------------------------------------------------------------
+def zip_of(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def serve_fmd(server: ReleaseServer, monkeypatch: pytest.MonkeyPatch, data: bytes, **override) -> None:
+    server.files["FMD.zip"] = data
+    pin_release(monkeypatch, "fmd", {"FMD.zip": data}, **override)
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_linked_data_dir_gets_the_dataset_in_its_target_and_a_rerun_fetches_nothing(
+        server: ReleaseServer, releases: dict, tmp_path: Path, monkeypatch, capsys, dangling: bool) -> None:
+    pin_release(monkeypatch, "fmd", releases["fmd"])
+    target, link = tmp_path / "disk" / "fmd", tmp_path / "data" / "fmd"
+    (target if not dangling else target.parent).mkdir(parents=True)
+    link.parent.mkdir()
+    link.symlink_to(target)
+    command = ["--download", "fmd", "--data_dir", str(link), "--base_url", server.url]
+    assert utils.run_main(datasets.main, command) == 0, capsys.readouterr().err
+    assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["image", "mask"]
+    assert f"is a link to {target}" in capsys.readouterr().out
+    assert not leftovers(tmp_path / "data") and not leftovers(tmp_path / "disk")
+    assert utils.run_main(datasets.main, command) == 0
+    assert "already in" in capsys.readouterr().out and len(server.requests) == 1   # nothing fetched again
+
+
+def test_a_full_disk_while_unpacking_is_one_line_naming_the_folder_and_the_space(
+        server: ReleaseServer, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Under a file-size limit (RLIMIT_FSIZE, as `ulimit -f`): the archive (~1 MB) fits, its 2 MB
+    member does not. Python ignores SIGXFSZ, so the write fails with EFBIG."""
+    member = os.urandom(1 << 20).hex().encode()          # 2 MB of hex digits: deflates to about half
+    serve_fmd(server, monkeypatch, zip_of({"image/big.bin": member}))
+    target = tmp_path / "data" / "fmd"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 19, hard))   # 1.5 MB
+    try:
+        code = utils.run_main(datasets.main, ["--download", "fmd", "--data_dir", str(target), "--base_url", server.url])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and sum(line.startswith("error:") for line in err.splitlines()) == 1
+    assert last.startswith(f"error: cannot unpack the release into {tmp_path / 'data'}: the file-size limit"), last
+    assert "needs about 2 MB there" in last
+    assert not target.exists() and not leftovers(tmp_path / "data")
+    assert (tmp_path / "data" / "fmd.download" / "FMD.zip").exists()   # kept: a re-run unpacks without a download
+
+
+def test_too_little_free_space_is_refused_before_unpacking(tmp_path: Path, monkeypatch) -> None:
+    archive = tmp_path / "FMD.zip"
+    archive.write_bytes(zip_of({"image/a.bin": os.urandom(4096)}))
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(download.DownloadError, match=r"needs about 0 MB there and 0 MB are free"):
+        download.unpack_into_place([archive], "", tmp_path / "fmd", lambda root: None, print)
+    assert not leftovers(tmp_path) and not (tmp_path / "fmd").exists()
+
+
+def test_a_trickling_server_meets_the_deadline(server: ReleaseServer, releases: dict, tmp_path: Path,
+                                               monkeypatch) -> None:
+    """One byte every 0.2 s never trips a socket timeout; the overall deadline (1 s here) stops it."""
+    pin_release(monkeypatch, "fmd", releases["fmd"])
+    server.trickle["FMD.zip"] = 0.2
+    start = time.monotonic()
+    with pytest.raises(download.DownloadError, match=r"did not finish within 0.0166667 min .*Run the same command"):
+        download_checked("fmd", tmp_path / "fmd", base_url=server.url, deadline_s=1.0)
+    assert time.monotonic() - start < 5
+    part = tmp_path / "fmd.download" / "FMD.zip.part"
+    assert 0 < part.stat().st_size < 20   # kept for a resume
+    assert not (tmp_path / "fmd").exists()
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_download_larger_than_its_file_can_be_is_stopped(server: ReleaseServer, tmp_path: Path, monkeypatch,
+                                                           announced: bool) -> None:
+    """FMD has no published size, so its bound caps it (here 64 kB for a 300 kB answer); with a
+    Content-Length the answer is refused before its body, without one it is cut at the bound."""
+    serve_fmd(server, monkeypatch, os.urandom(300_000), size=None, size_bound=64_000)
+    if not announced:
+        server.no_length.add("FMD.zip")
+    with pytest.raises(download.DownloadError, match=r"is more than 64000 bytes .*not the dataset"):
+        download_checked("fmd", tmp_path / "fmd", base_url=server.url)
+    assert not any((tmp_path / "fmd.download").iterdir())   # the part file is deleted
+    assert download.RemoteFile("u", 100 * download.MB, None, None).max_bytes == 106 * download.MB
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(server: ReleaseServer, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    bomb = zip_of({"image/zeros.bin": bytes(50 * download.MB)})   # about 50 kB
+    serve_fmd(server, monkeypatch, bomb)
+    with pytest.raises(download.DownloadError, match=r"would unpack to 50.0 MB, more than 10 times"):
+        download_checked("fmd", tmp_path / "data" / "fmd", base_url=server.url)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["fmd.download"]
+
+
+@pytest.mark.parametrize("entries", [{"escape": b"file", "escape/x": b"inside"},
+                                     {"escape/x": b"inside", "escape": b"file"},
+                                     {"escape/": b"", "escape": b"file"}])
+def test_a_member_that_is_both_file_and_folder_is_unsafe(server: ReleaseServer, tmp_path: Path, monkeypatch,
+                                                          capsys, entries: dict) -> None:
+    serve_fmd(server, monkeypatch, zip_of(entries))
+    target = tmp_path / "data" / "fmd"
+    code = utils.run_main(datasets.main, ["--download", "fmd", "--data_dir", str(target), "--base_url", server.url])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: FMD.zip: unsafe member 'escape' (both a file and a folder")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["fmd.download"]   # nothing unpacked
+
+
+def test_download_timeout_must_be_positive(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        datasets.main(["--download", "fmd", "--data_dir", "x", "--download_timeout", "0"])
+    assert exit_info.value.code == 2 and "--download_timeout 0: minutes, more than 0" in capsys.readouterr().err

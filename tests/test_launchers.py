@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fixtures import one_error_line  # noqa: E402
 from helpers import launchers, rundirs  # noqa: E402
 from test_run_all import ENV, run_path, sweep_args  # noqa: E402
 
@@ -93,17 +95,116 @@ def test_status_and_a_second_sweep_submit_nothing(cluster_sweep) -> None:
     assert again.returncode == 0 and "submitted 0 job(s)" in again.stdout, again.stdout
 
 
-def test_a_queued_job_is_not_submitted_again(tmp_path: Path) -> None:
-    """A job.json of a SLURM job that sacct cannot answer for (no SLURM here) counts as queued."""
+def test_a_fresh_job_of_unknown_state_is_not_submitted_again(tmp_path: Path) -> None:
+    """A job.json of a SLURM job that sacct cannot answer for (no SLURM here) holds its run, as
+    "unknown", while the run shows signs of life; not after."""
     run = run_path(tmp_path, "resnet18")
     run.mkdir(parents=True)
     (run / "job.json").write_text(json.dumps({"job_id": "4242", "launcher": "slurm", "token": "t",
                                               "folder": str(tmp_path / "submitit" / "%j")}))
     status = run_all(*sweep_args(tmp_path, "resnet18", "1"), "--status")
-    assert re.search(r"queued\s+synthtex_fold1_resnet18_seed42\s+job 4242", status.stdout), status.stdout
+    assert re.search(r"unknown\s+synthtex_fold1_resnet18_seed42\s+job 4242 \(slurm, state unknown \(sacct is not "
+                     r"on PATH; it holds the run until 360 min pass without progress, 0 min so far\)", status.stdout), \
+        status.stdout
     plan = run_all(*sweep_args(tmp_path, "resnet18", "1"), "--dry_run")
-    assert plan.stdout.splitlines()[1].split() == ["elsewhere", "synthtex_fold1_resnet18_seed42"], plan.stdout
+    assert plan.stdout.splitlines()[1].split() == ["unknown", "synthtex_fold1_resnet18_seed42"], plan.stdout
     assert launchers.claim(run) is None
+    assert launchers.claim(run, unknown_expiry_min=0) is not None   # expired: the run is free again
+
+
+def fake_slurm(tmp_path: Path, sbatch: str, sacct: str = 'echo "JobID|State|NodeList"') -> dict[str, str]:
+    """An environment whose PATH has shell scripts for sbatch and sacct (and no real SLURM)."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", sbatch), ("sacct", sacct), ("srun", "exit 0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {**ENV, "PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
+
+
+def run_all_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run_all.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.mark.parametrize("sacct", ['echo "JobID|State|NodeList"', 'printf "JobID|State|NodeList\\n4242|UNKNOWN|\\n"', ""])
+def test_a_job_whose_state_cannot_be_read_is_reported_expires_and_is_submitted_again(tmp_path: Path,
+                                                                                    sacct: str) -> None:
+    """sacct knows nothing of the job, says UNKNOWN, or prints nothing: the sweep says so and does
+    not claim success; once the run has shown no progress for --slurm_unknown_expiry, it is submitted."""
+    submissions = tmp_path / "sbatch.calls"
+    env = fake_slurm(tmp_path, f'echo "$@" >> {submissions}; echo "Submitted batch job 5000"', sacct)
+    run_dir = tmp_path / "runs"
+    run = run_path(run_dir, "resnet18")
+    run.mkdir(parents=True)
+    (run / "job.json").write_text(json.dumps({"job_id": "4242", "launcher": "slurm", "token": "t",
+                                              "folder": str(run_dir / "submitit" / "%j")}))
+    args = [*sweep_args(run_dir, "resnet18", "1"), "--launcher", "slurm", "--slurm_gpus", "0"]
+    status = run_all_with(env, *args, "--status")
+    assert re.search(r"unknown\s+synthtex_fold1_resnet18_seed42\s+job 4242 \(slurm, state unknown \(sacct does not "
+                     r"report it", status.stdout), status.stdout
+    if sacct != "":
+        return   # the sweep itself once: what follows is the same for every way of not answering
+    sweep = run_all_with(env, *args)
+    assert sweep.returncode == 1, sweep.stdout + sweep.stderr
+    assert "1 with a job of unknown state; submitted 0 job(s)" in sweep.stdout
+    assert "Job state unknown" in sweep.stdout and "synthtex_fold1_resnet18_seed42  job 4242" in sweep.stdout
+    assert not submissions.exists()
+    hour_ago = time.time() - 3600   # an hour without a sign of life from the run
+    os.utime(run / "job.json", (hour_ago, hour_ago))
+    again = run_all_with(env, *args, "--slurm_unknown_expiry", "30")
+    assert again.returncode == 0 and "submitted 1 job(s) (slurm): 5000" in again.stdout, again.stdout + again.stderr
+    assert ("synthtex_fold1_resnet18_seed42: job 4242's state is unknown (sacct does not report it) and the run has "
+            "shown no progress for 60 min (--slurm_unknown_expiry 30): submitting it again") in again.stdout
+    assert json.loads((run / "job.json").read_text())["job_id"] == "5000"
+    assert len(submissions.read_text().splitlines()) == 1
+    folders = [p.name for p in (run_dir / "submitit").iterdir() if p.is_dir() and not p.is_symlink()]
+    assert folders == ["5000"]   # the job's folder, no literal '%j'
+
+
+def test_an_sbatch_rejection_is_one_error_line_quoting_sbatch(tmp_path: Path) -> None:
+    env = fake_slurm(tmp_path, 'echo "sbatch: error: invalid partition specified: nope" >&2; exit 1')
+    proc = run_all_with(env, *sweep_args(tmp_path / "runs", "resnet18", "1"), "--launcher", "slurm",
+                        "--slurm_partition", "nope")
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert line.startswith('error: sbatch refused the job of synthtex_fold1_resnet18_seed42: "sbatch: error: invalid '
+                           'partition specified: nope"; nothing was submitted. Check --slurm_partition'), line
+    assert not (run_path(tmp_path / "runs", "resnet18") / "job.json").exists()   # the claim is given back
+
+
+def test_local_jobs_leave_no_literal_job_id_folder(tmp_path: Path) -> None:
+    """submitit's local controller would create '<folder>/%j' (empty) beside the jobs' own folders."""
+    import run_all as run_all_module
+    args, _, _ = run_all_module.parse_args([*sweep_args(tmp_path, "resnet18", "1"), *LOCAL])
+    runs = [types.SimpleNamespace(name="r", path=tmp_path / "r", command=(sys.executable, "-c", "print('ok')"))]
+    submitted = launchers.submit(args, runs)
+    launchers.wait_for([job for _, job in submitted], interval_s=0.1)
+    assert "exit code 0" in (tmp_path / "r" / "run_all.log").read_text()
+    assert not (tmp_path / "submitit" / "%j").exists(), sorted(os.listdir(tmp_path / "submitit"))
+
+
+def test_zero_array_parallelism_is_refused(tmp_path: Path) -> None:
+    proc = run_all(*sweep_args(tmp_path), *LOCAL, "--slurm_array_parallelism", "0", "--dry_run")
+    assert proc.returncode == 2 and "--slurm_array_parallelism must be at least 1" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--tag", "x\ntouch owned", "--tag 'x\\ntouch owned': a tag is part of the run's folder name"),
+    ("--slurm_partition", "gpu\ntouch owned", "--slurm_partition holds a control character"),
+    ("--slurm_extra", "comment=a\ntouch owned", "--slurm_extra comment holds a control character"),
+])
+def test_a_newline_cannot_reach_the_sbatch_script(tmp_path: Path, option: str, value: str, message: str) -> None:
+    proc = run_all(*sweep_args(tmp_path, "resnet18", "1"), "--launcher", "slurm", option, value, "--dry_run")
+    assert proc.returncode == 2 and message in proc.stderr and "#!/bin/bash" not in proc.stdout, proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_comment_lines_of_the_script_escape_control_characters() -> None:
+    run = types.SimpleNamespace(name="n", command=("python", "train.py", "--model_kwargs", '{"r": 4}\ntouch owned'))
+    lines = launchers.setup_lines([run])
+    assert all(line.startswith(("# run n: ", "export PYTHONPATH=")) for line in lines), lines
+    assert "\\ntouch owned" in lines[0] and len("\n".join(lines).splitlines()) == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -421,3 +421,45 @@ def test_bf16_on_a_cpu_without_native_bf16_and_compile_on_cpu_are_flagged() -> N
     assert utils.speed_notes(torch.device("cuda"), torch.bfloat16, True, flags={"avx2"}) == []
     compiled = utils.speed_notes(cpu, None, True, flags={"avx2"})
     assert len(compiled) == 1 and "--compile on the CPU" in compiled[0] and "short runs" in compiled[0]
+
+
+# --------------------------------------------------------------------------------------------
+# --tensorboard into a folder that cannot be one; --tag values that cannot name a run
+# --------------------------------------------------------------------------------------------
+def test_an_unusable_tensorboard_folder_is_a_user_error(tmp_path: Path) -> None:
+    """train.py, pretrain_imagenet.py and pretrain_spark.py all write through utils.TensorBoard."""
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    with pytest.raises(utils.UserError, match=rf"--tensorboard cannot write its event files to {taken}: File exists\. "
+                                              r"Remove or rename what is at that path"):
+        utils.TensorBoard(taken)
+    with pytest.raises(utils.UserError, match=r"Not a directory"):
+        utils.TensorBoard(taken / "tensorboard")
+    assert taken.read_text() == "mine"
+
+
+def test_train_py_with_a_file_where_tensorboard_goes_says_so_in_one_line(tmp_path: Path) -> None:
+    from fixtures import one_error_line
+    run = tmp_path / "synthtex_fold1_resnet18_seed42"
+    run.mkdir()
+    (run / "tensorboard").write_text("mine")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--dataset", "synthtex", "--model", "resnet18",
+                           "--epochs", "1", "--img_size", "32", "--batch_size", "16", "--workers", "0",
+                           "--run_dir", str(tmp_path), "--tensorboard", "--no_progress"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert one_error_line(proc.stderr).startswith(f"error: --tensorboard cannot write its event files to "
+                                                  f"{run / 'tensorboard'}: File exists")
+    assert (run / "tensorboard").read_text() == "mine"
+
+
+@pytest.mark.parametrize("tag, ok", [("pruned40", True), ("gate-0.5", True), ("a_b+c", True), ("", True),
+                                     ("x\ntouch owned", False), ("a b", False), ("a/b", False), ("$(id)", False)])
+def test_tags_are_plain_names(tag: str, ok: bool) -> None:
+    from helpers import train_cli
+    args = train_cli.parse_args(["--dataset", "synthtex", "--tag", tag])
+    if ok:
+        train_cli.validate_args(args)
+    else:
+        with pytest.raises(utils.UserError, match=r"letters, digits and \. _ \+ - only"):
+            train_cli.validate_args(args)
