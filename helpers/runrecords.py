@@ -24,8 +24,11 @@ from helpers.utils import UserError
 # train.py settings that are not part of a run's recipe: which cell and which run it is, where
 # data and runs live, how fast data is loaded, what is printed.
 NOT_RECIPE = frozenset({"model", "tag", "dataset", "fold", "seed", "data_dir", "run_dir", "workers", "prefetch",
-                        "cache", "no_progress", "force", "device", "benchmark_loader",
+                        "cache", "cache_max_short", "no_progress", "force", "device", "benchmark_loader",
                         "refine"})   # --refine: each fold's run refines its own pruned file
+# Settings added to train.py after runs were made: what those runs did, so that a cell mixing an older
+# run with a new one that differs (e.g. --split_protocol paper_code) is refused, not waved through.
+LEGACY_DEFAULTS = {"split_protocol": "default", "exif": "on"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,6 +50,7 @@ class RunResult:
     recipe: tuple[tuple[str, str], ...] = ()   # (setting, JSON value) of the config, NOT_RECIPE left out
     recipe_name: str = ""                # "recipe 2" when --split_recipes separates a model's recipes
     source: str = ""                     # PAPER_CODE for a run directory written by the paper's code
+    init: str = ""                       # what started it (models.init_summary of results.json "init")
 
     @property
     def label(self) -> str:
@@ -90,11 +94,14 @@ def parse_results(path: Path) -> RunResult:
     if not math.isfinite(float(fields["test_acc"])):
         raise ValueError(f"the test accuracy is {fields['test_acc']} (the run diverged or evaluated nothing)")
     config = results.get("config") or {}
+    if config:
+        config = {**LEGACY_DEFAULTS, **config}
     recipe = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in NOT_RECIPE))
     return RunResult(str(fields["model"]), str(results.get("tag") or ""), str(fields["dataset"]),
                      int(fields["fold"]), int(fields["seed"]), float(fields["test_acc"]), results.get("params"),
                      results.get("flops"), path.parent, results.get("img_size", config.get("img_size")),
-                     tuple(str(c) for c in results.get("classes") or ()), recipe)
+                     tuple(str(c) for c in results.get("classes") or ()), recipe,
+                     init=models.init_summary(results.get("init")) or "init not recorded (an older train.py)")
 
 
 PAPER_CODE = "paper code"
@@ -117,6 +124,7 @@ def parse_paper_code_results(results: dict, fields: dict, path: Path) -> RunResu
         config = {k: results[k] for k in ("epochs", "lr", "batch_size", "crop_scale", "pretrained") if k in results}
     config = {k: v for k, v in config.items()
               if k not in NOT_RECIPE and k not in ("num_workers", "resume", "checkpoint")}
+    config["split_protocol"] = "paper_code"   # its own splits, whatever the dataset
     recipe = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items()))
     params_m = results.get("params_M")
     return RunResult(str(fields["model"]), "", str(fields["dataset"]), int(fields["fold"]), int(fields["seed"]),

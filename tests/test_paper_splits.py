@@ -107,3 +107,23 @@ def test_checker_cli_takes_the_protocol(trees, capsys):
     out = capsys.readouterr().out
     assert re.search(r"train\s+600\s+60/60", out) and re.search(r"test\s+200\s+20/20", out)
     assert "paper_code" in out and "seed 43" in out
+
+
+def test_an_fmd_run_on_the_paper_code_splits_trains_on_60_per_class(trees, tmp_path):
+    """train.py --split_protocol paper_code on FMD's official layout (10 classes x 100 tiny images)."""
+    import train
+    assert train.main(["--dataset", "fmd", "--data_dir", str(trees["fmd"]), "--model", "resnet18",
+                       "--split_protocol", "paper_code", "--fold", "2", "--img_size", "16", "--batch_size", "100",
+                       "--epochs", "1", "--workers", "0", "--randaug_n", "0", "--no_progress", "--cache",
+                       "--cache_max_short", "16", "--run_dir", str(tmp_path)]) == 0
+    path = tmp_path / "fmd_fold2_resnet18_seed42"
+    results = json.loads((path / "results.json").read_text())
+    assert results["train_images"] == 600
+    assert results["data_fingerprint"]["sizes"] == {"train": 600, "val": 200, "test": 200}
+    assert results["recipe"]["split_protocol"] == "paper_code"
+    expected = datasets.load_splits("fmd", trees["fmd"], 2, split_protocol="paper_code", seed=42)
+    assert results["data_fingerprint"] == datasets.split_fingerprint(
+        expected.classes, {s: expected.split(s) for s in datasets.SPLIT_NAMES})
+    log = (path / "train.log").read_text()
+    assert "splits: the paper code's for fold 2 and seed 42" in log
+    assert "cached at native resolution up to a 16 px shorter side" in log
