@@ -127,3 +127,12 @@ def test_an_fmd_run_on_the_paper_code_splits_trains_on_60_per_class(trees, tmp_p
     log = (path / "train.log").read_text()
     assert "splits: the paper code's for fold 2 and seed 42" in log
     assert "cached at native resolution up to a 16 px shorter side" in log
+
+
+def test_run_all_passes_the_protocol_to_every_run(trees, tmp_path, capsys):
+    import run_all
+    assert run_all.main(["--dataset", "fmd", "--data_dir", str(trees["fmd"]), "--models", "resnet18", "--folds", "1-2",
+                         "--seeds", "42,43", "--run_dir", str(tmp_path), "--dry_run", "--split_protocol",
+                         "paper_code"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if "train.py" in line]
+    assert len(commands) == 4 and all("--split_protocol paper_code" in line for line in commands)
