@@ -18,8 +18,11 @@ percent, and shown as their own rows, "model [paper code]", so both can sit in o
 
 The runs of one cell must share one recipe (every train.py setting but fold, seed and where data
 and runs live): a cell that mixes recipes, e.g. a sweep re-run with other --epochs into the same
---run_dir, is refused with the differences listed. --split_recipes shows each recipe as its own
-row instead ("model [recipe 2]"), with a note saying what differs.
+--run_dir, is refused with the differences listed; so is a cell mixing --split_protocol default and
+paper_code runs (a run made before that option existed counts as default). --split_recipes shows
+each recipe as its own row instead ("model [recipe 2]"), with a note saying what differs. --runs
+lists every run with its split protocol and what started it (results.json "init": file and
+sha256 or hub tag, transfer policy, tensors mapped / skipped / left at init).
 
 Every cell is the mean ± sample std (ddof=1) of test accuracy over all fold x seed runs of that
 model on that dataset, with the number of runs. The runs a cell should have are all the folds x

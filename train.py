@@ -6,10 +6,13 @@ Usage:
         --epochs 100 --pretrained --run_dir runs/main
     python train.py ... --pretrained path/to/checkpoint.pt      # start from a TwistNet checkpoint
     python train.py ... --recipe upstream_scratch               # the paper code's published recipe (README "Recipes")
+    python train.py ... --recipe upstream_ed4ee00 --resnet18_weights r18.pth   # seed-era code: ResNet-18 transfer, 5x lr
+    python train.py ... --split_protocol paper_code             # the paper code's splits (seeded by --seed too)
 
 Run directory: <run_dir>/<dataset>_fold<k>_<model>_seed<s>[_n<N>|_frac<F>]/ with log.jsonl (one line per epoch),
 last.pt (exact resume), best.pt (best validation weights), results.json (written once at the end)
-and train.log. Starting the same command again resumes from last.pt (on the same data: a changed
+and train.log. results.json "init" records what the weights started from (file and sha256, or hub tag;
+transfer policy; tensors mapped / skipped / left at init). Starting the same command again resumes from last.pt (on the same data: a changed
 dataset is refused); a finished run (results.json present) exits at once unless --force, and a
 changed recipe is refused rather than reported as finished. The test split is evaluated only at
 the end, for the best-validation weights and for the last epoch's weights: it never selects anything.

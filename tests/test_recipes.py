@@ -127,6 +127,9 @@ def test_upstream_presets_imply_what_the_paper_code_ran() -> None:
     assert recipes.recipe_amp_dtype(train_cli.parse_args(["--amp", "fp16"]), cpu) == torch.float16
     line = recipes.amp_line(ed4ee00, None, cpu)
     assert "fp16" in line and "fp32 on the cpu" in line
+    cuda = torch.device("cuda")   # only the dtype is resolved: no GPU needed
+    assert recipes.recipe_amp_dtype(ed4ee00, cuda) == torch.float16
+    assert "amp fp16 with a GradScaler" in recipes.amp_line(ed4ee00, torch.float16, cuda)
 
 
 def test_upstream_ed4ee00_keeps_the_5x_lr_when_a_twistnet_file_is_found(
