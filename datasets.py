@@ -4,6 +4,7 @@ Usage:
     python datasets.py --dataset dtd --data_dir data/dtd --fold 1      # describe and check a fold
     python datasets.py --dataset synthtex                                # the built-in textures
     python datasets.py --dataset cub200 --data_dir data/CUB_200_2011 --fold 3 --no_open_check
+    python datasets.py --dataset fmd --data_dir data/fmd --fold 2 --split_protocol paper_code --seed 42
     python datasets.py --download dtd --data_dir data/dtd    # fetch, verify, unpack, check (also fmd,
                                                              # kth_tips2, cub200, flowers102)
 
@@ -31,7 +32,9 @@ Protocols (`--data_dir` points at the data as its authors distribute it):
     synthtex     nothing: procedural textures generated in memory        any fold
 
 Every split is a function of (dataset, fold) alone: seeds come from a hash of the two, never from
-the global random state, so the training seed cannot change which images are tested. Decoding
+the global random state, so the training seed cannot change which images are tested. The opt-in
+split_protocol 'paper_code' makes the paper code's splits instead (PAPER_CODE_READERS): seeded by
+the training seed too, and for FMD 5 folds of 60/20/20 whose test sets overlap. Decoding
 and the Dataset classes are in loading.py, the download in download.py.
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import random
 import sys
 import types
 from collections import Counter
@@ -79,6 +83,7 @@ class DatasetSpec:
     needs_data_dir: bool = True
 
 
+SPLIT_PROTOCOLS = ("default", "paper_code")
 FMD_VAL_PER_TRAIN = 0.2        # 10 of the 50 training images per class
 CARVED_VAL_FRACTION = 0.1      # kth_tips2 and cub200: 10% of each class's training images
 KTH_SAMPLES = ("a", "b", "c", "d")
@@ -119,9 +124,16 @@ def dataset_spec(dataset: str) -> DatasetSpec:
     return DATASETS[dataset]
 
 
-def num_folds(dataset: str) -> int | None:
+def num_folds(dataset: str, split_protocol: str = "default") -> int | None:
     """How many folds a protocol has; None when any fold k >= 1 is valid (a seeded re-draw)."""
+    if split_protocol == "paper_code" and dataset in PAPER_CODE_FOLDS:
+        return PAPER_CODE_FOLDS[dataset]
     return dataset_spec(dataset).folds
+
+
+def check_split_protocol(split_protocol: str) -> None:
+    if split_protocol not in SPLIT_PROTOCOLS:
+        raise DataLayoutError(f"Unknown split protocol {split_protocol!r}; choose from {', '.join(SPLIT_PROTOCOLS)}.")
 
 
 def dataset_display_name(dataset: str) -> str:
@@ -134,12 +146,14 @@ def dataset_sort_key(dataset: str) -> tuple:
     return (names.index(dataset), "") if dataset in DATASETS else (len(names), dataset)
 
 
-def check_fold(dataset: str, fold: int) -> None:
-    limit = num_folds(dataset)
+def check_fold(dataset: str, fold: int, split_protocol: str = "default") -> None:
+    limit = num_folds(dataset, split_protocol)
     if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or fold < 1 \
             or (limit is not None and fold > limit):
         allowed = f"folds 1-{limit}" if limit and limit > 1 else ("only fold 1" if limit == 1 else "folds >= 1")
-        raise DataLayoutError(f"{dataset} has {allowed}; got fold {fold!r}.")
+        under = " under --split_protocol paper_code (the paper code's 5-fold split)" \
+            if split_protocol == "paper_code" and dataset in PAPER_CODE_FOLDS else ""
+        raise DataLayoutError(f"{dataset} has {allowed}{under}; got fold {fold!r}.")
 
 
 def fold_rng(dataset: str, fold: int, purpose: str = "") -> np.random.Generator:
@@ -153,9 +167,14 @@ def fold_rng(dataset: str, fold: int, purpose: str = "") -> np.random.Generator:
 
 
 def load_splits(dataset: str, data_dir: str | Path | None, fold: int, train_per_class: int | None = None,
-                train_fraction: float | None = None) -> Splits:
+                train_fraction: float | None = None, split_protocol: str = "default", seed: int | None = None
+                ) -> Splits:
     """The train/val/test samples of one fold of one protocol, checked for layout errors; with
     train_per_class / train_fraction, training on `train_subset` of them (val and test unchanged).
+
+    split_protocol 'paper_code' gives the splits the paper's public code makes (PAPER_CODE_READERS):
+    for FMD, KTH-TIPS2-b and CUB they depend on the training `seed` as well (required then), and
+    FMD's test sets overlap between folds and seeds. 'default' is ours: a function of (dataset, fold).
 
     Cheap: lists folders, reads index files and checks that listed files exist, but opens no
     image (`describe` does that). Raises DataNotFoundError (a FileNotFoundError) for a missing folder or file
@@ -163,9 +182,16 @@ def load_splits(dataset: str, data_dir: str | Path | None, fold: int, train_per_
     what was expected.
     """
     spec = dataset_spec(dataset)
-    check_fold(dataset, fold)
+    check_split_protocol(split_protocol)
+    check_fold(dataset, fold, split_protocol)
     root = require_data_dir(dataset, data_dir) if spec.needs_data_dir else None
-    splits = spec.reader(root, fold)
+    paper_reader = PAPER_CODE_READERS.get(dataset) if split_protocol == "paper_code" else None
+    if paper_reader is not None:
+        if seed is None:
+            raise ValueError("split_protocol 'paper_code' needs the training seed: the paper code seeds its splits with it")
+        splits = paper_reader(root, fold, seed)
+    else:
+        splits = spec.reader(root, fold)
     check_every_class_trains(dataset, splits)
     check_trainable(dataset, fold, splits)
     splits.check_disjoint(dataset)
@@ -634,6 +660,104 @@ def synthtex_splits(root: Path | None, fold: int) -> Splits:
     return Splits(list(SYNTHTEX_CLASSES), parts["train"], parts["val"], parts["test"])
 
 
+# --------------------------------------------------------------------------------------------
+# The paper code's splits (--split_protocol paper_code), written from reading
+# github.com/junbolian/TwistNet-2D datasets.py at b223241 (the published tables). Each draws with
+# Python's random.Random(seed + fold), one generator shared by the classes in sorted order, where
+# seed is the training seed. random.shuffle permutes by position alone, so shuffling indices gives
+# the permutation the paper code applies to its list of paths.
+# --------------------------------------------------------------------------------------------
+PAPER_CODE_FMD_PARTS = 5
+
+
+def paper_code_rng(seed: int, fold: int) -> random.Random:
+    return random.Random(seed + fold)
+
+
+def shuffled(items: Sequence[Any], rng: random.Random) -> list[Any]:
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    return [items[i] for i in order]
+
+
+def suffix_files(folder: Path, dataset: str, root: Path, suffixes: Sequence[str]) -> list[list[Path]]:
+    """The folder's images with each suffix (case-sensitive, as the paper code's glob), each group by name."""
+    images = images_of_class(folder, dataset, root)
+    return [sorted(p for p in images if p.suffix == suffix) for suffix in suffixes]
+
+
+def fmd_paper_code_splits(root: Path, fold: int, seed: int) -> Splits:
+    """Per class (sorted): its .jpg and .png files sorted by name, shuffled, cut into 5 parts of n // 5
+    (the remainder joins part 5); part `fold` is test, the next one (5 wraps to 1) val, the other
+    three train: 60/20/20. A new generator per fold, so test sets of two folds (or seeds) overlap."""
+    image_dir = require_dir(root / "image", "FMD image folder", "fmd", root)
+    classes = class_folders(image_dir, "fmd", root)
+    rng = paper_code_rng(seed, fold)
+    test_part, val_part = fold - 1, fold % PAPER_CODE_FMD_PARTS
+    parts: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(classes):
+        files = sorted(sum(suffix_files(image_dir / name, "fmd", root, (".jpg", ".png")), []), key=str)
+        part_size = len(files) // PAPER_CODE_FMD_PARTS
+        if part_size == 0:
+            raise DataLayoutError(f"fmd: class folder {image_dir / name} has {len(files)} .jpg/.png image(s); the "
+                                  f"paper code's 5-part split needs at least {PAPER_CODE_FMD_PARTS}.")
+        for i, path in enumerate(shuffled(files, rng)):
+            part = min(i // part_size, PAPER_CODE_FMD_PARTS - 1)
+            split = "test" if part == test_part else "val" if part == val_part else "train"
+            parts[split].append((str(path), label))
+    return Splits(classes, *(sorted(parts[s], key=sort_key) for s in SPLIT_NAMES))
+
+
+def kth_tips2_paper_code_splits(root: Path, fold: int, seed: int) -> Splits:
+    """Fold k tests on sample d, c, b, a for k = 1..4 (ours: a, b, c, d); per material (sorted) the
+    other samples' images are shuffled and the first max(1, n // 10) become val. The paper code lists a
+    sample's .png then .jpg files in the file system's order (glob, unsorted); here each group is
+    sorted by name, so the val carve is the paper code's on a file system that lists names in order."""
+    root = kth_tips2_root(root)
+    classes = class_folders(root, "kth_tips2", root)
+    test_sample = f"sample_{KTH_SAMPLES[len(KTH_SAMPLES) - fold]}"
+    rng = paper_code_rng(seed, fold)
+    train, val, test = [], [], []
+    for label, material in enumerate(classes):
+        pool = []
+        for sample in list_subdirs(root / material):
+            files = sum(suffix_files(root / material / sample, "kth_tips2", root, (".png", ".jpg")), [])
+            (test if sample == test_sample else pool).extend((str(p), label) for p in files)
+        pool = shuffled(pool, rng)
+        n_val = max(1, len(pool) // 10)
+        val += pool[:n_val]
+        train += pool[n_val:]
+    return Splits(classes, sorted(train, key=sort_key), sorted(val, key=sort_key), sorted(test, key=sort_key))
+
+
+def cub200_paper_code_splits(root: Path, fold: int, seed: int) -> Splits:
+    """The official test set; the official training images, in images.txt order, shuffled as one list
+    (not per class), the first n // 10 become val."""
+    official = cub200_splits(root, fold)   # the layout checks, the classes and the official test set
+    cub = cub200_root(root)
+    paths = read_id_table(cub / "images.txt", "cub200", cub)
+    labels = read_id_table(cub / "image_class_labels.txt", "cub200", cub)
+    is_train = read_id_table(cub / "train_test_split.txt", "cub200", cub)
+    image_dir = cub / "images"
+    pool = [(os.path.join(image_dir, paths[i]), int(labels[i]) - 1) for i in paths if is_train[i].strip() == "1"]
+    pool = shuffled(pool, paper_code_rng(seed, fold))
+    n_val = len(pool) // 10
+    return Splits(official.classes, sorted(pool[n_val:], key=sort_key), sorted(pool[:n_val], key=sort_key),
+                  official.test)
+
+
+def flowers102_paper_code_splits(root: Path, fold: int, seed: int) -> Splits:
+    """The paper code reads the official setid.mat for every fold (ours reshuffles folds > 1)."""
+    return flowers102_splits(root, 1)
+
+
+# DTD is read from the official label files by both; imagefolder and synthtex are not in the paper code.
+PAPER_CODE_READERS: Mapping[str, Callable[[Path, int, int], Splits]] = types.MappingProxyType({
+    "fmd": fmd_paper_code_splits, "kth_tips2": kth_tips2_paper_code_splits, "cub200": cub200_paper_code_splits,
+    "flowers102": flowers102_paper_code_splits})
+PAPER_CODE_FOLDS = {"fmd": PAPER_CODE_FMD_PARTS}
+
+
 DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({spec.name: spec for spec in (
     # In the paper's column order: tables and figures sort datasets by it.
     DatasetSpec("dtd", "DTD", "images/<class>/*.jpg and labels/train{k}.txt, val{k}.txt, test{k}.txt (k = 1..10)",
@@ -657,7 +781,8 @@ def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_t
                    eval_transform: Callable | None, cache: bool = False, cache_size: int | None = None,
                    synthtex_size: int = 128, decode_size: int | None = None,
                    cache_max_short: int | None = CACHE_MAX_SHORT, train_per_class: int | None = None,
-                   train_fraction: float | None = None) -> tuple[dict[str, Dataset], list[str]]:
+                   train_fraction: float | None = None, split_protocol: str = "default", seed: int | None = None,
+                   exif: bool = True) -> tuple[dict[str, Dataset], list[str]]:
     """({"train", "val", "test"} datasets, class names) of one fold; items are (image, label) or None.
 
     Images are decoded at native resolution unless decode_size is given: then every image is
@@ -665,12 +790,13 @@ def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_t
     former name, still accepted). cache=True keeps the decoded images in memory, per DataLoader
     worker, shrunk to a shorter side of cache_max_short if larger (see ImageListDataset for the
     memory it takes). synthtex renders at synthtex_size instead and is always cached. The test
-    dataset is empty for an imagefolder without test/. train_per_class / train_fraction: see load_splits.
+    dataset is empty for an imagefolder without test/. train_per_class / train_fraction, split_protocol
+    and seed: see load_splits. exif=False leaves EXIF orientation unapplied (the paper code's decode).
     """
     if cache_size is not None and decode_size is not None and cache_size != decode_size:
         raise ValueError(f"cache_size ({cache_size}) is the former name of decode_size ({decode_size}); give one.")
     decode_size = decode_size if decode_size is not None else cache_size
-    splits = load_splits(dataset, data_dir, fold, train_per_class, train_fraction)
+    splits = load_splits(dataset, data_dir, fold, train_per_class, train_fraction, split_protocol, seed)
     sets: dict[str, Dataset] = {}
     for split in SPLIT_NAMES:
         transform = train_transform if split == "train" else eval_transform
@@ -679,7 +805,8 @@ def build_datasets(dataset: str, data_dir: str | Path | None, fold: int, train_t
             # 125 MB at 256 px).
             sets[split] = SynthTexDataset(splits.split(split), transform, synthtex_size, cache=True)
         else:
-            sets[split] = ImageListDataset(splits.split(split), transform, cache, decode_size, cache_max_short)
+            sets[split] = ImageListDataset(splits.split(split), transform, cache, decode_size, cache_max_short,
+                                           exif=exif)
     return sets, splits.classes
 
 
@@ -788,6 +915,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--download_timeout", type=float, default=download.DEADLINE_MIN, metavar="MINUTES",
                         help="give up a download that has not finished after this long (a re-run resumes it)")
     parser.add_argument("--fold", type=int, default=1)
+    parser.add_argument("--split_protocol", default="default", choices=SPLIT_PROTOCOLS,
+                        help="default: ours, a function of (dataset, fold); paper_code: the splits the paper's "
+                             "code makes (FMD, KTH-TIPS2-b, CUB: seeded by --seed too; README \"Datasets\")")
+    parser.add_argument("--seed", type=int, default=42, help="training seed: only paper_code splits depend on it")
     parser.add_argument("--no_open_check", action="store_true", help="only check the layout, open no image")
     parser.add_argument("--workers", type=int, default=8, help="threads that open images")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -808,8 +939,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.download:
         download.download_dataset(args.download, args.data_dir, lambda root: load_splits(args.download, root, 1),
                                   args.base_url, args.keep_archives, deadline_s=args.download_timeout * 60)
-    splits = load_splits(args.dataset, args.data_dir, args.fold)
+    splits = load_splits(args.dataset, args.data_dir, args.fold, split_protocol=args.split_protocol, seed=args.seed)
     print(describe_splits(args.dataset, args.data_dir, args.fold, splits))
+    if args.split_protocol == "paper_code" and args.dataset in PAPER_CODE_READERS:
+        print(f"split protocol paper_code (the paper code's splits for fold {args.fold}, seed {args.seed})")
     # The same notes train.py prints when it starts.
     for note in split_warnings(splits):
         print(f"warning: {note}")

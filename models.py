@@ -17,6 +17,7 @@ ResNet (conv1, bn1, layer1..layer4, fc) so that ResNet-18 state_dicts map onto i
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.abc
 import importlib.util
 import inspect
@@ -615,7 +616,23 @@ def build_model(
     log: Callable[[str], None] | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
-    """Build a registry model.
+    """Build a registry model (build_model_with_init's model; see there)."""
+    return build_model_with_init(name, num_classes, pretrained, transfer_policy, resnet18_weights, verbose, log,
+                                 **model_kwargs)[0]
+
+
+def build_model_with_init(
+    name: str,
+    num_classes: int = 1000,
+    pretrained: bool | str | os.PathLike = False,
+    transfer_policy: str = "all",
+    resnet18_weights: str | os.PathLike | None = None,
+    verbose: bool = True,
+    log: Callable[[str], None] | None = None,
+    **model_kwargs: Any,
+) -> tuple[nn.Module, dict]:
+    """Build a registry model; return it with its init record (init_record: where its weights came
+    from, the file's sha256 or the hub tag, the transfer policy, mapped / skipped / left-at-init counts).
 
     pretrained: False (random init), a checkpoint path (TwistNet models), or True (TwistNet:
     auto-detect weights/<name>_imagenet.pt, else weights/<name>_spark.pt (twistnet_weight_candidates);
@@ -640,26 +657,64 @@ def build_model(
         raise ModelConfigError(f"{name}: {error}. TwistNet hyper-parameters are "
                                f"{', '.join(twistnet_hyperparameters())}.") from None
     if pretrained is False or pretrained is None:
-        return model
+        return model, scratch_init(model)
     if pretrained is True:
         found = find_twistnet_weights(name, log)
         if found is not None:
-            load_twistnet_checkpoint(model, found, log=log)
-            return model
+            report = load_twistnet_report(model, found, log=log)
+            return model, init_record("twistnet_file", report, path=found)
         base = find_twistnet_weights("twistnet18", log) if name != "twistnet18" else None
         if base is not None:
             # What the paper's code does for its ablations: the full model's file, by name and shape.
             log(f"[Auto-detected] No weights of {name}'s own; loading TwistNet-18 weights {base} non-strictly")
             report = transfer_weights(model, extract_state_dict(load_checkpoint_file(base)), policy="all")
             log(report.summary(f"{base.name} -> {name}"))
-            return model
+            return model, init_record("twistnet18_file", report, path=base, policy="all")
         _warn_fallback(name, log)
-        source = load_resnet18_state_dict(resnet18_weights, log=log)
+        source, origin = resnet18_source(resnet18_weights, log=log)
         report = transfer_weights(model, source, policy=transfer_policy)
         log(report.summary(f"ResNet-18 -> {name} (policy '{transfer_policy}')"))
-        return model
-    load_twistnet_checkpoint(model, pretrained, log=log)
-    return model
+        return model, init_record("resnet18_transfer", report, policy=transfer_policy, **origin)
+    report = load_twistnet_report(model, pretrained, log=log)
+    return model, init_record("checkpoint", report, path=pretrained)
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance: what started a model (results.json "init")
+# --------------------------------------------------------------------------------------------
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def init_record(source: str, report: "TransferReport", path: str | os.PathLike | None = None,
+                hub_tag: str | None = None, policy: str | None = None) -> dict:
+    """results.json's `init`: the source kind, the file (path and sha256) or hub tag, the transfer
+    policy, and how many of the model's tensors were mapped, skipped (shape) and left at init."""
+    return {"source": source, "path": str(path) if path is not None else None,
+            "sha256": file_sha256(path) if path is not None else None, "hub_tag": hub_tag,
+            "transfer_policy": policy, "mapped": len(report.mapped), "skipped": len(report.skipped),
+            "left_at_init": len(report.left_at_init) + len(report.excluded_by_policy)}
+
+
+def scratch_init(model: nn.Module) -> dict:
+    return init_record("scratch", TransferReport([], [], list(model.state_dict()), []))
+
+
+def init_summary(init: Mapping[str, Any] | None) -> str:
+    """One line of an init record, for run headers and run listings ('' for none: an older run)."""
+    if not init:
+        return ""
+    if init.get("source") == "scratch":
+        return "init scratch (random)"
+    where = (f"{init['path']} sha256 {str(init.get('sha256'))[:12]}" if init.get("path")
+             else f"hub {init.get('hub_tag')}")
+    policy = f", policy {init['transfer_policy']}" if init.get("transfer_policy") else ""
+    return (f"init {init.get('source')}: {where}{policy}; tensors mapped {init.get('mapped')}, "
+            f"skipped {init.get('skipped')}, left at init {init.get('left_at_init')}")
 
 
 def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any, resnet18_weights: Any, log: Callable,
@@ -672,39 +727,46 @@ def _build_baseline(spec: ModelSpec, num_classes: int, pretrained: Any, resnet18
                                    f"not for {spec.name}")
         from timm.layers import BlurPool2d
         kwargs["aa_layer"] = BlurPool2d
-    model = _build_timm(spec, num_classes, pretrained, resnet18_weights, log, **kwargs)
+    model, init = _build_timm(spec, num_classes, pretrained, resnet18_weights, log, **kwargs)
     # timm sizes each blur filter to its input width; the 1-channel filter expanded at run time
     # computes the same and stays valid when pruning narrows the input.
     for m in model.modules():
         if type(m).__name__ == "BlurPool2d" and m.channels is not None:
             m.channels, m.filt = None, m.filt[:1].clone()
-    return model
+    return model, init
 
 
 def _build_timm(spec: ModelSpec, num_classes: int, pretrained: Any,
-                resnet18_weights: Any, log: Callable, **kwargs: Any) -> nn.Module:
+                resnet18_weights: Any, log: Callable, **kwargs: Any) -> tuple[nn.Module, dict]:
     if pretrained not in (True, False, None):
         model = spec.builder(num_classes, pretrained=False, **kwargs)
         state = _pretrained_state(pretrained)
         report = transfer_weights(model, state, policy="all")
         log(report.summary(f"{pretrained} -> {spec.name}"))
-        return model
+        return model, init_record("checkpoint", report, path=pretrained, policy="all")
     if not pretrained:
-        return spec.builder(num_classes, pretrained=False, **kwargs)
+        model = spec.builder(num_classes, pretrained=False, **kwargs)
+        return model, scratch_init(model)
     if spec.name == "seresnet18":
         # timm ships no seresnet18 weights: borrow every ResNet-18 tensor whose shape matches.
         model = spec.builder(num_classes, pretrained=False, **kwargs)
-        source = load_resnet18_state_dict(resnet18_weights, log=log)
+        source, origin = resnet18_source(resnet18_weights, log=log)
         report = transfer_weights(model, source, policy="all")
         log(report.summary("ResNet-18 -> seresnet18"))
-        return model
+        return model, init_record("resnet18_transfer", report, policy="all", **origin)
     if spec.name == "resnet18" and resnet18_weights is not None:
         model = spec.builder(num_classes, pretrained=False, **kwargs)
-        report = transfer_weights(model, load_resnet18_state_dict(resnet18_weights, log=log))
+        source, origin = resnet18_source(resnet18_weights, log=log)
+        report = transfer_weights(model, source)
         log(report.summary("ResNet-18 file -> resnet18"))
-        return model
+        return model, init_record("resnet18_transfer", report, policy="all", **origin)
     try:
-        return spec.builder(num_classes, pretrained=True, **kwargs)
+        model = spec.builder(num_classes, pretrained=True, **kwargs)
+        own = list(model.state_dict())
+        # timm's own weights: every tensor but a classifier resized to num_classes (timm re-inits it).
+        fresh = [k for k in own if k.startswith(_classifier_prefix(model))] if num_classes != 1000 else []
+        report = TransferReport([k for k in own if k not in fresh], [], fresh, [])
+        return model, init_record("timm_hub", report, hub_tag=hub_tag_of(model))
     except ModelConfigError:
         raise
     except Exception as exc:  # offline hub, missing cache, ...
@@ -713,6 +775,18 @@ def _build_timm(spec: ModelSpec, num_classes: int, pretrained: Any,
             f"{type(exc).__name__}: {exc}. Connect to the Hugging Face hub once so timm caches "
             f"them, or train without --pretrained."
         ) from exc
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    name = getattr(model, "pretrained_cfg", {}).get("classifier") or "fc"
+    return (name[0] if isinstance(name, (list, tuple)) else name) + "."
+
+
+def hub_tag_of(model: nn.Module) -> str:
+    """timm's name of the weights a hub model was built with, e.g. 'timm/resnet18.a1_in1k'."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    tag = f"{cfg.get('architecture', '?')}.{cfg['tag']}" if cfg.get("tag") else cfg.get("architecture", "?")
+    return cfg.get("hf_hub_id") or f"timm/{tag}"
 
 
 def _warn_fallback(name: str, log: Callable) -> None:
@@ -817,11 +891,16 @@ def _pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
                              log: Callable = print) -> int:
     """Load a TwistNet checkpoint into `model`; the classifier is skipped when its shape differs and
-    left at init when the file has none (SparK's encoder weights).
+    left at init when the file has none (SparK's encoder weights). Returns the tensors loaded.
 
     Any other missing, unexpected or mis-shaped tensor makes the checkpoint incompatible: a
     ModelConfigError says which, because a half-loaded model would silently train from a wrong start.
     """
+    return len(load_twistnet_report(model, path, log).mapped)
+
+
+def load_twistnet_report(model: nn.Module, path: str | os.PathLike, log: Callable = print) -> "TransferReport":
+    """load_twistnet_checkpoint, returning what it loaded, skipped and left at init by tensor name."""
     state = _pretrained_state(path)
     own = model.state_dict()
     classifier = ("fc.weight", "fc.bias")
@@ -844,7 +923,8 @@ def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
     note = note or (" (every backbone and STCI tensor; classifier left at init: not in the file)"
                     if not any(k in state for k in classifier) else "")
     log(f"[TwistNet Pretrained] Loaded {len(to_load)} tensors from {path}{note}")
-    return len(to_load)
+    return TransferReport(mapped=list(to_load), skipped=[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in skip],
+                          left_at_init=[k for k in own if k not in state], excluded_by_policy=[])
 
 
 @dataclass
@@ -902,12 +982,19 @@ def transfer_weights(model: nn.Module, source: Mapping[str, torch.Tensor],
 def load_resnet18_state_dict(path: str | os.PathLike | None = None,
                              log: Callable = print) -> dict[str, torch.Tensor]:
     """ResNet-18 ImageNet weights: a local timm/torchvision file if given, else timm's (hub)."""
+    return resnet18_source(path, log)[0]
+
+
+def resnet18_source(path: str | os.PathLike | None = None,
+                    log: Callable = print) -> tuple[dict[str, torch.Tensor], dict]:
+    """load_resnet18_state_dict's weights and where they came from ({'path': ...} or {'hub_tag': ...})."""
     if path is not None:
         log(f"[ResNet-18] Loading local weights: {path}")
-        return extract_state_dict(load_checkpoint_file(path))
+        return extract_state_dict(load_checkpoint_file(path)), {"path": path}
     try:
         import timm
-        return timm.create_model("resnet18", pretrained=True).state_dict()
+        hub = timm.create_model("resnet18", pretrained=True)
+        return hub.state_dict(), {"hub_tag": hub_tag_of(hub)}
     except Exception as exc:
         raise CheckpointReadError(
             f"Could not fetch timm's ResNet-18 weights ({type(exc).__name__}: {exc}). Pass a local "

@@ -10,6 +10,7 @@ Usage:
     python run_all.py ... --status                          # queued / running / done / failed runs
     python run_all.py ... --pretrained --lr 0.005           # options run_all does not know go
                                                             # to every train.py unchanged
+    python run_all.py --dataset fmd ... --folds 1-5 --split_protocol paper_code   # the paper code's splits
 
 Every run is its own `train.py` process writing <run_dir>/<dataset>_fold<k>_<model>[-<tag>]_seed<s>[_n<N>|_frac<F>]/
 (README "The run directory"). Its stdout and stderr go to run_all.log in that directory. A run whose
@@ -235,9 +236,11 @@ def plan_runs(args: argparse.Namespace, passthrough: Sequence[str], options: arg
                 path = Path(args.run_dir) / name
                 run = Run(name, path, tuple(command), run_status(path, options.force, args.slurm_unknown_expiry))
                 if run.status == "skip":
-                    if fold not in fingerprints:
-                        fingerprints[fold] = data_of_fold(args, fold, run_args)
-                    conflict = finished_run_conflict(run, run_args, fingerprints[fold])
+                    # The paper code's splits move with the seed: one fingerprint per (fold, seed) then.
+                    key = (fold, seed if run_args.split_protocol == "paper_code" else None)
+                    if key not in fingerprints:
+                        fingerprints[key] = data_of_fold(args, fold, run_args)
+                    conflict = finished_run_conflict(run, run_args, fingerprints[key])
                     if conflict:
                         conflicts.append(conflict)
                 runs.append(run)
@@ -256,7 +259,7 @@ def data_of_fold(args: argparse.Namespace, fold: int, run_args: argparse.Namespa
     The training subset (--train_per_class/--train_fraction) is the sweep's, the same for every run."""
     try:
         splits = datasets.load_splits(args.dataset, args.data_dir, fold, run_args.train_per_class,
-                                      run_args.train_fraction)
+                                      run_args.train_fraction, run_args.split_protocol, run_args.seed)
     except utils.UserError:
         return None
     fingerprint = datasets.split_fingerprint(splits.classes, {s: splits.split(s) for s in datasets.SPLIT_NAMES})

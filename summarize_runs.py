@@ -7,6 +7,7 @@ Usage:
     python summarize_runs.py --run_dir runs/main --csv --out results.csv
     python summarize_runs.py --run_dir runs/main --models resnet18,twistnet18 --summary
     python summarize_runs.py --run_dir runs/main --ref twistnet18       # paired tests vs a reference
+    python summarize_runs.py --run_dir runs/main --runs                 # every run: protocol, weights
 
 Each --run_dir is a folder of run directories written by train.py (README "The run directory"). A run
 counts when its results.json exists; run directories without one are counted as incomplete and
@@ -19,8 +20,11 @@ percent, and shown as their own rows, "model [paper code]", so both can sit in o
 
 The runs of one cell must share one recipe (every train.py setting but fold, seed and where data
 and runs live): a cell that mixes recipes, e.g. a sweep re-run with other --epochs into the same
---run_dir, is refused with the differences listed. --split_recipes shows each recipe as its own
-row instead ("model [recipe 2]"), with a note saying what differs.
+--run_dir, is refused with the differences listed; so is a cell mixing --split_protocol default and
+paper_code runs (a run made before that option existed counts as default). --split_recipes shows
+each recipe as its own row instead ("model [recipe 2]"), with a note saying what differs. --runs
+lists every run with its split protocol and what started it (results.json "init": file and
+sha256 or hub tag, transfer policy, tensors mapped / skipped / left at init).
 
 Every cell is the mean ± sample std (ddof=1) of test accuracy over all fold x seed runs of that
 model on that dataset, with the number of runs. The runs a cell should have are all the folds x
@@ -43,6 +47,7 @@ import csv
 import dataclasses
 import io
 import itertools
+import json
 import math
 import statistics
 import sys
@@ -286,6 +291,16 @@ class PairedTest:
     note: str
 
 
+def format_run_listing(runs: Sequence[RunResult]) -> str:
+    """One line per run: where it is, its test accuracy, its split protocol and its init."""
+    lines = ["Runs (test accuracy | split protocol | init):"]
+    for run in sorted(runs, key=lambda r: (datasets.dataset_sort_key(r.dataset), r.label, r.fold, r.seed)):
+        protocol = json.loads(dict(run.recipe).get("split_protocol", '"default"'))
+        init = run.init or "init not recorded"
+        lines.append(f"  {run.path.name}: {run.test_acc:.2f}% | {protocol} | {init}")
+    return "\n".join(lines)
+
+
 def paired_test(ref_values: Sequence[float], other_values: Sequence[float]) -> tuple[float, float, str]:
     """(Wilcoxon p, paired t-test p, note) for matched values; NaN where a test is undefined."""
     diffs = np.asarray(ref_values, dtype=float) - np.asarray(other_values, dtype=float)
@@ -356,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None,
                    help="comma-separated model names (model or model-tag), in the row order wanted")
     p.add_argument("--summary", action="store_true", help="also rank the models on every dataset")
+    p.add_argument("--runs", action="store_true",
+                   help="also list every run: test accuracy, split protocol and what started it (results.json init)")
     p.add_argument("--ref", default=None, help="reference model for paired tests, e.g. twistnet18")
     p.add_argument("--split_recipes", action="store_true",
                    help="show each recipe of a model as its own row ('model [recipe k]') instead of refusing "
@@ -407,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = []
     if args.summary:
         reports.append(format_ranking(table))
+    if args.runs:
+        reports.append(format_run_listing(found.runs))
     if args.ref:
         rows = table.labels if args.ref in table.labels else [args.ref, *table.labels]
         reports.append(format_paired_tests(paired_tests(found.runs, args.ref, rows), args.ref))

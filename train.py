@@ -6,10 +6,13 @@ Usage:
         --epochs 100 --pretrained --run_dir runs/main
     python train.py ... --pretrained path/to/checkpoint.pt      # start from a TwistNet checkpoint
     python train.py ... --recipe upstream_scratch               # the paper code's published recipe (README "Recipes")
+    python train.py ... --recipe upstream_ed4ee00 --resnet18_weights r18.pth   # seed-era code: ResNet-18 transfer, 5x lr
+    python train.py ... --split_protocol paper_code             # the paper code's splits (seeded by --seed too)
 
 Run directory: <run_dir>/<dataset>_fold<k>_<model>_seed<s>[_n<N>|_frac<F>]/ with log.jsonl (one line per epoch),
 last.pt (exact resume), best.pt (best validation weights), results.json (written once at the end)
-and train.log. Starting the same command again resumes from last.pt (on the same data: a changed
+and train.log. results.json "init" records what the weights started from (file and sha256, or hub tag;
+transfer policy; tensors mapped / skipped / left at init). Starting the same command again resumes from last.pt (on the same data: a changed
 dataset is refused); a finished run (results.json present) exits at once unless --force, and a
 changed recipe is refused rather than reported as finished. The test split is evaluated only at
 the end, for the best-validation weights and for the last epoch's weights: it never selects anything.
@@ -70,7 +73,9 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
     sets, classes = datasets.build_datasets(
         args.dataset, args.data_dir, args.fold, train_tf, eval_tf,
         cache=args.cache, decode_size=args.decode_size, synthtex_size=resize,
-        train_per_class=args.train_per_class, train_fraction=args.train_fraction)
+        cache_max_short=args.cache_max_short or None, train_per_class=args.train_per_class,
+        train_fraction=args.train_fraction, split_protocol=args.split_protocol, seed=args.seed,
+        exif=args.exif == "on")
     common = loading.loader_options(args.workers, args.prefetch, device)
     sampler = loading.EpochSeededSampler(len(sets["train"]), args.seed)
     # Drop the ragged last batch (BatchNorm on one image breaks), unless the set is that small.
@@ -114,11 +119,12 @@ class Trainer:
         self.pruned_test_acc: float | None = None   # --refine: test accuracy before fine-tuning
         if args.refine:
             self.model, self.pruning = model_tools.load_pruned(args.refine, vars(args), num_classes)
+            self.init = models.init_record("pruned", models.TransferReport(list(self.model.state_dict()), [], [], []),
+                                           path=args.refine)
         else:
-            self.model = models.build_model(args.model, num_classes, pretrained=args.pretrained,
-                                            transfer_policy=args.transfer_policy,
-                                            resnet18_weights=args.resnet18_weights,
-                                            log=console, **model_tools.model_kwargs_of(vars(args)))
+            self.model, self.init = models.build_model_with_init(
+                args.model, num_classes, pretrained=args.pretrained, transfer_policy=args.transfer_policy,
+                resnet18_weights=args.resnet18_weights, log=console, **model_tools.model_kwargs_of(vars(args)))
         self.model.to(device)
         self.channels_last = utils.resolve_channels_last(args.channels_last, device)
         if self.channels_last:
@@ -144,7 +150,8 @@ class Trainer:
                 "epoch": self.epoch, "partial": dict(self.partial),
                 "best_val_acc": self.best_val, "best_epoch": self.best_epoch,
                 "train_time_s": self.train_time_s, "rng": utils.rng_state(), "config": config,
-                "data": self.data_identity, "pruned_test_acc": self.pruned_test_acc, **self.pruned_channels()}
+                "data": self.data_identity, "pruned_test_acc": self.pruned_test_acc, "init": self.init,
+                **self.pruned_channels()}
 
     def pruned_channels(self) -> dict:
         """For checkpoints of a --refine run: the widths that rebuild its pruned model (model_tools)."""
@@ -157,6 +164,7 @@ class Trainer:
         self.partial = dict(ckpt["partial"])
         self.best_epoch, self.train_time_s = ckpt["best_epoch"], ckpt["train_time_s"]
         self.pruned_test_acc = ckpt.get("pruned_test_acc")
+        self.init = ckpt.get("init") or self.init   # what started the run, not what a rebuild would load now
         utils.set_rng_state(ckpt["rng"])
 
     def train_epoch(self, loader: DataLoader, progress: bool, stop: utils.StopFlag) -> dict | None:
@@ -380,6 +388,8 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
             f"{models.count_params(trainer.model) / 1e6:.2f}M params | device {device} | "
             f"amp {utils.amp_label(trainer.amp_dtype)}")
     console(recipes.recipe_line(args))
+    for line in header_lines(args, trainer, device):
+        console(line)
     for note in data.notes + utils.speed_notes(device, trainer.amp_dtype, args.compile):
         console(note)
     if args.sched != "onecycle" and args.warmup_epochs >= args.epochs:   # onecycle has no separate warm-up
@@ -417,6 +427,22 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
             return 130
         finish(trainer, data, config, run_path, console, lock)
     return 0
+
+
+def header_lines(args: argparse.Namespace, trainer: Trainer, device: torch.device) -> list[str]:
+    """What the run starts from and how its data is read: precision, init, splits, decoding."""
+    lines = [recipes.amp_line(args, trainer.amp_dtype, device), models.init_summary(trainer.init)]
+    if args.split_protocol == "paper_code" and args.dataset in datasets.PAPER_CODE_READERS:
+        lines.append(f"splits: the paper code's for fold {args.fold} and seed {args.seed} (--split_protocol "
+                     f"paper_code; they change with the seed, and FMD's test sets overlap between folds)")
+    decode = "EXIF orientation applied" if args.exif == "on" else "EXIF orientation not applied (--exif off)"
+    if args.decode_size:
+        decode += f"; decoded with the shorter side resized to {args.decode_size} px (--decode_size)"
+    if args.cache and not args.decode_size and args.dataset != "synthtex":
+        decode += ("; cached at native resolution" + (f" up to a {args.cache_max_short} px shorter side (larger "
+                   f"images shrunk before cropping; --cache_max_short 0: no limit)" if args.cache_max_short else ""))
+    lines.append(f"decode: {decode}")
+    return lines
 
 
 def lr_find(args: argparse.Namespace, run_path: Path) -> int:
@@ -556,7 +582,8 @@ def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: 
         "flops": flops_of(trainer.model.cpu(), args.img_size),
         "img_size": args.img_size,
         "train_time_s": trainer.train_time_s,
-        "recipe": recipes.recipe_summary(args), "config": config, "git_commit": utils.git_commit(), "versions": utils.library_versions(),
+        "recipe": recipes.recipe_summary(args), "amp_used": utils.amp_label(trainer.amp_dtype),
+        "init": trainer.init, "config": config, "git_commit": utils.git_commit(), "versions": utils.library_versions(),
     }
     if test_best:
         trainer.board.log_record({"test_acc": test_best["acc"], "test_top5": test_best["top5"]}, trainer.epoch)

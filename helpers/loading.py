@@ -94,9 +94,10 @@ def cap_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) ->
     return image.crop(box)
 
 
-def decode_image(path: str, decode_size: int | None = None) -> Image.Image:
-    """Decode to RGB, upright (EXIF orientation applied), with the aspect ratio capped at
-    MAX_ASPECT_RATIO, at native resolution or resized so the shorter side is decode_size.
+def decode_image(path: str, decode_size: int | None = None, exif: bool = True) -> Image.Image:
+    """Decode to RGB, upright (EXIF orientation applied; exif=False: as stored, as the paper code
+    decodes), with the aspect ratio capped at MAX_ASPECT_RATIO, at native resolution or resized so
+    the shorter side is decode_size.
 
     Native resolution is the default: crops are then cut from the full image, as in the paper's
     code. decode_size is the fast path for large images (ImageNet): JPEGs much larger than needed
@@ -109,7 +110,8 @@ def decode_image(path: str, decode_size: int | None = None) -> Image.Image:
         image.load()
         # Phone photos store the sensor's orientation in EXIF; a direction-sensitive model must see
         # them as the photographer did.
-        ImageOps.exif_transpose(image, in_place=True)
+        if exif:
+            ImageOps.exif_transpose(image, in_place=True)
         image = to_rgb(image)
     image = cap_aspect_ratio(image)
     return resized_shorter_side(image, decode_size) if decode_size else image
@@ -119,11 +121,11 @@ class ImageListDataset(Dataset):
     """(path, label) samples decoded with PIL; an unreadable image yields None (and one warning).
 
     Images are decoded at native resolution, or with `decode_size` resized so the shorter side is
-    decode_size (see decode_image). With `cache=True` the decoded image is kept in memory, so after
-    the first epoch no file is read again; an image whose shorter side exceeds `cache_max_short`
-    (default CACHE_MAX_SHORT = 512, None: no cap) is first shrunk to it (bicubic), on every epoch
-    alike. Below the cap caching changes speed, never results; above it crops come from the
-    512 px copy.
+    decode_size (see decode_image; exif=False leaves EXIF orientation unapplied). With `cache=True`
+    the decoded image is kept in memory, so after the first epoch no file is read again; an image
+    whose shorter side exceeds `cache_max_short` (default CACHE_MAX_SHORT = 512; None or 0: no cap,
+    every image at native resolution) is first shrunk to it (bicubic), on every epoch alike. Below
+    the cap caching changes speed, never results; above it crops come from the shrunk copy.
 
     Memory: PIL keeps an RGB image as 4 bytes per pixel, so a cached image takes about
     4 * w * h bytes at its cached size, e.g. 1.23 MB for 640 x 480 (measured: 1.20 MB of RSS per
@@ -137,8 +139,9 @@ class ImageListDataset(Dataset):
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None,
                  cache: bool = False, decode_size: int | None = None,
-                 cache_max_short: int | None = CACHE_MAX_SHORT) -> None:
+                 cache_max_short: int | None = CACHE_MAX_SHORT, exif: bool = True) -> None:
         self.samples = list(samples)
+        self.exif = exif
         self.targets = [label for _, label in self.samples]
         self.transform = transform
         self.decode_size = decode_size
@@ -154,7 +157,7 @@ class ImageListDataset(Dataset):
             return self.cache[index]
         path = self.samples[index][0]
         try:
-            image = decode_image(path, self.decode_size)
+            image = decode_image(path, self.decode_size, self.exif)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             self.warn_unreadable(path, error)
             return None

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+import datasets
 import models
 import transforms
 from helpers import utils
@@ -191,7 +192,7 @@ def build_recipe(model: nn.Module, args: argparse.Namespace, lr: float, steps_pe
     optimizer = torch.optim.SGD(optimizer_param_groups(model, args, lr), lr=lr,
                                 momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
     scheduler = build_scheduler(optimizer, args, lr, steps_per_epoch)
-    amp_dtype = utils.resolve_amp(args.amp, device)
+    amp_dtype = recipe_amp_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = None
     if args.ema:
@@ -201,6 +202,24 @@ def build_recipe(model: nn.Module, args: argparse.Namespace, lr: float, steps_pe
     # Mixup's soft targets already carry the smoothing.
     criterion = nn.CrossEntropyLoss(label_smoothing=0.0 if mixup else args.label_smoothing)
     return Recipe(optimizer, scheduler, scaler, amp_dtype, ema, mixup, criterion)
+
+
+def recipe_amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --amp on `device`. Under an upstream preset, fp16 is the paper code's
+    torch.cuda.amp (autocast + GradScaler), which leaves a CPU run in fp32: so does this."""
+    if getattr(args, "recipe", "paper") in UPSTREAM_PRESETS and args.amp == "fp16" and device.type != "cuda":
+        return None
+    return utils.resolve_amp(args.amp, device)
+
+
+def amp_line(args: argparse.Namespace, amp_dtype: torch.dtype | None, device: torch.device) -> str:
+    """The run header's precision: what runs, and why when it is not what --amp asks for."""
+    label = utils.amp_label(amp_dtype)
+    scaler = " with a GradScaler" if amp_dtype == torch.float16 else ""
+    if args.amp == "fp16" and amp_dtype is None:
+        return (f"amp fp16 (recipe {args.recipe}: the paper code's CUDA autocast) runs in fp32 on the {device.type}: "
+                f"autocast and the GradScaler act on CUDA only")
+    return f"amp {label}{scaler} (--amp {args.amp}, {device.type})"
 
 
 def parse_lr_mult(spec: str) -> list[tuple[tuple[str, ...], float]]:
@@ -324,16 +343,21 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     # Today's defaults: the seed README's recipe (ImageNet-initialised when --pretrained).
     "paper": {},
     # Seed-era code, commit ed4ee00: its argparse defaults (lr 0.01, batch 32, 100 epochs, 5 warm-up
-    # epochs, min lr 1e-6, grad_clip 1.0), transforms.py's RandomResizedCrop scale (0.08, 1); with
-    # pretrained weights its models.py copied only stem + layer1 + layer2 of ResNet-18 into a
-    # twistnet*, and train.py then gave layer3, layer4 and fc 5x the lr (use_layer_wise_lr).
+    # epochs, min lr 1e-6, grad_clip 1.0), transforms.py's RandomResizedCrop scale (0.08, 1).
+    # --pretrained defaulted to true and run_all.py passed it on every run: a twistnet* loaded
+    # weights/twistnet18_imagenet.pt when present, else only stem + layer1 + layer2 of ResNet-18, and
+    # train.py gave layer3, layer4 and fc 5x the lr in both cases (use_layer_wise_lr tested only its
+    # --twistnet_pretrained path option, which is our --pretrained PATH); baselines got timm weights.
+    # Both presets: fp16 autocast with a GradScaler (--amp, CUDA only), the paper code's splits, and
+    # PIL's decode without EXIF orientation.
     "upstream_ed4ee00": {
         "epochs": 100, "batch_size": 32, "lr": 0.01, "warmup_epochs": 5.0, "warmup_start": 0.1,
         "sched": "cosine", "sched_interval": "epoch", "min_lr": 1e-6, "clip_grad": 1.0, "decay_all": True,
         "weight_decay": 1e-4, "momentum": 0.9, "nesterov": True, "label_smoothing": 0.1, "mixup": 0.8,
         "cutmix": 1.0, "randaug_n": 2, "randaug_m": 9, "hflip": 0.5, "crop_scale": 0.08,
-        "transfer_policy": "stem+layer1+layer2", "lr_mult": "layer3,layer4,fc=5", "stci_init": "upstream",
-        "eval_amp": False, "ema": False,
+        "pretrained": True, "transfer_policy": "stem+layer1+layer2", "lr_mult": "layer3,layer4,fc=5",
+        "stci_init": "upstream", "eval_amp": False, "ema": False, "amp": "fp16", "split_protocol": "paper_code",
+        "exif": "off",
     },
     # The published tables, latest commit (b223241): train.py's defaults changed to lr 0.05, batch 64,
     # 200 epochs, 10 warm-up epochs, min lr 1e-5, from scratch (pretrained False); transforms.py's crop
@@ -344,13 +368,15 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
         "weight_decay": 1e-4, "momentum": 0.9, "nesterov": True, "label_smoothing": 0.1, "mixup": 0.8,
         "cutmix": 1.0, "randaug_n": 2, "randaug_m": 9, "hflip": 0.5, "crop_scale": 0.2,
         "pretrained": False, "lr_mult": "", "stci_init": "upstream", "eval_amp": False, "ema": False,
+        "amp": "fp16", "split_protocol": "paper_code", "exif": "off",
     },
 }
+UPSTREAM_PRESETS = ("upstream_ed4ee00", "upstream_scratch")
 # What the run header and results.json["recipe"] show: every setting a preset may set.
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "lr_mult", "sched", "sched_interval", "warmup_epochs", "warmup_start",
                "min_lr", "momentum", "nesterov", "weight_decay", "decay_all", "clip_grad", "label_smoothing", "mixup",
                "cutmix", "randaug_n", "randaug_m", "hflip", "crop_scale", "pretrained", "transfer_policy",
-               "stci_init", "eval_amp", "ema")
+               "stci_init", "eval_amp", "ema", "amp", "split_protocol", "exif")
 STCI_INIT_CHOICES = ("default", *models.STCI_INITS)
 
 
@@ -363,6 +389,11 @@ def add_preset_arguments(group: argparse._ActionsContainer) -> None:
                             "kaiming fan-out)")
     group.add_argument("--eval_amp", action="store_true",
                        help="evaluate under autocast (--amp); default fp32, so near-ties do not flip with the GPU")
+    group.add_argument("--split_protocol", default="default", choices=datasets.SPLIT_PROTOCOLS,
+                       help="default: our splits, a function of (dataset, fold); paper_code: the paper code's "
+                            "(FMD 5 folds of 60/20/20, KTH-TIPS2-b, CUB val), seeded by --seed too (README \"Datasets\")")
+    group.add_argument("--exif", default="on", choices=("on", "off"),
+                       help="apply EXIF orientation on decode (off: as stored, as the paper code decodes)")
 
 
 def resolve_preset(build_parser: Callable[[], argparse.ArgumentParser],
@@ -379,18 +410,16 @@ def resolve_preset(build_parser: Callable[[], argparse.ArgumentParser],
             raise UserError(f"--stci_init {args.stci_init} contradicts --model_kwargs stci_init "
                             f"{args.model_kwargs['stci_init']!r}: give one of them.")
         args.stci_init = args.model_kwargs["stci_init"]
-    if args.recipe == "upstream_ed4ee00" and "lr_mult" not in explicit and not resnet18_transfer(args):
-        # The paper code raised the lr only for a twistnet* started from the partial ResNet-18 weights.
+    if args.recipe == "upstream_ed4ee00" and "lr_mult" not in explicit and not ed4ee00_layer_wise_lr(args):
         args.lr_mult = ""
     return args
 
 
-def resnet18_transfer(args: argparse.Namespace) -> bool:
-    """Whether build_model will start this model from the ResNet-18 transfer (a TwistNet with
-    --pretrained and no TwistNet weights file to find)."""
-    if args.pretrained is not True or not models.is_twistnet(args.model):
-        return False
-    return models.find_twistnet_weights(args.model) is None and models.find_twistnet_weights("twistnet18") is None
+def ed4ee00_layer_wise_lr(args: argparse.Namespace) -> bool:
+    """Whether ed4ee00's train.py gave layer3/layer4/fc 5x the lr: for a twistnet* with --pretrained
+    (auto-detected TwistNet file or ResNet-18 transfer alike), not with a named checkpoint
+    (its --twistnet_pretrained PATH) nor from scratch."""
+    return args.pretrained is True and models.is_twistnet(args.model)
 
 
 def recipe_summary(args: argparse.Namespace) -> dict:

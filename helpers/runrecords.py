@@ -24,8 +24,11 @@ from helpers.utils import UserError
 # train.py settings that are not part of a run's recipe: which cell and which run it is, where
 # data and runs live, how fast data is loaded, what is printed.
 NOT_RECIPE = frozenset({"model", "tag", "dataset", "fold", "seed", "data_dir", "run_dir", "workers", "prefetch",
-                        "cache", "no_progress", "force", "device", "benchmark_loader",
+                        "cache", "cache_max_short", "no_progress", "force", "device", "benchmark_loader",
                         "refine"})   # --refine: each fold's run refines its own pruned file
+# Settings added to train.py after runs were made: what those runs did, so that a cell mixing an older
+# run with a new one that differs (e.g. --split_protocol paper_code) is refused, not waved through.
+LEGACY_DEFAULTS = {"split_protocol": "default", "exif": "on"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,6 +50,7 @@ class RunResult:
     recipe: tuple[tuple[str, str], ...] = ()   # (setting, JSON value) of the config, NOT_RECIPE left out
     recipe_name: str = ""                # "recipe 2" when --split_recipes separates a model's recipes
     source: str = ""                     # PAPER_CODE for a run directory written by the paper's code
+    init: str = ""                       # what started it (models.init_summary of results.json "init")
 
     @property
     def label(self) -> str:
@@ -101,14 +105,19 @@ def parse_results(path: Path) -> RunResult:
         raise ValueError("no test accuracy (the dataset has no test split)")
     test_acc = _accuracy(fields["test_acc"], 100.0, "a percentage in [0, 100]")
     config = results.get("config") or {}
+    if config:
+        config = {**LEGACY_DEFAULTS, **config}
     recipe = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in NOT_RECIPE))
     img_size = results.get("img_size", config.get("img_size"))
     classes = results.get("classes") or []
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"classes is {_shown(classes)}, not a list of names")
+    if not isinstance(results.get("init") or {}, dict):
+        raise ValueError(f"init is {_shown(results['init'])}, not an object")
     return RunResult(fields["model"], str(results.get("tag") or ""), fields["dataset"], fields["fold"],
                      fields["seed"], test_acc, _count(results, "params"), _count(results, "flops"), path.parent,
-                     img_size if _is_integer(img_size) else None, tuple(classes), recipe)
+                     img_size if _is_integer(img_size) else None, tuple(classes), recipe,
+                     init=models.init_summary(results.get("init")) or "init not recorded (an older train.py)")
 
 
 def _is_integer(value: object) -> bool:
@@ -165,6 +174,7 @@ def parse_paper_code_results(results: dict, fields: dict, path: Path) -> RunResu
         config = {k: results[k] for k in ("epochs", "lr", "batch_size", "crop_scale", "pretrained") if k in results}
     config = {k: v for k, v in config.items()
               if k not in NOT_RECIPE and k not in ("num_workers", "resume", "checkpoint")}
+    config["split_protocol"] = "paper_code"   # its own splits, whatever the dataset
     recipe = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items()))
     params_m = _count(results, "params_M")
     img_size = config.get("img_size")

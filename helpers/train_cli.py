@@ -28,7 +28,9 @@ DESCRIPTION = "Train one model on one fold of one dataset, resumably; writes a r
 # Options that may change between an interrupted run and its resumption without changing the
 # trajectory (where data lives, how fast it is loaded, how much is printed). A moved dataset is
 # fine; other data is caught by the fingerprint of the splits.
-RESUME_SAFE_KEYS = {"data_dir", "workers", "run_dir", "force", "cache", "no_progress", "prefetch", "tensorboard"}
+RESUME_SAFE_KEYS = {"data_dir", "workers", "run_dir", "force", "cache", "cache_max_short", "no_progress", "prefetch",
+                    "tensorboard"}
+PRETRAINED_OFF = ("off", "false", "none")
 # A --tag becomes part of the run's folder name and of cluster job names and scripts: plain characters only.
 TAG_PATTERN = re.compile(r"[A-Za-z0-9._+-]*")
 
@@ -58,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on this fraction of each class of the training split (fixed and nested too)")
     g.add_argument("--run_dir", default="runs", help="folder that receives the run directory")
     g.add_argument("--force", action="store_true", help="retrain even if the run finished (or has last.pt)")
-    g.add_argument("--pretrained", nargs="?", const=True, default=False,
+    g.add_argument("--pretrained", nargs="?", const=True, default=False, type=pretrained_value,
                    help="flag: ImageNet weights (TwistNet: auto-detect weights/, else ResNet-18 transfer); "
-                        "or a checkpoint path")
+                        "or a checkpoint path; 'off': from scratch (over a --recipe that sets it)")
     g.add_argument("--refine", default=None,
                    help="fine-tune a prune.py output (network slimming's last step) instead of a new model; "
                         "give the run a --tag (e.g. pruned40) so that it gets its own name and table row")
@@ -93,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shrink images on decode to this shorter side (fast path, e.g. 256); default: crop "
                         "from the native-resolution image, as the paper's code does")
     g.add_argument("--cache", action="store_true",
-                   help=f"keep decoded images in memory (native resolution up to a {loading.CACHE_MAX_SHORT} px "
-                        f"shorter side, or --decode_size)")
+                   help="keep decoded images in memory, at native resolution up to --cache_max_short (or at "
+                        "--decode_size)")
+    g.add_argument("--cache_max_short", type=int, default=loading.CACHE_MAX_SHORT,
+                   help="--cache: an image whose shorter side is longer is shrunk to it (bicubic) before it is "
+                        "kept, so its crops come from the smaller copy; 0: no limit, every image native")
     g.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (and at the last)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (exact resume on GPU needs this)")
@@ -107,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_find_steps", type=int, default=100, help="optimizer steps of the range test")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to <run>/tensorboard")
     return p
+
+
+def pretrained_value(text: str) -> str | bool:
+    """--pretrained's value: a checkpoint path, or off (from scratch)."""
+    return False if text.lower() in PRETRAINED_OFF else text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,6 +144,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--batch_size {args.batch_size} cannot train: {why}. Use 2 or more (the paper uses 32).")
     if args.lr_find and args.lr_find_steps < 10:
         raise UserError(f"--lr_find_steps {args.lr_find_steps}: the range test needs at least 10 steps.")
+    if args.cache_max_short < 0:
+        raise UserError(f"--cache_max_short {args.cache_max_short}: a shorter side in px, or 0 for no limit.")
     for name in ("img_size", "eval_every", "prefetch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")

@@ -457,6 +457,24 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert upright.size == (30, 60)
     top, bottom = np.asarray(upright)[:30].mean(), np.asarray(upright)[30:].mean()
     assert top > 200 and bottom < 50                          # the white half is now on top
+    # --exif off (the upstream presets): as stored, as the paper code's PIL open + convert decodes it.
+    as_stored = loading.decode_image(str(path), None, exif=False)
+    assert as_stored.size == (60, 30) and np.asarray(as_stored)[:, :30].mean() > 200
+    data = loading.ImageListDataset([(str(path), 0)], None, cache=True, exif=False)
+    assert data[0][0].size == (60, 30)
+    sets, _ = datasets.build_datasets("imagefolder", write_one_image_folder(tmp_path / "folder", path), 1, None, None,
+                                      exif=False)
+    assert {sets[s][0][0].size for s in ("train", "val")} == {(60, 30)}
+
+
+def write_one_image_folder(root: Path, image: Path) -> Path:
+    """imagefolder with the same image as each of two classes' only train and val image."""
+    import shutil
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            shutil.copy(image, root / split / name / image.name)
+    return root
 
 
 def test_dtd_paths_with_dots_are_normalised(tmp_path: Path) -> None:

@@ -104,9 +104,95 @@ def test_upstream_ed4ee00_gives_5x_lr_to_layer3_layer4_fc_decays_all_and_transfe
     assert all(g["weight_decay"] == 1e-4 for g in groups)
     assert {g["lr_mult"]: g["initial_lr"] for g in groups} == {1.0: pytest.approx(0.01), 5.0: pytest.approx(0.05)}
     assert (args.clip_grad, args.crop_scale, args.warmup_start, args.sched_interval) == (1.0, 0.08, 0.1, "epoch")
-    # Without the ResNet-18 transfer the paper code kept one lr: so does the preset (an explicit --lr_mult wins).
-    assert train_cli.parse_args(["--recipe", "upstream_ed4ee00"]).lr_mult == ""
+    # From scratch, from a named checkpoint (ed4ee00's --twistnet_pretrained PATH) or for a baseline the
+    # paper code kept one lr: so does the preset (an explicit --lr_mult wins).
+    for extra in (["--pretrained", "off"], ["--pretrained", "some/twistnet.pt"], ["--model", "resnet18"]):
+        assert train_cli.parse_args(["--recipe", "upstream_ed4ee00", *extra]).lr_mult == ""
     assert train_cli.parse_args(["--recipe", "upstream_ed4ee00", "--lr_mult", "fc=2"]).lr_mult == "fc=2"
+
+
+def test_upstream_presets_imply_what_the_paper_code_ran() -> None:
+    ed4ee00 = train_cli.parse_args(["--recipe", "upstream_ed4ee00"])
+    assert (ed4ee00.pretrained, ed4ee00.transfer_policy, ed4ee00.lr_mult) == (True, "stem+layer1+layer2",
+                                                                              "layer3,layer4,fc=5")
+    for name in ("upstream_ed4ee00", "upstream_scratch"):
+        args = train_cli.parse_args(["--recipe", name])
+        assert (args.amp, args.split_protocol, args.exif) == ("fp16", "paper_code", "off")
+        assert {"amp", "split_protocol", "exif"} <= set(recipes.recipe_summary(args))
+    paper = train_cli.parse_args([])
+    assert (paper.amp, paper.split_protocol, paper.exif, paper.pretrained) == ("auto", "default", "on", False)
+    # fp16 under an upstream preset is the paper code's CUDA autocast: fp32 on a CPU, bf16/fp16 as asked otherwise.
+    cpu = torch.device("cpu")
+    assert recipes.recipe_amp_dtype(train_cli.parse_args(["--recipe", "upstream_scratch"]), cpu) is None
+    assert recipes.recipe_amp_dtype(train_cli.parse_args(["--amp", "fp16"]), cpu) == torch.float16
+    line = recipes.amp_line(ed4ee00, None, cpu)
+    assert "fp16" in line and "fp32 on the cpu" in line
+    cuda = torch.device("cuda")   # only the dtype is resolved: no GPU needed
+    assert recipes.recipe_amp_dtype(ed4ee00, cuda) == torch.float16
+    assert "amp fp16 with a GradScaler" in recipes.amp_line(ed4ee00, torch.float16, cuda)
+
+
+def test_upstream_ed4ee00_keeps_the_5x_lr_when_a_twistnet_file_is_found(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    weights = tmp_path / "weights" / "twistnet18_imagenet.pt"
+    torch.save(models.build_model("twistnet18", 1000, verbose=False).state_dict(), weights)
+    args = train_cli.parse_args([*TINY, "--recipe", "upstream_ed4ee00"])
+    assert args.lr_mult == "layer3,layer4,fc=5"   # ed4ee00 decided on the flag, not on which file it loaded
+    trainer = train.Trainer(args, 5, 4, torch.device("cpu"), lambda line: None)
+    assert sorted(g["lr_mult"] for g in trainer.recipe.optimizer.param_groups) == [1.0, 5.0]
+    init = trainer.init
+    assert (init["source"], init["path"], init["sha256"]) == ("twistnet_file", str(weights), models.file_sha256(weights))
+    # Every tensor but the classifier (1000 classes in the file, 5 here), which is skipped.
+    assert (init["skipped"], init["left_at_init"]) == (2, 0)
+    assert init["mapped"] == len(trainer.model.state_dict()) - 2
+
+
+def test_init_records_the_resnet18_file_it_started_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import timm
+    monkeypatch.chdir(tmp_path)   # no TwistNet file to find
+    torch.manual_seed(5)
+    path = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    args = train_cli.parse_args([*TINY, "--pretrained", "--resnet18_weights", str(path)])
+    init = train.Trainer(args, 5, 4, torch.device("cpu"), lambda line: None).init
+    assert init["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (init["source"], init["transfer_policy"], init["skipped"]) == ("resnet18_transfer", "all", 2)   # fc: 1000 vs 5
+    scratch = train.Trainer(train_cli.parse_args(TINY), 5, 4, torch.device("cpu"), lambda line: None).init
+    assert (scratch["source"], scratch["mapped"], scratch["sha256"]) == ("scratch", 0, None)
+    assert "init resnet18_transfer" in models.init_summary(init) and "sha256 " + init["sha256"][:12] in \
+        models.init_summary(init)
+
+
+@pytest.fixture(scope="module")
+def ed4ee00_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One epoch of --recipe upstream_ed4ee00 with a local ResNet-18 file (random weights) and nothing else."""
+    import timm
+    root = tmp_path_factory.mktemp("ed4ee00")
+    torch.manual_seed(4)
+    weights = root / "resnet18_random.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), weights)
+    assert train.main([*TINY, "--recipe", "upstream_ed4ee00", "--resnet18_weights", str(weights), "--epochs", "1",
+                       "--train_per_class", "2", "--run_dir", str(root / "runs")]) == 0
+    return root / "runs" / "synthtex_fold1_twistnet18_seed42_n2", weights
+
+
+def test_an_ed4ee00_run_records_the_transfer_the_5x_group_and_fp16(ed4ee00_run: tuple[Path, Path]) -> None:
+    path, weights = ed4ee00_run
+    results = json.loads((path / "results.json").read_text())
+    recipe, init = results["recipe"], results["init"]
+    assert (recipe["pretrained"], recipe["lr_mult"], recipe["amp"], recipe["split_protocol"]) == (
+        True, "layer3,layer4,fc=5", "fp16", "paper_code")
+    assert results["amp_used"] == "off"   # a CPU run: fp32, as the paper code's torch.cuda.amp
+    assert init["sha256"] == models.file_sha256(weights) and init["transfer_policy"] == "stem+layer1+layer2"
+    # ResNet-18's stem, layer1 and layer2 tensors (BatchNorm counters included) are the ones copied.
+    stem = [k for k in torch.load(weights, weights_only=True) if k.startswith(("conv1.", "bn1.", "layer1.", "layer2."))]
+    assert init["mapped"] == len(stem) == 60 and init["skipped"] == 0
+    log = (path / "train.log").read_text()
+    assert "runs in fp32 on the cpu" in log and f"sha256 {init['sha256'][:12]}" in log
+    assert "EXIF orientation not applied" in log
 
 
 def test_lr_mult_syntax_and_a_prefix_matching_nothing_are_clear_errors() -> None:
@@ -214,6 +300,8 @@ def test_a_scratch_run_records_every_resolved_value(scratch_run: Path) -> None:
         lr=0.05, batch_size=16, epochs=1, warmup_epochs=10.0, min_lr=1e-5, crop_scale=0.2, clip_grad=1.0,
         stci_init="upstream", decay_all=True, pretrained=False)
     assert results["config"]["recipe"] == "upstream_scratch" and results["config"]["lr"] == 0.05
+    assert (recipe["amp"], recipe["split_protocol"], recipe["exif"]) == ("fp16", "paper_code", "off")
+    assert results["init"]["source"] == "scratch"
     log = (path / "train.log").read_text()
     assert "recipe upstream_scratch: epochs=1, batch_size=16, lr=0.05" in log
     # The first (and only) epoch ran at 0.1x the lr: the per-epoch warm-up.
@@ -287,3 +375,56 @@ def test_a_paper_code_accuracy_that_is_not_a_fraction_is_left_out(tmp_path: Path
     write_paper_code_run(tmp_path, "twistnet18", 1, 61.25, 11.59)
     found = runrecords.load_runs([tmp_path])
     assert not found.runs and "fraction" in found.unusable[0][1]
+
+
+# --------------------------------------------------------------------------------------------
+# Split protocol and init in the run records: a cell never mixes protocols; older runs still read
+# --------------------------------------------------------------------------------------------
+def write_our_run(root: Path, fold: int, config: dict, init: dict | None = None, test_acc: float = 50.0) -> Path:
+    path = root / f"fmd_fold{fold}_resnet18_seed42"
+    path.mkdir(parents=True)
+    results = {"model": "resnet18", "tag": "", "dataset": "fmd", "fold": fold, "seed": 42, "test_acc": test_acc,
+               "params": 11_000_000, "flops": None, "config": {**config, "fold": fold}}
+    if init is not None:
+        results["init"] = init
+    (path / "results.json").write_text(json.dumps(results))
+    return path
+
+
+def fmd_config(*extra: str) -> dict:
+    return train_cli.config_of(train_cli.parse_args(["--dataset", "fmd", "--model", "resnet18", *extra]))
+
+
+def test_a_cell_mixing_split_protocols_is_refused_and_an_older_run_counts_as_default(tmp_path: Path, capsys) -> None:
+    old = {k: v for k, v in fmd_config().items() if k not in ("split_protocol", "exif", "cache_max_short")}
+    write_our_run(tmp_path / "a", 1, old)                                         # before these keys existed
+    write_our_run(tmp_path / "a", 2, fmd_config("--split_protocol", "paper_code"))
+    assert utils.run_main(summarize_runs.main, ["--run_dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "mix runs of different recipes" in err and 'split_protocol: "default" | "paper_code"' in err
+    # The older run beside a new default one: one recipe.
+    write_our_run(tmp_path / "b", 1, old)
+    write_our_run(tmp_path / "b", 2, fmd_config())
+    assert summarize_runs.main(["--run_dir", str(tmp_path / "b")]) == 0
+
+
+def test_summarize_lists_each_runs_protocol_and_init(tmp_path: Path, capsys) -> None:
+    init = {"source": "resnet18_transfer", "path": "/w/r18.pth", "sha256": "ab" * 32, "hub_tag": None,
+            "transfer_policy": "all", "mapped": 100, "skipped": 2, "left_at_init": 0}
+    write_our_run(tmp_path, 1, fmd_config("--split_protocol", "paper_code"), init)
+    write_our_run(tmp_path, 2, fmd_config("--split_protocol", "paper_code"))      # no init: an older train.py
+    assert summarize_runs.main(["--run_dir", str(tmp_path), "--runs"]) == 0
+    out = capsys.readouterr().out
+    assert ("fmd_fold1_resnet18_seed42: 50.00% | paper_code | init resnet18_transfer: /w/r18.pth sha256 abababababab, "
+            "policy all; tensors mapped 100, skipped 2, left at init 0") in out
+    assert "fmd_fold2_resnet18_seed42: 50.00% | paper_code | init not recorded" in out
+
+
+def test_a_run_finished_before_the_new_keys_still_compares_equal(tmp_path: Path) -> None:
+    config = fmd_config()
+    old = {k: v for k, v in config.items() if k not in ("split_protocol", "exif", "cache_max_short")}
+    path = write_our_run(tmp_path, 1, {**old, "fold": 1})
+    assert train_cli.finished_difference(path, {**config, "fold": 1}) == ""
+    paper = train_cli.config_of(train_cli.parse_args(["--dataset", "fmd", "--model", "resnet18", "--split_protocol",
+                                                      "paper_code"]))
+    assert "--split_protocol: 'default' -> 'paper_code'" in train_cli.finished_difference(path, {**paper, "fold": 1})
