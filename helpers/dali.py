@@ -22,7 +22,10 @@ images get other crops and RandAugment ops than the uninterrupted run would have
 
 Unreadable images are found before DALI sees them (the file is not a known image, or a JPEG/PNG
 ends early) and replaced by a tiny placeholder whose label is -1; the placeholders are dropped
-from the batch and counted, as loading.collate_skip_unreadable does. Formats DALI does not decode
+from the batch and counted, as loading.collate_skip_unreadable does. A file that passes those
+checks but fails inside DALI (a PNG with broken compressed data) stops the pipeline: the batches
+it had taken are then checked with PIL, the files PIL cannot read either are skipped from then on,
+and a new pipeline continues from the failed batch. Formats DALI does not decode
 (GIF, 16-bit or CMYK images, ...) and extreme aspect ratios are decoded by PIL (loading.decode_image)
 and handed over as PNG, so they are not lost. nvidia.dali is imported only when a pipeline is built.
 """
@@ -115,6 +118,19 @@ def _ends_complete(data: bytes, image_format: str) -> bool:
     return True
 
 
+def _orientation(probe: Image.Image) -> int:
+    """The EXIF orientation (1: upright) from the header: PIL's getexif() would decode a whole PNG to
+    look for an eXIf chunk after the pixels."""
+    if probe.format == "JPEG":
+        return probe.getexif().get(EXIF_ORIENTATION, 1)
+    raw = probe.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    return exif.get(EXIF_ORIENTATION, 1)
+
+
 class EncodedImages:
     """Dataset index -> (encoded bytes, upright height, width), or None for an unreadable image.
 
@@ -142,12 +158,14 @@ class EncodedImages:
             data = f.read()
         with Image.open(io.BytesIO(data)) as probe:   # reads the header only
             image_format, mode, (width, height) = probe.format, probe.mode, probe.size
-            turned = probe.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            orientation = _orientation(probe)
         if not _ends_complete(data, image_format or ""):
             raise OSError(f"the {image_format} file ends early (truncated)")
-        if turned:
+        if orientation in (5, 6, 7, 8):
             width, height = height, width
+        # DALI turns JPEGs upright by their EXIF orientation; other formats that carry one go through PIL.
         native = (image_format in NATIVE_FORMATS and mode in NATIVE_MODES
+                  and (image_format == "JPEG" or orientation == 1)
                   and max(width, height) <= loading.MAX_ASPECT_RATIO * min(width, height))
         if native:
             return np.frombuffer(data, dtype=np.uint8), height, width
@@ -170,15 +188,19 @@ class BatchFeeder:
     """The external source of a pipeline: the epoch's batches of indices as encoded images and
     labels (-1: a placeholder for an unreadable image), plus the eval geometry when evaluating."""
 
-    def __init__(self, dataset: Any, batches: Sequence[Sequence[int]], img_size: int, evaluation: bool) -> None:
+    def __init__(self, dataset: Any, batches: Sequence[Sequence[int]], img_size: int, evaluation: bool,
+                 unreadable: set[int] | None = None) -> None:
         self.encoded, self.targets = EncodedImages(dataset), dataset.targets
         self.batches, self.img_size, self.evaluation = iter(batches), img_size, evaluation
+        self.unreadable = unreadable if unreadable is not None else set()
+        self.fed = 0   # batches handed to the pipeline (it runs ahead of the ones it has returned)
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
         batch = next(self.batches)   # StopIteration ends the epoch
+        self.fed += 1
         encoded, labels, sizes, anchors = [], [], [], []
         for index in batch:
-            item = self.encoded(index)
+            item = None if index in self.unreadable else self.encoded(index)
             data, height, width = item if item is not None else (PLACEHOLDER, 8, 8)
             encoded.append(data)
             labels.append(np.array([self.targets[index] if item is not None else -1], dtype=np.int64))
@@ -312,19 +334,42 @@ class DaliLoader:
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
-        if not batches:
-            return
-        feeder = BatchFeeder(self.dataset, batches, self.img_size, evaluation=self.augment is None)
-        pipe = build_pipeline(feeder, self.batch_size, self.device, self.threads, seed, self.augment)
-        try:
-            while True:
-                try:
-                    images, labels = pipe.run()
-                except StopIteration:
-                    return
-                yield self._batch(images, labels)
-        finally:
-            del pipe   # frees its threads (and GPU memory) when the epoch ends or is left early
+        done, unreadable = 0, set()
+        while done < len(batches):
+            feeder = BatchFeeder(self.dataset, batches[done:], self.img_size, self.augment is None, unreadable)
+            pipe = build_pipeline(feeder, self.batch_size, self.device, self.threads, seed + done, self.augment)
+            try:
+                while True:
+                    try:
+                        images, labels = pipe.run()
+                    except StopIteration:
+                        return
+                    except RuntimeError:
+                        # A file that passed the header checks but that DALI cannot decode: the
+                        # pipeline is dead. Find it with PIL, skip it, go on from this batch.
+                        self._find_unreadable(batches[done:done + feeder.fed], unreadable)
+                        break
+                    yield self._batch(images, labels)
+                    done += 1
+            finally:
+                del pipe   # frees its threads (and GPU memory) when the epoch ends or is left early
+
+    def _find_unreadable(self, batches: Sequence[Sequence[int]], unreadable: set[int]) -> None:
+        """Add the images of `batches` that PIL cannot decode either to `unreadable` (warned as the
+        PIL loaders warn); none: a user error naming the files, with the way out."""
+        found = set()
+        for index in (i for batch in batches for i in batch if i not in unreadable):
+            path = self.dataset.samples[index][0]
+            try:
+                loading.decode_image(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                self.dataset.warn_unreadable(path, error)
+                found.add(index)
+        if not found:
+            names = ", ".join(str(self.dataset.samples[i][0]) for batch in batches for i in batch[:3])
+            raise UserError(f"DALI failed to decode a batch that PIL reads (among {names}, ...): use --loader pil "
+                            f"for this data.")
+        unreadable |= found
 
     def _batch(self, images: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
         labels = torch.from_numpy(np.array(labels.as_tensor())).view(-1)

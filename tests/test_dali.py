@@ -100,6 +100,19 @@ def test_eval_matches_the_pil_eval_transform(eval_images: list[tuple[str, int]])
         assert levels[rows].mean() <= 0.5, (name, levels[rows].mean())
 
 
+def test_exif_orientation_is_applied_as_pil_does(tmp_path: Path) -> None:
+    """A phone photo stored sideways (EXIF orientation 6): both loaders turn it upright."""
+    exif = Image.Exif()
+    exif[dali.EXIF_ORIENTATION] = 6
+    path = tmp_path / "turned.jpg"
+    class_image(1, 0, 64).resize((64, 40)).save(path, quality=95, exif=exif)
+    dataset = loading.ImageListDataset([(str(path), 0)], transforms.build_eval_transform(32))
+    [(images, _, _)] = list(dali.DaliLoader(dataset, 1, CPU, 1, 32))
+    upright, got = dataset[0][0], utils.normalise_uint8(images[0])
+    sideways = got.transpose(1, 2)
+    assert (got - upright).abs().mean() < 0.02 < (sideways - upright).abs().mean()
+
+
 def test_unreadable_images_are_skipped_and_counted(eval_images: list[tuple[str, int]], tmp_path: Path) -> None:
     garbage = corrupt(tmp_path / "garbage.jpg")
     truncated = tmp_path / "truncated.jpg"
@@ -116,6 +129,24 @@ def test_unreadable_images_are_skipped_and_counted(eval_images: list[tuple[str, 
         [(2, [0, 1], 2), (1, [1], 0)]
     warned = {str(w.message).split(":")[0] for w in caught if issubclass(w.category, loading.UnreadableImageWarning)}
     assert warned == {f"Skipping unreadable image {garbage}", f"Skipping unreadable image {truncated}"}
+
+
+def test_a_file_dali_fails_on_mid_epoch_is_skipped_and_the_epoch_goes_on(tmp_path: Path) -> None:
+    """A PNG with broken compressed data passes the header checks and stops DALI's decoder; the
+    loader finds it with PIL and continues from that batch: the same batches as the PIL loader's."""
+    samples = write_indexed_images(tmp_path, 10)
+    data = bytearray(Path(samples[6][0]).read_bytes())
+    start = data.index(b"IDAT") + 20
+    data[start:start + 30] = bytes(30)
+    Path(samples[6][0]).write_bytes(bytes(data))
+    dataset = loading.ImageListDataset(samples, transforms.build_eval_transform(16, uint8=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [(labels.tolist(), skipped) for _, labels, skipped in dali.DaliLoader(dataset, 3, CPU, 1, 16)]
+        pil = [(labels.tolist(), skipped) for _, labels, skipped in
+               DataLoader(dataset, batch_size=3, collate_fn=loading.collate_skip_unreadable)]
+    assert got == pil == [([0, 1, 2], 0), ([3, 4, 5], 0), ([7, 8], 1), ([9], 0)]
+    assert any(samples[6][0] in str(w.message) for w in caught if w.category is loading.UnreadableImageWarning)
 
 
 def test_a_wholly_unreadable_batch_is_an_empty_batch(tmp_path: Path) -> None:
