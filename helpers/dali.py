@@ -139,7 +139,6 @@ class EncodedImages:
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
-        self.warn = getattr(dataset, "warn_unreadable", None)
 
     def __call__(self, index: int) -> tuple[np.ndarray, int, int] | None:
         if not isinstance(self.dataset, loading.ImageListDataset):
@@ -347,6 +346,8 @@ class DaliLoader:
                     except RuntimeError:
                         # A file that passed the header checks but that DALI cannot decode: the
                         # pipeline is dead. Find it with PIL, skip it, go on from this batch.
+                        if not isinstance(self.dataset, loading.ImageListDataset):
+                            raise   # images encoded here (synthtex): not a bad file
                         self._find_unreadable(batches[done:done + feeder.fed], unreadable)
                         break
                     yield self._batch(images, labels)
