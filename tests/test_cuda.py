@@ -56,7 +56,10 @@ def build(name: str) -> tuple[nn.Module, Callable[[nn.Module, torch.Tensor, torc
 def loss_and_grads(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
                    dtype: torch.dtype | None) -> tuple[float, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    # fp16: a loss scale that leaves the backward pass inside fp16's range. GradScaler's 2^16 start
+    # may overflow on the first step and then halve itself over skipped steps, which is its search,
+    # not the arithmetic checked here.
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10, enabled=dtype == torch.float16)
     with utils.autocast(torch.device("cuda"), dtype):
         loss = loss_fn(model, x, y)
     scaler.scale(loss).backward()
