@@ -319,3 +319,18 @@ def test_pretrain_imagenet_with_dali_runs_its_steps(tmp_path: Path) -> None:
     assert code == 0
     [epoch] = [r for r in utils.read_jsonl(ckpt / "log.jsonl") if r["type"] == "epoch"]
     assert epoch["train_images"] == 8 and epoch["val_images"] == 4
+
+
+def test_pretrain_spark_with_dali_runs_its_steps(tmp_path: Path) -> None:
+    import pretrain_spark
+
+    folder = tmp_path / "images"
+    write_indexed_images(folder, 8, size=72)
+    ckpt = tmp_path / "ckpt"
+    code = pretrain_spark.main(["--data_dir", str(folder), "--loader", "dali", "--device", "cpu", "--workers", "1",
+                                "--img_size", "64", "--batch_size", "4", "--decoder_width", "128", "--epochs", "1",
+                                "--warmup_epochs", "1", "--vis_every", "0", "--no_progress",
+                                "--checkpoint_dir", str(ckpt), "--weights_dir", str(tmp_path / "weights")])
+    assert code == 0
+    [epoch] = [r for r in utils.read_jsonl(ckpt / "log.jsonl") if r["type"] == "epoch"]
+    assert epoch["train_images"] == 8 and math.isfinite(epoch["train_loss"])
