@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-lock
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo clean gpu-check
 
 setup: $(STAMP)
 
@@ -28,3 +28,7 @@ demo: setup
 
 clean:
 	rm -rf runs/demo .pytest_cache
+
+# make gpu-check: on a CUDA machine, pytest -m cuda + throughput -> gpu_report.md/.json (<= 8 min)
+gpu-check: setup
+	$(PY) -m helpers.gpu_check

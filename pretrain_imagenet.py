@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Subset
 import datasets
 import models
 import transforms
-from helpers import distributed, loading, model_tools, recipes, rundirs, utils
+from helpers import dali, distributed, loading, model_tools, recipes, rundirs, utils
 from helpers.distributed import BatchPlan, DistContext
 from helpers.utils import UserError
 
@@ -127,7 +127,8 @@ class TrainData(distributed.EpochBatches):
                  num_images: int, num_classes: int, first_set: tuple[int, Any] | None = None) -> None:
         """first_set: (size, dataset) already built at startup, reused instead of scanning again."""
         super().__init__(lambda size: load_folder_splits(args, size)[0], num_images, plan, ctx, args.seed,
-                         args.workers, args.prefetch, f"{args.data_dir}/train", first_set)
+                         args.workers, args.prefetch, f"{args.data_dir}/train", first_set,
+                         dali_augment=dali_augment(args, ctx))
         self.args, self.num_classes = args, num_classes
         self.images: dict | None = None   # distributed.image_set of a folder, on rank 0
 
@@ -166,11 +167,18 @@ def check_imagenet_layout(data_dir: str | None) -> Path:
     return root
 
 
+def dali_augment(args: argparse.Namespace, ctx: DistContext) -> Callable[[int], dali.TrainAugment] | None:
+    """The training augmentation at a crop size for DALI (--loader dali), or None for the PIL loaders."""
+    if dali.resolve_loader(args.loader, ctx.device) != "dali":
+        return None
+    return lambda size: dali.TrainAugment(size, hflip=args.hflip, randaug_n=args.randaug_n, randaug_m=args.randaug_m)
+
+
 def load_folder_splits(args: argparse.Namespace, train_size: int) -> tuple[Any, Any, list[str]]:
-    """(train set at train_size, val set at --img_size, classes) through datasets.py."""
+    """(train set at train_size, val set at --img_size, classes) through datasets.py; uint8 items."""
     train_tf = transforms.build_train_transform(train_size, hflip=args.hflip, randaug_n=args.randaug_n,
-                                                randaug_m=args.randaug_m)
-    eval_tf = transforms.build_eval_transform(args.img_size)
+                                                randaug_m=args.randaug_m, uint8=True)
+    eval_tf = transforms.build_eval_transform(args.img_size, uint8=True)
     decode = transforms.eval_resize_size(args.img_size) if args.decode_size is None else args.decode_size
     try:
         sets, classes = datasets.build_datasets("imagefolder", args.data_dir, 1, train_tf, eval_tf,
@@ -192,9 +200,13 @@ class ValData:
             self.loader = None
         else:
             self.total = len(dataset)
-            shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-            self.loader = DataLoader(shard, batch_size=self.batch_size, shuffle=False,
-                                     **loading.loader_options(args.workers, args.prefetch, ctx.device))
+            mine = range(ctx.rank, len(dataset), ctx.world_size)
+            if dali.resolve_loader(args.loader, ctx.device) == "dali":
+                self.loader = dali.DaliLoader(dataset, self.batch_size, ctx.device, args.workers, args.img_size,
+                                              indices=mine)
+            else:
+                self.loader = DataLoader(Subset(dataset, mine), batch_size=self.batch_size, shuffle=False,
+                                         **loading.loader_options(args.workers, args.prefetch, ctx.device))
 
     def batches(self) -> Iterable:
         return self.loader if self.loader is not None else self._synthetic()

@@ -55,7 +55,7 @@ import torch.nn as nn
 import datasets
 import models
 import transforms
-from helpers import distributed, model_tools, recipes, rundirs, spark, utils
+from helpers import dali, distributed, model_tools, recipes, rundirs, spark, utils
 from helpers.distributed import BatchPlan, DistContext
 from helpers.utils import UserError
 
@@ -155,7 +155,8 @@ def validate_args(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan) -
 def unlabelled_images(args: argparse.Namespace, size: int) -> Any:
     """The training images at crop size `size`, through SparK's light augmentation; items are
     (image, label) with labels never used."""
-    train_tf = transforms.build_train_transform(size, hflip=args.hflip, randaug_n=0, scale=(args.crop_scale, 1.0))
+    train_tf = transforms.build_train_transform(size, hflip=args.hflip, randaug_n=0, scale=(args.crop_scale, 1.0),
+                                                uint8=True)
     if args.data == "synthtex":
         sets, _ = datasets.build_datasets("synthtex", None, args.fold, train_tf, None,
                                           synthtex_size=transforms.eval_resize_size(args.img_size))
@@ -164,14 +165,20 @@ def unlabelled_images(args: argparse.Namespace, size: int) -> Any:
     return datasets.unlabelled_dataset(args.data_dir, train_tf, decode_size=decode or None)
 
 
+def dali_augment(args: argparse.Namespace) -> Callable[[int], dali.TrainAugment]:
+    """unlabelled_images' augmentation at a crop size, for DALI (--loader dali): no RandAugment."""
+    return lambda size: dali.TrainAugment(size, hflip=args.hflip, randaug_n=0, scale=(args.crop_scale, 1.0))
+
+
 def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phases: list[tuple[float, int]],
               start_epoch: int) -> tuple[distributed.EpochBatches, Any]:
     """The epochs' batches, and the dataset found (for the figures: the folders are listed once)."""
     size = recipes.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
     first = unlabelled_images(args, size)
     where = "synthtex" if args.data == "synthtex" else " ".join(args.data_dir)
+    augment = dali_augment(args) if dali.resolve_loader(args.loader, ctx.device) == "dali" else None
     data = distributed.EpochBatches(lambda s: unlabelled_images(args, s), len(first), plan, ctx, args.seed,
-                                    args.workers, args.prefetch, where, first_set=(size, first))
+                                    args.workers, args.prefetch, where, first_set=(size, first), dali_augment=augment)
     return data, first
 
 

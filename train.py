@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 import datasets
 import models
 import transforms
-from helpers import loading, lrfind, model_tools, recipes, rundirs, train_cli, utils
+from helpers import dali, loading, lrfind, model_tools, recipes, rundirs, train_cli, utils
 from helpers.utils import UserError
 
 RUN_FILES = ("results.json", "best.pt", "last.pt", "log.jsonl", "train.log")
@@ -53,22 +53,32 @@ RUN_FOLDERS = ("tensorboard",)   # --tensorboard's event files, which a fresh st
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Data:
-    loaders: dict[str, DataLoader]
+    loaders: dict[str, DataLoader | dali.DaliLoader]   # batches of (uint8 images, labels, n_unreadable)
     classes: list[str]
     sampler: loading.EpochSeededSampler
     fingerprint: dict        # datasets.split_fingerprint: which images, not where they are
     notes: list[str]         # classes absent from val/test, files beside the images that are not used
-    train_loader_at: Callable[[int], DataLoader]   # the train loader at another crop size (--progressive)
+    train_loader_at: Callable[[int], DataLoader | dali.DaliLoader]   # the train loader at another crop size (--progressive)
+    loader: str = "pil"      # --loader resolved: "pil" or "dali"
 
 
 def train_transform(args: argparse.Namespace, size: int) -> Callable:
     return transforms.build_train_transform(size, hflip=args.hflip, randaug_n=args.randaug_n,
-                                            randaug_m=args.randaug_m, scale=(args.crop_scale, 1.0))
+                                            randaug_m=args.randaug_m, scale=(args.crop_scale, 1.0), uint8=True)
+
+
+def dali_augment(args: argparse.Namespace, size: int) -> dali.TrainAugment:
+    """train_transform's augmentation for DALI (--loader dali)."""
+    return dali.TrainAugment(size, hflip=args.hflip, randaug_n=args.randaug_n, randaug_m=args.randaug_m,
+                             scale=(args.crop_scale, 1.0))
 
 
 def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
+    """The train/val/test loaders of the run; their batches hold uint8 images (utils.to_device
+    normalises them on the device), from PIL in DataLoader workers or from DALI (--loader)."""
+    kind = dali.resolve_loader(args.loader, device)
     train_tf = train_transform(args, args.img_size)
-    eval_tf = transforms.build_eval_transform(args.img_size)
+    eval_tf = transforms.build_eval_transform(args.img_size, uint8=True)
     resize = transforms.eval_resize_size(args.img_size)
     sets, classes = datasets.build_datasets(
         args.dataset, args.data_dir, args.fold, train_tf, eval_tf,
@@ -81,7 +91,10 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
     # Drop the ragged last batch (BatchNorm on one image breaks), unless the set is that small.
     drop_last = len(sets["train"]) > args.batch_size
 
-    def train_loader_at(size: int) -> DataLoader:
+    def train_loader_at(size: int) -> DataLoader | dali.DaliLoader:
+        if kind == "dali":
+            return dali.DaliLoader(sets["train"], args.batch_size, device, args.workers, size,
+                                   augment=dali_augment(args, size), sampler=sampler, drop_last=drop_last)
         # New workers: persistent ones would keep the old transform.
         sets["train"].transform = train_transform(args, size)
         return DataLoader(loading.SeededSamples(sets["train"]), batch_size=args.batch_size,
@@ -90,7 +103,9 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
     loaders = {"train": train_loader_at(args.img_size)}
     for split in ("val", "test"):
         if len(sets[split]):
-            loaders[split] = DataLoader(sets[split], batch_size=args.batch_size, shuffle=False, **common)
+            loaders[split] = (dali.DaliLoader(sets[split], args.batch_size, device, args.workers, args.img_size)
+                              if kind == "dali" else
+                              DataLoader(sets[split], batch_size=args.batch_size, shuffle=False, **common))
     if "val" not in loaders:
         raise UserError(f"{args.dataset} fold {args.fold} has no validation split; model selection needs one.")
     splits = datasets.Splits(classes, *(sets[split].samples for split in datasets.SPLIT_NAMES))
@@ -103,7 +118,7 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
         notes.append(f"note: --batch_size {args.batch_size} is odd: Mixup/CutMix pair images, so one image of "
                      f"every batch is left out of its step")
     fingerprint = datasets.split_fingerprint(classes, {split: sets[split].samples for split in datasets.SPLIT_NAMES})
-    return Data(loaders, classes, sampler, fingerprint, notes, train_loader_at)
+    return Data(loaders, classes, sampler, fingerprint, notes, train_loader_at, kind)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +401,7 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
             f"{len(classes)} classes | train/val/test {len(loaders['train'].dataset)}/"
             f"{len(loaders['val'].dataset)}/{len(loaders['test'].dataset) if 'test' in loaders else 0} | "
             f"{models.count_params(trainer.model) / 1e6:.2f}M params | device {device} | "
-            f"amp {utils.amp_label(trainer.amp_dtype)}")
+            f"amp {utils.amp_label(trainer.amp_dtype)} | loader {data.loader}")
     console(recipes.recipe_line(args))
     for line in header_lines(args, trainer, device):
         console(line)
@@ -466,7 +481,8 @@ def lr_find(args: argparse.Namespace, run_path: Path) -> int:
 
 
 def benchmark_loader(args: argparse.Namespace) -> int:
-    """Images/s of the training input pipeline alone (decode, augment, collate), for bottleneck checks.
+    """Images/s of the training input pipeline alone (decode, augment, collate, copy to the device and
+    normalise there), for bottleneck checks.
 
     The first pass fills the caches (synthtex renders, --cache); the second one is what an epoch
     after the first costs, which is what the model competes with. Compare with
@@ -478,12 +494,16 @@ def benchmark_loader(args: argparse.Namespace) -> int:
     for epoch in range(2):
         data.sampler.set_epoch(epoch)
         start, images = time.perf_counter(), 0
-        for x, _, _ in utils.progress(data.loaders["train"], desc=f"loader pass {epoch + 1}",
+        for x, y, _ in utils.progress(data.loaders["train"], desc=f"loader pass {epoch + 1}",
                                       disable=args.no_progress, leave=False):
-            images += len(x.to(device, non_blocking=True))
+            # On the device as the trainer gets it: uint8 batches are normalised there (counted too).
+            images += len(utils.to_device(x, y, device, channels_last=False)[0])
         rates.append(images / (time.perf_counter() - start))
-    print(f"train loader, {args.dataset} at {args.img_size} px, batch {args.batch_size}, "
-          f"{args.workers} workers: {rates[0]:.1f} img/s first pass, {rates[1]:.1f} img/s after")
+    # The main process loads when there are no workers: it counts as one.
+    per_worker = rates[1] / max(1, args.workers)
+    print(f"train loader ({data.loader}), {args.dataset} at {args.img_size} px, batch {args.batch_size}, "
+          f"{args.workers} workers: {rates[0]:.1f} img/s first pass, {rates[1]:.1f} img/s after "
+          f"({per_worker:.1f} img/s per worker)")
     return 0
 
 
@@ -580,7 +600,7 @@ def finish(trainer: Trainer, data: Data, config: dict, run_path: Path, console: 
         **refine_results(trainer),
         "params": models.count_params(trainer.model),
         "flops": flops_of(trainer.model.cpu(), args.img_size),
-        "img_size": args.img_size,
+        "img_size": args.img_size, "loader": data.loader,
         "train_time_s": trainer.train_time_s,
         "recipe": recipes.recipe_summary(args), "amp_used": utils.amp_label(trainer.amp_dtype),
         "init": trainer.init, "config": config, "git_commit": utils.git_commit(), "versions": utils.library_versions(),

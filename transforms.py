@@ -10,7 +10,9 @@ Usage:
 
     python transforms.py --img_size 64               # print both pipelines
 
-The transforms take PIL images and return normalised float32 tensors (C, H, W). `--img_size`
+The transforms take PIL images and return normalised float32 tensors (C, H, W), or with
+uint8=True the uint8 tensors the training scripts' loaders batch (utils.to_device normalises them
+on the device, with the same operations in the same order). `--img_size`
 scales every crop: eval resizes the shorter side to round(img_size * 256 / 224) first. Crops and
 resizes are bicubic and antialiased, as in the paper's code; on PIL images that is PIL's own
 resampling, so values stay within 0-255.
@@ -28,8 +30,8 @@ from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from helpers.utils import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (defined beside the on-device normalisation)
+
 INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
 
 
@@ -45,28 +47,37 @@ def eval_resize_size(img_size: int) -> int:
     return int(round(img_size * 256 / 224))
 
 
-def to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
+def to_normalised_tensor(mean: Sequence[float], std: Sequence[float], uint8: bool = False) -> list:
+    """The last steps of a pipeline: a normalised float32 tensor, or with `uint8` the uint8 tensor
+    (C, H, W) that utils.to_device normalises on the device (the loaders' batches: 4x fewer bytes
+    to copy, and the float work off the DataLoader workers)."""
+    if uint8:
+        return [v2.ToImage()]
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 def build_train_transform(img_size: int = 224, hflip: float = 0.5, randaug_n: int = 2, randaug_m: int = 9,
                           scale: tuple[float, float] = (0.08, 1.0), mean: Sequence[float] = IMAGENET_MEAN,
-                          std: Sequence[float] = IMAGENET_STD, interpolation: str = "bicubic") -> v2.Compose:
-    """RandomResizedCrop, horizontal flip (skipped at 0), RandAugment (skipped at n = 0), normalise."""
+                          std: Sequence[float] = IMAGENET_STD, interpolation: str = "bicubic",
+                          uint8: bool = False) -> v2.Compose:
+    """RandomResizedCrop, horizontal flip (skipped at 0), RandAugment (skipped at n = 0), normalise
+    (with `uint8`: stop at the uint8 tensor, normalised later by utils.to_device)."""
     steps: list = [v2.RandomResizedCrop(img_size, scale=tuple(scale), antialias=True,
                                         interpolation=interpolation_mode(interpolation))]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     if randaug_n > 0:
         steps.append(v2.RandAugment(num_ops=randaug_n, magnitude=randaug_m))
-    return v2.Compose(steps + to_normalised_tensor(mean, std))
+    return v2.Compose(steps + to_normalised_tensor(mean, std, uint8))
 
 
 def build_eval_transform(img_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
-                         std: Sequence[float] = IMAGENET_STD, interpolation: str = "bicubic") -> v2.Compose:
-    """Resize the shorter side to eval_resize_size(img_size), centre crop img_size, normalise."""
+                         std: Sequence[float] = IMAGENET_STD, interpolation: str = "bicubic",
+                         uint8: bool = False) -> v2.Compose:
+    """Resize the shorter side to eval_resize_size(img_size), centre crop img_size, normalise (or,
+    with `uint8`, stop at the uint8 tensor)."""
     resize = v2.Resize(eval_resize_size(img_size), interpolation=interpolation_mode(interpolation), antialias=True)
-    return v2.Compose([resize, v2.CenterCrop(img_size), *to_normalised_tensor(mean, std)])
+    return v2.Compose([resize, v2.CenterCrop(img_size), *to_normalised_tensor(mean, std, uint8)])
 
 
 def load_image_tensor(path: str | Path, img_size: int) -> tuple[torch.Tensor, np.ndarray]:

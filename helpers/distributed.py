@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import datasets
 import models
-from helpers import launchers, loading, model_tools, recipes, rundirs, utils
+from helpers import dali, launchers, loading, model_tools, recipes, rundirs, utils
 from helpers.errors import EXIT_USAGE
 from helpers.utils import UserError
 
@@ -56,7 +56,7 @@ LR_REFERENCE_BATCH = 256
 RESUME_SAFE_KEYS = frozenset({
     "data_dir", "workers", "prefetch", "checkpoint_dir", "weights_dir", "device", "amp", "channels_last",
     "print_freq", "save_every_steps", "profile", "profile_warmup", "batch_size", "accum_steps",
-    "dist_timeout_min", "resume", "stop_after_steps", "deterministic", "tensorboard",
+    "dist_timeout_min", "resume", "stop_after_steps", "deterministic", "tensorboard", "loader",
 })
 # Never inherited from the checkpoint: they describe this launch only.
 PER_LAUNCH_KEYS = frozenset({"resume", "stop_after_steps", "checkpoint_dir"})
@@ -236,6 +236,7 @@ def pretrain_parser(doc: str, base_lr: float, weights_file: str, checkpoint_dir:
         help="shorter side images are resized to when decoded (JPEGs over twice that size are decoded at "
              "reduced DCT scale, PIL draft); default: the eval resize size (256 for --img_size 224); 0: full "
              "resolution (slower; crops from the originals)")
+    dali.add_loader_argument(groups["data"])
     g = groups["model"]
     g.add_argument("--model_kwargs", default="{}", type=json.loads,
                    help='JSON of TwistNet hyper-parameters, e.g. \'{"r": 4}\'')
@@ -387,15 +388,19 @@ class EpochBatches:
     The order is a function of (seed, epoch) and each image's augmentation is seeded by its
     position in it (loading.ShardedEpochSampler, SeededSamples), so an epoch can be resumed from
     any step, and an optimizer step sees the same images whatever the number of processes.
-    Items are (images, labels, unreadable_count) from loading.collate_skip_unreadable.
+    Items are (images, labels, unreadable_count) from loading.collate_skip_unreadable, or the same
+    from a dali.DaliLoader (the same order and sharding; see helpers/dali.py for its augmentation).
     """
 
     def __init__(self, build: Callable[[int], Dataset], num_images: int, plan: BatchPlan, ctx: DistContext,
                  seed: int, workers: int, prefetch: int, where: str,
-                 first_set: tuple[int, Dataset] | None = None) -> None:
+                 first_set: tuple[int, Dataset] | None = None,
+                 dali_augment: Callable[[int], dali.TrainAugment] | None = None) -> None:
         """build(size) -> the dataset at that resolution; where: what to name if it changes size;
-        first_set: (size, dataset) already built at startup, reused instead of building it again."""
+        first_set: (size, dataset) already built at startup, reused instead of building it again;
+        dali_augment(size): the augmentation at that size when the batches come from DALI (--loader dali)."""
         self.build, self.plan, self.ctx, self.seed = build, plan, ctx, seed
+        self.dali_augment = dali_augment
         self.workers, self.prefetch, self.where = workers, prefetch, where
         self.num_images = num_images
         self.steps_per_epoch = num_images // plan.global_batch
@@ -404,7 +409,7 @@ class EpochBatches:
                             f"({plan.describe()}). Lower --batch_size or --accum_steps.")
         self.micro_batches = self.steps_per_epoch * plan.accum_steps
         self._first_set = first_set
-        self._loader: DataLoader | None = None
+        self._loader: Iterable | None = None
         self._loader_size: int | None = None
         self._sampler: loading.ShardedEpochSampler | None = None
 
@@ -416,7 +421,7 @@ class EpochBatches:
         self._sampler.set_epoch(epoch, skip_steps * self.plan.accum_steps)
         return self._loader
 
-    def _make_loader(self, size: int) -> tuple[DataLoader, loading.ShardedEpochSampler]:
+    def _make_loader(self, size: int) -> tuple[Iterable, loading.ShardedEpochSampler]:
         if self._first_set is not None and self._first_set[0] == size:
             dataset = self._first_set[1]
         else:
@@ -426,6 +431,9 @@ class EpochBatches:
             raise UserError(f"{self.where} changed during the run: {len(dataset)} images, {self.num_images} before.")
         sampler = loading.ShardedEpochSampler(len(dataset), self.seed, self.ctx.rank, self.ctx.world_size,
                                                self.plan.per_rank, self.micro_batches)
+        if self.dali_augment is not None:
+            return dali.DaliLoader(dataset, self.plan.per_rank, self.ctx.device, self.workers, size,
+                                   augment=self.dali_augment(size), sampler=sampler, drop_last=True), sampler
         loader = DataLoader(loading.SeededSamples(dataset), batch_size=self.plan.per_rank, sampler=sampler,
                             drop_last=True, generator=torch.Generator().manual_seed(self.seed),
                             **loading.loader_options(self.workers, self.prefetch, self.ctx.device))

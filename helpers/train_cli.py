@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import datasets
 import models
-from helpers import loading, model_tools, recipes, utils
+from helpers import dali, loading, model_tools, recipes, utils
 from helpers.utils import UserError
 
 DESCRIPTION = "Train one model on one fold of one dataset, resumably; writes a run directory (README \"The run directory\")."
@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     utils.add_device_arguments(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader worker processes (4, or fewer on a machine with fewer cores)")
+                   help="DataLoader worker processes (4, or fewer on a machine with fewer cores); with --loader "
+                        "dali, DALI's CPU threads")
     g.add_argument("--prefetch", type=int, default=2, help="batches prefetched per worker")
+    dali.add_loader_argument(g)
     g.add_argument("--decode_size", type=int, default=None,
                    help="shrink images on decode to this shorter side (fast path, e.g. 256); default: crop "
                         "from the native-resolution image, as the paper's code does")

@@ -213,9 +213,29 @@ def configure_kernels(deterministic: bool, device: torch.device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+# The normalisation of every pipeline (transforms.py re-exports these).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise_uint8(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] -> float32 (x / 255 - mean) / std, where they are (the GPU).
+
+    The operations of torchvision's ToDtype(float32, scale=True) + Normalize, in their order, so a
+    uint8 batch normalised here equals the float pipeline's output up to float rounding."""
+    shape = (3, 1, 1)
+    images = images.to(torch.float32).mul_(1.0 / 255)
+    images.sub_(torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(shape))
+    return images.div_(torch.as_tensor(std, dtype=torch.float32, device=images.device).view(shape))
+
+
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on `device`; uint8 images (the loaders' batches) are normalised there, after the copy."""
     images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalise_uint8(images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True)

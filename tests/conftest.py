@@ -1,5 +1,8 @@
 """Shared pytest setup: the repo root on sys.path, and tiny datasets in each official layout.
 
+Tests marked `cuda` (tests/test_cuda.py) are skipped where torch sees no CUDA GPU; `pytest -m cuda`
+runs only them (make gpu-check does).
+
 Usage (in any test module under tests/):
     def test_something(dtd_root): ...            # read-only, built once per session
     def test_other(tmp_path):                     # a private copy to damage:
@@ -28,6 +31,17 @@ import fixtures  # noqa: E402  (needs the path above)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: starts a process or trains more than a few steps; `make test-fast` leaves it out")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (make gpu-check runs them: pytest -m cuda); "
+                                       "skipped where torch sees none")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch sees none)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -78,3 +78,21 @@ def test_mixup_handles_odd_and_tiny_batches() -> None:
 
 def test_mixup_disabled() -> None:
     assert transforms.build_mixup(10, 0.0, 0.0) is None
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_float_pipeline(photo: Image.Image) -> None:
+    """The loaders' uint8 items, batched and normalised by utils.to_device, are the old
+    ToTensor + Normalize output up to float rounding (1e-6), for eval and (same seed) train."""
+    from helpers import utils
+
+    for build in (transforms.build_eval_transform, transforms.build_train_transform):
+        torch.manual_seed(5)
+        floats = torch.stack([build(64)(photo) for _ in range(3)])
+        torch.manual_seed(5)
+        bytes_ = torch.stack([build(64, uint8=True)(photo) for _ in range(3)])
+        assert bytes_.dtype == torch.uint8
+        normalised, _ = utils.to_device(bytes_, torch.zeros(3, dtype=torch.long), torch.device("cpu"), False)
+        assert normalised.dtype == torch.float32
+        assert (normalised - floats).abs().max() <= 1e-6
+    already = torch.randn(2, 3, 4, 4)
+    assert utils.to_device(already, torch.zeros(2), torch.device("cpu"), False)[0] is already   # float: untouched

@@ -140,6 +140,13 @@ def test_device_flags_are_the_same_in_every_script(flag: str) -> None:
     assert len(set(described.values())) == 1, described
 
 
+def test_the_loader_flag_is_the_same_in_the_three_training_scripts() -> None:
+    parsers = [train_cli.build_parser(), pretrain_imagenet.build_parser(), pretrain_spark.build_parser()]
+    actions = [next(a for a in p._actions if "--loader" in a.option_strings) for p in parsers]
+    assert len({(a.choices, a.default, a.help) for a in actions}) == 1
+    assert actions[0].default == "auto" and tuple(actions[0].choices) == ("auto", "pil", "dali")
+
+
 def test_device_flag_values() -> None:
     cpu = torch.device("cpu")
     assert utils.resolve_device("cpu") == cpu
