@@ -345,7 +345,7 @@ def test_slurm_world_layout() -> None:
 
 
 def test_two_gloo_processes_join_from_slurm_variables() -> None:
-    code = ("import distributed; ctx = distributed.init_distributed('cpu', 1); "
+    code = ("from helpers import distributed; ctx = distributed.init_distributed('cpu', 1); "
             "total = distributed.all_reduce_sum([ctx.rank + 1.0], ctx)[0]; "
             "print(ctx.rank, ctx.local_rank, ctx.world_size, ctx.backend, total); distributed.close_distributed(ctx)")
     base = {k: v for k, v in ENV.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
