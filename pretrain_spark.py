@@ -357,8 +357,10 @@ class WholeImageChecks:
     def __init__(self, args: argparse.Namespace, train_set: Any, initial: nn.Module,
                  console: Callable[[str], None]) -> None:
         self.args, self.initial, self.console = args, initial, console
-        self.images = whole_images(train_set, args.rank_images, args.seed, args.img_size)
-        self.initial_ranks = spark.feature_ranks(initial, self.images)
+        # The probe re-estimates BatchNorm statistics on these images too, also with --rank_images 0.
+        count = args.rank_images or args.bn_images or spark.DEFAULT_RANK_IMAGES
+        self.images = whole_images(train_set, count, args.seed, args.img_size)
+        self.initial_ranks = spark.feature_ranks(initial, self.images) if args.rank_images else {}
 
     def ranks(self, backbone: nn.Module) -> dict[str, float]:
         """feat_rank_<stage> of `backbone` and feat_rank_<stage>_init; a warning line on collapse."""
