@@ -117,14 +117,19 @@ def sparse_channels(scored: list) -> tuple[int, int]:
     return int((scores < SPARSE_SCALE).sum()), len(scores)
 
 
-def refuse_unsparsified(model: nn.Module, scored: list, percent: float) -> None:
-    """Print the BN-scale sparsity; a UserError when the global threshold at `percent` would cut
-    more channels than have a scale below SPARSE_SCALE (the model was not, or not enough, sparsified)."""
+def report_sparsity(model: nn.Module, scored: list, percent: float) -> None:
+    """One line: the share of BN scales below SPARSE_SCALE, and how many channels `percent` cuts."""
     sparse, total = sparse_channels(scored)
-    cut = int(total * percent)
     print(f"BN scales below {SPARSE_SCALE:g}: {model_tools.bn_sparsity(model, SPARSE_SCALE):.1%} of the slimming "
           f"BatchNorms' scales; {sparse} of {total} prunable channels ({sparse / total:.1%}) by group score; "
-          f"--percent {percent:g} cuts {cut}")
+          f"--percent {percent:g} cuts {int(total * percent)}")
+
+
+def refuse_unsparsified(scored: list, percent: float) -> None:
+    """A UserError when the global threshold at `percent` would cut more channels than have a
+    scale below SPARSE_SCALE (the model was not, or not enough, sparsified)."""
+    sparse, total = sparse_channels(scored)
+    cut = int(total * percent)
     if cut > sparse:
         safe = f", or --percent {sparse / total:.3f} or less" if sparse else ""
         raise utils.UserError(
@@ -258,8 +263,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     params0, flops0 = models.count_params(model), model_tools.count_flops(model, args.img_size).total
 
     graph, scored = score_channels(model)
+    report_sparsity(model, scored, args.percent)
     if args.scope == "global" and not args.force:
-        refuse_unsparsified(model, scored, args.percent)
+        refuse_unsparsified(scored, args.percent)
     plan = plan_from_scores(graph, scored, args.percent, args.scope, args.min_keep)
     difference = prune_checked(model, plan)
     params1, flops1 = models.count_params(model), model_tools.count_flops(model, args.img_size).total
