@@ -275,7 +275,8 @@ def mismatch_message(label: str, name: str, state: Mapping[str, Any], named: boo
     if not fits:
         return (f"{label} does not fit {name}{assumed}, nor any registry model built with default settings: "
                 f"its tensor names or shapes differ.")
-    how = f"pass {model_flag} {fits[0]}" if model_flag else f"use it as {fits[0]}"
+    # A name from the file's own config cannot be overridden by the flag: then only say what it is.
+    how = f"pass {model_flag} {fits[0]}" if model_flag and not named else f"load it as {fits[0]}"
     return f"{label} does not fit {name}{assumed}: its weights are those of {' / '.join(fits)}; {how}."
 
 
