@@ -635,7 +635,8 @@ def build_model_with_init(
     from, the file's sha256 or the hub tag, the transfer policy, mapped / skipped / left-at-init counts).
 
     pretrained: False (random init), a checkpoint path (TwistNet models), or True (TwistNet:
-    auto-detect weights/<name>_imagenet.pt, else weights/<name>_spark.pt (twistnet_weight_candidates);
+    auto-detect weights/<name>_imagenet.pt (twistnet_weight_candidates; SparK weights are used only
+    when named by path, never auto-detected);
     for an ablation variant without its own file, twistnet18's loaded non-strictly (every tensor
     whose name and shape match); else ResNet-18 transfer; baselines: timm weights).
     transfer_policy: 'all' or 'stem+layer1+layer2', for the ResNet-18 fallback.
@@ -791,10 +792,11 @@ def hub_tag_of(model: nn.Module) -> str:
 
 def _warn_fallback(name: str, log: Callable) -> None:
     looked = twistnet_weight_candidates(name) + (twistnet_weight_candidates() if name != "twistnet18" else [])
-    msg = (f"No TwistNet ImageNet or SparK weights found for '{name}' (looked for "
+    msg = (f"No TwistNet ImageNet weights found for '{name}' (looked for "
            f"{', '.join(str(p) for p in looked)}). Falling back to "
            f"ResNet-18 ImageNet weights: the STCI branches start untrained. "
-           f"Run pretrain_imagenet.py or pretrain_spark.py (see PRETRAIN_GUIDE.md) for TwistNet weights.")
+           f"Run pretrain_imagenet.py (see PRETRAIN_GUIDE.md) for TwistNet weights; SparK weights "
+           f"(pretrain_spark.py) are used only when named: --pretrained PATH.")
     warnings.warn(msg, stacklevel=3)
     log("!" * 100 + f"\n[WARNING] {msg}\n" + "!" * 100)
 
@@ -804,11 +806,12 @@ def _warn_fallback(name: str, log: Callable) -> None:
 # --------------------------------------------------------------------------------------------
 def twistnet_weight_candidates(name: str = "twistnet18") -> list[Path]:
     """Where pretrained TwistNet weights are looked for, in order: <name>_imagenet.pt (supervised
-    ImageNet, pretrain_imagenet.py: the paper's route), then <name>_spark.pt (self-supervised,
-    pretrain_spark.py); each under ./weights, then beside models.py."""
+    ImageNet, pretrain_imagenet.py: the paper's route) under ./weights, then beside models.py.
+    <name>_spark.pt (SparK, pretrain_spark.py) is never looked for: short SparK runs on small image
+    sets collapse the deep layers and make fine-tuning worse, so SparK weights are used only when
+    named (pretrained=PATH)."""
     here = Path(__file__).resolve().parent
-    candidates = [folder / WEIGHTS_DIR_NAME / f"{name}_{kind}.pt" for kind in ("imagenet", "spark")
-                  for folder in (Path.cwd(), here)]
+    candidates = [folder / WEIGHTS_DIR_NAME / f"{name}_imagenet.pt" for folder in (Path.cwd(), here)]
     unique: dict[Path, Path] = {}
     for c in candidates:
         unique.setdefault(c.resolve(), c)

@@ -25,12 +25,27 @@ the visible patches only (spark.py makes every layer mask-aware), and trains a l
 reconstruct the hidden patches; the encoder's weights are what pretraining is for. Outputs (rank 0
 writes them):
     <checkpoint_dir>/latest.pt             every epoch, every --save_every_steps steps and on Ctrl-C; exact resume
-    <checkpoint_dir>/<model>_spark.pt      the encoder's final weights (a registry state_dict, no classifier)
+    <checkpoint_dir>/<model>_spark.pt      the encoder's final weights (a registry state_dict, no classifier),
+                                           BatchNorm running statistics re-estimated on --bn_images whole images
     <checkpoint_dir>/log.jsonl             a header record (command, git commit, ...), one record per epoch
+                                           (with feat_rank_layer3/4 and feat_rank_layer3/4_init: the collapse
+                                           check), a final record (the ranks again; probe_acc and
+                                           probe_acc_init with --probe_dir)
     <checkpoint_dir>/train.log             the console output; stdout.txt and stderr.txt: copies of both streams
     <checkpoint_dir>/reconstructions/epoch_NNNN.png   every --vis_every epochs: input | masked | reconstruction
                                            | reconstruction with the visible patches pasted back
-    <weights_dir>/<model>_spark.pt         copy of the encoder weights: train.py --pretrained finds it
+    <weights_dir>/<model>_spark.pt         only with --weights_dir: a copy of the encoder weights. Use SparK
+                                           weights by naming them (train.py --pretrained PATH): a bare
+                                           --pretrained never picks a SparK file.
+
+Collapse check: after every epoch (rank 0), layer3's and layer4's globally pooled features on a fixed
+set of --rank_images whole training images (centre crops, BatchNorm statistics re-estimated on them)
+are summarised by their effective rank (spark.effective_rank: exp of the entropy of the normalised
+singular values of the centred features), beside the same for the initial encoder; a warning is
+printed when layer4's falls below half of the initial one's. Short SparK runs on small image sets
+have collapsed the deep layers that way (rank 45 against 396) and made fine-tuning worse.
+--probe_dir DIR (an imagefolder, train/ and val/) adds a linear probe at the end: logistic
+regression on frozen pooled layer4 features, of the SparK encoder and of the initial one.
 
 Recipe defaults (SparK's, PRETRAIN_GUIDE.md "Without labels: SparK"): LAMB (betas 0.9, 0.95), lr 2e-4
 per 256 images scaled by the global batch, 20 warm-up epochs then cosine, weight decay 0.04 -> 0.2
@@ -55,13 +70,15 @@ import torch.nn as nn
 import datasets
 import models
 import transforms
-from helpers import dali, distributed, model_tools, recipes, rundirs, spark, utils
+from helpers import dali, distributed, loading, model_tools, recipes, rundirs, spark, utils
 from helpers.distributed import BatchPlan, DistContext
 from helpers.utils import UserError
 
 SparkEncoder = spark.SparkEncoder   # the mask-aware encoder: pretrain_spark.SparkEncoder(model) as in spark.py
 
-RESUME_SAFE_KEYS = distributed.RESUME_SAFE_KEYS | {"vis_every", "vis_images", "no_progress"}
+RESUME_SAFE_KEYS = distributed.RESUME_SAFE_KEYS | {"vis_every", "vis_images", "no_progress", "rank_images",
+                                                    "bn_images", "probe_dir"}
+COLLAPSE_SHARE = 0.5    # warn when layer4's feature rank falls below this share of the initial encoder's
 FIGURES_DIR = "reconstructions"
 
 
@@ -72,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p, groups = distributed.pretrain_parser(
         __doc__, base_lr=2e-4, weights_file="<model>_spark.pt", checkpoint_dir="checkpoints_spark", resume="auto",
         resume_help="'auto': continue <checkpoint_dir>/latest.pt if it exists (a re-run of the same command "
-                    "continues), else start; or the path of a latest.pt", print_freq=0)
+                    "continues), else start; or the path of a latest.pt", print_freq=0, weights_dir=None,
+        weights_help="also copy the final <model>_spark.pt into this folder (default: no copy; the checkpoint "
+                     "directory holds it). Downstream, name the file: train.py --pretrained PATH")
     g = groups["data"]
     g.add_argument("--data", default="folder", choices=("folder", "synthtex"),
                    help="folder: every image under --data_dir; synthtex: the training images of a synthtex "
@@ -117,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a reconstruction figure every N epochs and after the last (0: never)")
     g.add_argument("--vis_images", type=int, default=8, help="images in the reconstruction figure (a fixed set)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    g.add_argument("--rank_images", type=int, default=spark.DEFAULT_RANK_IMAGES,
+                   help="whole training images (a fixed seeded set) on which the collapse check measures the "
+                        "effective rank of layer3/layer4 pooled features every epoch (0: off); the rank is at "
+                        "most this count - 1")
+    g.add_argument("--bn_images", type=int, default=spark.DEFAULT_BN_IMAGES,
+                   help="whole training images the exported encoder's BatchNorm running statistics are "
+                        "re-estimated on (pretraining's describe masked images); 0: export them unchanged")
+    g.add_argument("--probe_dir", default=None,
+                   help="an imagefolder (train/<class>/*, val/<class>/*): at the end, a linear probe (logistic "
+                        "regression on frozen pooled layer4 features) of the SparK encoder and of the initial "
+                        "one, logged as probe_acc and probe_acc_init")
     return p
 
 
@@ -126,6 +156,13 @@ def validate_args(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan) -
     for name in ("epochs", "batch_size", "accum_steps", "vis_images"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
+    for name in ("rank_images", "bn_images"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0 (0: off), got {getattr(args, name)}")
+    if args.rank_images == 1:
+        raise UserError("--rank_images 1: a rank needs at least 2 images (0: off)")
+    if args.probe_dir is not None:
+        datasets.imagefolder_splits(Path(args.probe_dir), 1)   # train/ and val/ with the same classes, or a clear error
     if args.img_size % spark.DOWNSAMPLE_RATIO or args.img_size < 2 * spark.DOWNSAMPLE_RATIO:
         raise UserError(f"--img_size {args.img_size}: SparK masks {spark.DOWNSAMPLE_RATIO}-px patches, so the size "
                         f"must be a multiple of {spark.DOWNSAMPLE_RATIO} and at least {2 * spark.DOWNSAMPLE_RATIO}.")
@@ -272,6 +309,24 @@ class SparkTrainer(distributed.Pretrainer):
 # --------------------------------------------------------------------------------------------
 # Reconstruction figures
 # --------------------------------------------------------------------------------------------
+def whole_images(train_set: Any, count: int, seed: int, img_size: int) -> torch.Tensor:
+    """`count` training images (fewer if the set is smaller), a seeded choice, through the eval
+    transform (resize, centre crop): whole images, no mask, no augmentation."""
+    shown = copy.copy(train_set)     # the same files, through the eval transform
+    shown.transform = transforms.build_eval_transform(img_size)
+    order = torch.randperm(len(shown), generator=torch.Generator().manual_seed(seed)).tolist()
+    images = []
+    for index in order:
+        item = shown[index]
+        if item is not None:         # an unreadable image: take the next one
+            images.append(item[0])
+        if len(images) == count:
+            break
+    if not images:
+        raise UserError("None of the training images can be read (see the warnings above).")
+    return torch.stack(images)
+
+
 class ReconstructionFigures:
     """A fixed set of images (seeded choice, centre crops) with fixed masks, reconstructed in eval
     mode (BatchNorm running statistics, none updated) every --vis_every epochs and after the last."""
@@ -279,21 +334,9 @@ class ReconstructionFigures:
     def __init__(self, args: argparse.Namespace, net: spark.SparkModel, train_set: Any, device: torch.device,
                  folder: Path) -> None:
         self.args, self.net, self.device, self.folder = args, net, device, folder
-        shown = copy.copy(train_set)     # the same files, through the eval transform
-        shown.transform = transforms.build_eval_transform(args.img_size)
-        order = torch.randperm(len(shown), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        images = []
-        for index in order:
-            item = shown[index]
-            if item is not None:         # an unreadable image: take the next one
-                images.append(item[0])
-            if len(images) == args.vis_images:
-                break
-        if not images:
-            raise UserError("None of the training images can be read (see the warnings above).")
-        self.images = torch.stack(images)
+        self.images = whole_images(train_set, args.vis_images, args.seed, args.img_size)
         grid = args.img_size // spark.DOWNSAMPLE_RATIO
-        self.active = spark.random_active_mask(len(images), grid, grid, args.mask_ratio,
+        self.active = spark.random_active_mask(len(self.images), grid, grid, args.mask_ratio,
                                                torch.Generator().manual_seed(args.seed + 1))
 
     def due(self, epoch: int) -> bool:
@@ -309,6 +352,79 @@ class ReconstructionFigures:
         path.parent.mkdir(parents=True, exist_ok=True)
         utils.atomic_write_bytes(buffer.getvalue(), path)
         return path
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-image checks: collapse (feature rank) and linear probe
+# --------------------------------------------------------------------------------------------
+class WholeImageChecks:
+    """The collapse check and the linear probe (rank 0), each of the trained encoder beside the
+    initial one: `initial` is the registry model as pretraining started from it."""
+
+    def __init__(self, args: argparse.Namespace, train_set: Any, initial: nn.Module,
+                 console: Callable[[str], None]) -> None:
+        self.args, self.initial, self.console = args, initial, console
+        # The probe re-estimates BatchNorm statistics on these images too, also with --rank_images 0.
+        count = args.rank_images or args.bn_images or spark.DEFAULT_RANK_IMAGES
+        self.images = whole_images(train_set, count, args.seed, args.img_size)
+        self.initial_ranks = spark.feature_ranks(initial, self.images) if args.rank_images else {}
+
+    def ranks(self, backbone: nn.Module) -> dict[str, float]:
+        """feat_rank_<stage> of `backbone` and feat_rank_<stage>_init; a warning line on collapse."""
+        ranks = spark.feature_ranks(backbone, self.images)
+        record = {f"feat_rank_{stage}": round(value, 2) for stage, value in ranks.items()}
+        record.update({f"feat_rank_{stage}_init": round(value, 2) for stage, value in self.initial_ranks.items()})
+        now, start = ranks["layer4"], self.initial_ranks["layer4"]
+        if now < COLLAPSE_SHARE * start:
+            self.console(f"warning: layer4 feature rank {now:.1f} < {COLLAPSE_SHARE:g} x the initial encoder's "
+                         f"{start:.1f} on {len(self.images)} whole images: the deep layers are collapsing, and "
+                         f"fine-tuning from these weights may be worse than from the initial ones (PRETRAIN_GUIDE, "
+                         f"SparK: collapse check).")
+        return record
+
+    def probe(self, backbone: nn.Module) -> dict[str, float]:
+        """probe_acc and probe_acc_init: linear probes on --probe_dir's train/ -> val/ (pooled layer4
+        features, BatchNorm statistics re-estimated on the fixed whole images)."""
+        encoders = {"probe_acc": spark.whole_image_copy(backbone, self.images),
+                    "probe_acc_init": spark.whole_image_copy(self.initial, self.images)}
+        features = probe_features(encoders, self.args.probe_dir, self.args.img_size)
+        return {key: round(spark.linear_probe_accuracy(features["train"][key], features["val"][key]), 2)
+                for key in encoders}
+
+
+@torch.no_grad()
+def probe_features(encoders: dict[str, nn.Module], probe_dir: str, img_size: int,
+                   batch_size: int = spark.CHECK_BATCH) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """{split: {key: (pooled layer4 features, labels)}} of an imagefolder's train and val images
+    (eval transform), each image decoded once for all encoders."""
+    eval_tf = transforms.build_eval_transform(img_size)
+    sets, _ = datasets.build_datasets("imagefolder", probe_dir, 1, eval_tf, eval_tf,
+                                      decode_size=transforms.eval_resize_size(img_size))
+    found: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for split in ("train", "val"):
+        loader = torch.utils.data.DataLoader(sets[split], batch_size=batch_size,
+                                             collate_fn=loading.collate_skip_unreadable)
+        feats: dict[str, list[torch.Tensor]] = {key: [] for key in encoders}
+        labels = []
+        for images, targets, _ in loader:
+            if not len(targets):
+                continue
+            labels.append(targets)
+            for key, encoder in encoders.items():
+                feats[key].append(spark.pooled_stage_features(encoder, images, ("layer4",), batch_size)["layer4"])
+        if not labels:
+            raise UserError(f"--probe_dir {probe_dir}: none of the {split}/ images can be read")
+        found[split] = {key: (torch.cat(parts), torch.cat(labels)) for key, parts in feats.items()}
+    return found
+
+
+def initial_encoder(args: argparse.Namespace, ctx: DistContext, model: nn.Module, resumed: bool) -> nn.Module:
+    """The registry model pretraining started from: a copy of `model` on a fresh run, or built again
+    (same seed, same --init) on a resumed one."""
+    if not resumed:
+        return copy.deepcopy(model)
+    utils.seed_everything(args.seed)
+    return distributed.build_model(args, 1000, ctx, lambda *_: None, warm_start=True).to(ctx.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,9 +456,12 @@ def start_line(trainer: SparkTrainer, data: distributed.EpochBatches) -> str:
             f"{utils.amp_label(trainer.amp_dtype)} | {trainer.ctx.world_size} process(es)")
 
 
-def epoch_end(trainer: SparkTrainer, figures: ReconstructionFigures | None) -> dict:
-    """The weight decay of the epoch's first step (as its lr) and, when due, the reconstruction figure (rank 0)."""
+def epoch_end(trainer: SparkTrainer, figures: ReconstructionFigures | None, checks: WholeImageChecks | None) -> dict:
+    """The weight decay of the epoch's first step (as its lr), the feature ranks (rank 0) and, when
+    due, the reconstruction figure (rank 0)."""
     extra: dict[str, Any] = {"weight_decay": trainer.weight_decay((trainer.epoch - 1) * trainer.steps_per_epoch)}
+    if checks is not None:
+        extra.update(checks.ranks(trainer.backbone))
     if figures is not None and figures.due(trainer.epoch):
         extra["figure"] = str(figures.write(trainer.epoch))
     return extra
@@ -351,7 +470,14 @@ def epoch_end(trainer: SparkTrainer, figures: ReconstructionFigures | None) -> d
 def epoch_line(r: dict, epochs: int) -> str:
     figure = f" | {r['figure']}" if "figure" in r else ""
     return (f"epoch {r['epoch']}/{epochs} | {r['img_size']}px | lr {r['lr']:.4g} wd {r['weight_decay']:.3f} | "
-            f"reconstruction loss {r['train_loss']:.4f} | {distributed.throughput_text(r)}{figure}")
+            f"reconstruction loss {r['train_loss']:.4f}{rank_text(r)} | {distributed.throughput_text(r)}{figure}")
+
+
+def rank_text(r: dict) -> str:
+    if "feat_rank_layer4" not in r:
+        return ""
+    return (f" | feature rank layer3 {r['feat_rank_layer3']:.1f} (init {r['feat_rank_layer3_init']:.1f}), "
+            f"layer4 {r['feat_rank_layer4']:.1f} (init {r['feat_rank_layer4_init']:.1f})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +510,7 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
     utils.seed_everything(args.seed)
     data, images = load_data(args, ctx, start.plan, phases, start.ckpt["epoch"] if start.ckpt else 0)
     model = distributed.build_model(args, 1000, ctx, console, warm_start=start.ckpt is None)
+    initial = initial_encoder(args, ctx, model, resumed=start.ckpt is not None) if ctx.is_main else None
     net = spark.SparkModel(model, args.mask_ratio, args.decoder_width)
     trainer = SparkTrainer(args, ctx, start.plan, net, data.steps_per_epoch, console)
     if ctx.is_main:   # which images (one stat each): rank 0 records them, and on a resume compares
@@ -401,10 +528,13 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
     console(start_line(trainer, data))
     figures = (ReconstructionFigures(args, net, images, ctx.device, ckpt_dir / FIGURES_DIR)
                if ctx.is_main and args.vis_every > 0 else None)
+    checks = (WholeImageChecks(args, images, initial, console)
+              if initial is not None and (args.rank_images or args.probe_dir) else None)
 
     # A terminal Ctrl-C reaches each torchrun worker twice: a second signal within 2 s is that echo.
     with utils.StopFlag(grace_s=2.0) as stop:
-        if not distributed.train_epochs(trainer, data, phases, ckpt_dir, stop, lambda: epoch_end(trainer, figures),
+        if not distributed.train_epochs(trainer, data, phases, ckpt_dir, stop,
+                                        lambda: epoch_end(trainer, figures, checks if args.rank_images else None),
                                         lambda record: epoch_line(record, args.epochs), lock,
                                         progress_bar=not args.no_progress):
             console(f"Interrupted at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}/"
@@ -412,21 +542,53 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
                     f"to continue.")
             return 130
     if ctx.is_main:
-        final = export(trainer.encoder_weights(), args, ckpt_dir, console)
+        final = export(trainer.encoder_weights(), args, images, ckpt_dir, console, ctx.device)
         last = utils.read_jsonl(ckpt_dir / "log.jsonl")[-1]
-        utils.append_jsonl(ckpt_dir / "log.jsonl", {"type": "final", "train_loss": last.get("train_loss"),
-                                                    "weights": str(final)})
+        record = {"type": "final", "train_loss": last.get("train_loss"), "weights": str(final),
+                  "bn_images": min(args.bn_images, len(images))}
+        if checks is not None:
+            record.update(final_checks(checks, trainer.backbone, args, console))
+        utils.append_jsonl(ckpt_dir / "log.jsonl", record)
     console("done")
     if ctx.distributed:
         dist.barrier(group=ctx.cpu_group)
     return 0
 
 
-def export(state: dict[str, torch.Tensor], args: argparse.Namespace, ckpt_dir: Path,
-           console: Callable[[str], None]) -> Path:
+def final_checks(checks: WholeImageChecks, backbone: nn.Module, args: argparse.Namespace,
+                 console: Callable[[str], None]) -> dict[str, float]:
+    """The final record's feature ranks and, with --probe_dir, the linear probes (also printed)."""
+    record: dict[str, float] = {}
+    if args.rank_images:
+        record.update(checks.ranks(backbone))
+    if args.probe_dir:
+        record.update(checks.probe(backbone))
+        console(f"linear probe on {args.probe_dir} (val accuracy, logistic regression on frozen pooled layer4 "
+                f"features): SparK encoder {record['probe_acc']:.2f}%, initial encoder {record['probe_acc_init']:.2f}%")
+    return record
+
+
+def whole_image_statistics(state: dict[str, torch.Tensor], args: argparse.Namespace, train_set: Any,
+                           device: torch.device) -> dict[str, torch.Tensor]:
+    """The encoder weights with every BatchNorm's running statistics re-estimated on --bn_images
+    whole training images (pretraining's describe the visible islands of masked images)."""
+    if not args.bn_images:
+        return state
+    model = models.build_model(args.model, 1000, verbose=False, **model_tools.model_kwargs_of(vars(args)))
+    model.load_state_dict(state, strict=False)      # no classifier in an encoder state: unused here
+    model.to(device)
+    spark.reestimate_batch_norm(model, whole_images(train_set, args.bn_images, args.seed, args.img_size))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in state}
+
+
+def export(state: dict[str, torch.Tensor], args: argparse.Namespace, train_set: Any, ckpt_dir: Path,
+           console: Callable[[str], None], device: torch.device) -> Path:
+    state = whole_image_statistics(state, args, train_set, device)
+    what = (f"Encoder weights (BatchNorm statistics of {min(args.bn_images, len(train_set))} whole images)"
+            if args.bn_images else "Encoder weights (BatchNorm statistics of masked images: --bn_images 0)")
     # synthtex images are real images (procedural textures), so its weights are copied like any other.
-    return distributed.export_weights(state, f"{args.model}_spark.pt", ckpt_dir, args.weights_dir, console,
-                                      "Encoder weights")
+    return distributed.export_weights(state, f"{args.model}_spark.pt", ckpt_dir, args.weights_dir, console, what,
+                                      auto_detected=False)
 
 
 def finished_run(args: argparse.Namespace, ckpt: dict, ckpt_dir: Path, ctx: DistContext,
@@ -436,7 +598,8 @@ def finished_run(args: argparse.Namespace, ckpt: dict, ckpt_dir: Path, ctx: Dist
     console(f"{ckpt_dir / 'latest.pt'} is a finished run ({ckpt['epoch']} of {args.epochs} epochs): nothing to "
             f"train. Use another --checkpoint_dir for a new run.")
     if ctx.is_main:
-        export(spark.encoder_weights(ckpt["model"]), args, ckpt_dir, console)
+        export(spark.encoder_weights(ckpt["model"]), args, unlabelled_images(args, args.img_size), ckpt_dir, console,
+               ctx.device)
     return 0
 
 

@@ -19,7 +19,20 @@ of the BatchNorms in it; groups without a BatchNorm (the classifier, SE's hidden
   --scope global  one threshold over all groups' channels (the paper's): the `percent` least
                   important channels of the network go, so layers lose different shares.
   --scope layer   every group loses `percent` of its own channels.
-Every group keeps at least one channel, whatever the percent.
+Every group keeps at least --min_keep (default 10%) of its channels, and at least one, whatever
+the percent; channels --min_keep saves are not taken from other groups, so fewer than `percent` may
+go (the summary says how many).
+
+Guard rail. The global threshold is meant for a model trained with an L1 penalty on its BN scales
+(train.py --sparsity_reg): then the channels it cuts are those whose scales were driven to ~0. On a
+model that was never sparsified it cuts channels the model uses, and can remove most of a network
+(measured: --percent 0.4 on an unsparsified ResNet-18 removed 99.7% of its weights). So before
+pruning, prune.py reports the share of BN scales below 1e-2 and, with --scope global, refuses
+(exit 2) when the threshold would cut more channels than have a scale below 1e-2; --force prunes
+anyway (--min_keep still holds), --scope layer cuts every group by the same share.
+
+A plain state_dict (no train.py config) is taken for twistnet18 unless --model names its model; one
+that fits another registry model is an error that names it.
 
 STCI's own width (r channels per head) is not pruned: each reduced channel feeds r + 1 of the
 pairwise interaction features, all heads must keep one r for the batched computation, and the
@@ -40,9 +53,10 @@ resnet18 and seresnet18 (with or without drop_path/blurpool).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,6 +66,9 @@ from helpers import model_tools, utils
 
 SCOPES = ("global", "layer")
 TRACE_SIZE = 64
+DEFAULT_MIN_KEEP = 0.1
+SPARSE_SCALE = 1e-2     # a BN scale below this counts as switched off by sparsity training
+MIN_IMG_SIZE = 32       # the FLOPs count needs at least one position after the /32 downsampling
 # TwistNet variants (every registry model that is not a timm baseline) and the timm ResNets.
 PRUNABLE_MODELS = tuple([n for n, s in models.MODEL_SPECS.items() if s.timm_name is None] + ["resnet18", "seresnet18"])
 
@@ -59,14 +76,26 @@ PRUNABLE_MODELS = tuple([n for n, s in models.MODEL_SPECS.items() if s.timm_name
 # --------------------------------------------------------------------------------------------
 # Planning and surgery
 # --------------------------------------------------------------------------------------------
-def plan_pruning(model: nn.Module, percent: float, scope: str = "global") -> list:
-    """torch-pruning groups (root output channels to remove) for BN-scale slimming of `model`."""
-    import torch_pruning as tp
+def plan_pruning(model: nn.Module, percent: float, scope: str = "global", min_keep: float = DEFAULT_MIN_KEEP) -> list:
+    """torch-pruning groups (root output channels to remove) for BN-scale slimming of `model`;
+    every group keeps at least `min_keep` of its channels (and at least one)."""
+    return plan_from_scores(*score_channels(model), percent, scope, min_keep)
 
+
+def check_options(percent: float, scope: str, min_keep: float) -> None:
     if not 0.0 < percent < 1.0:
         raise utils.UserError(f"--percent must be between 0 and 1 (exclusive), got {percent}")
     if scope not in SCOPES:
         raise utils.UserError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
+    if not 0.0 <= min_keep < 1.0:
+        raise utils.UserError(f"--min_keep must be in [0, 1) (a share of each layer's channels), got {min_keep}")
+
+
+def score_channels(model: nn.Module) -> tuple[Any, list]:
+    """(torch-pruning dependency graph, [(root module, handler, per-channel BN-scale score)] of
+    every prunable channel group)."""
+    import torch_pruning as tp
+
     exempt_modules, exempt_params = model_tools.slimming_exempt(model)
     example = torch.zeros(1, 3, TRACE_SIZE, TRACE_SIZE, device=next(model.parameters()).device)
     with model_tools.evaluating(model), torch.enable_grad():
@@ -79,6 +108,42 @@ def plan_pruning(model: nn.Module, percent: float, scope: str = "global") -> lis
             scored.append((group[0].dep.target.module, group[0].dep.handler, scores.cpu()))
     if not scored:
         raise utils.UserError(f"{type(model).__name__} has no BatchNorm-scored channel groups to prune")
+    return graph, scored
+
+
+def sparse_channels(scored: list) -> tuple[int, int]:
+    """(prunable channels whose group score is below SPARSE_SCALE, all prunable channels)."""
+    scores = torch.cat([s for *_, s in scored])
+    return int((scores < SPARSE_SCALE).sum()), len(scores)
+
+
+def report_sparsity(model: nn.Module, scored: list, percent: float) -> None:
+    """One line: the share of BN scales below SPARSE_SCALE, and how many channels `percent` cuts."""
+    sparse, total = sparse_channels(scored)
+    print(f"BN scales below {SPARSE_SCALE:g}: {model_tools.bn_sparsity(model, SPARSE_SCALE):.1%} of the slimming "
+          f"BatchNorms' scales; {sparse} of {total} prunable channels ({sparse / total:.1%}) by group score; "
+          f"--percent {percent:g} cuts {int(total * percent)}")
+
+
+def refuse_unsparsified(scored: list, percent: float) -> None:
+    """A UserError when the global threshold at `percent` would cut more channels than have a
+    scale below SPARSE_SCALE (the model was not, or not enough, sparsified)."""
+    sparse, total = sparse_channels(scored)
+    cut = int(total * percent)
+    if cut > sparse:
+        safe = f", or --percent {sparse / total:.3f} or less" if sparse else ""
+        raise utils.UserError(
+            f"--percent {percent:g} with --scope global would cut {cut} channels, but only {sparse} of {total} "
+            f"({sparse / total:.1%}) have a BN scale below {SPARSE_SCALE:g}: the BN scales were not sparsified, so "
+            f"the threshold would cut channels the model uses. Train longer with train.py --sparsity_reg, or use "
+            f"--scope layer{safe}, or pass --force to prune anyway (--min_keep still holds).")
+
+
+def plan_from_scores(graph: Any, scored: list, percent: float, scope: str = "global",
+                     min_keep: float = DEFAULT_MIN_KEEP) -> list:
+    """The pruning groups of score_channels' output: the `percent` lowest-scored channels (global),
+    or `percent` of each group (layer), each group keeping max(1, ceil(min_keep x width))."""
+    check_options(percent, scope, min_keep)
     if scope == "global":  # the `percent` lowest scores of the network
         everything = torch.cat([s for *_, s in scored])
         owner = torch.cat([torch.full((len(s),), i) for i, (*_, s) in enumerate(scored)])
@@ -91,7 +156,8 @@ def plan_pruning(model: nn.Module, percent: float, scope: str = "global") -> lis
         counts = [int(len(s) * percent) for *_, s in scored]
     plan = []
     for (module, handler, scores), count in zip(scored, counts):
-        drop = scores.argsort(stable=True)[:min(count, len(scores) - 1)]  # never a layer with zero channels
+        keep = max(1, math.ceil(min_keep * len(scores) - 1e-9))   # never a layer with zero channels
+        drop = scores.argsort(stable=True)[:min(count, len(scores) - keep)]
         if len(drop):
             plan.append(graph.get_pruning_group(module, handler, sorted(drop.tolist())))
     return plan
@@ -161,21 +227,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file (default: pruned.pt beside the checkpoint)")
     p.add_argument("--weights", default="auto", choices=("auto", "model", "ema"),
                    help="checkpoint weights to prune; auto = EMA if present")
-    p.add_argument("--img_size", type=int, default=224, help="image size for the FLOPs count")
+    p.add_argument("--img_size", type=int, default=224, help=f"image size for the FLOPs count (>= {MIN_IMG_SIZE})")
+    p.add_argument("--min_keep", type=float, default=DEFAULT_MIN_KEEP,
+                   help="every layer (channel group) keeps at least this share of its channels, in [0, 1)")
+    p.add_argument("--force", action="store_true",
+                   help="prune with --scope global even when the BN scales show too little sparsity for --percent")
+    p.add_argument("--model", default=None, choices=PRUNABLE_MODELS,
+                   help="the model of a plain state_dict (a file without train.py's config); default: the "
+                        "checkpoint's config, else twistnet18")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if not 0.0 < args.percent < 1.0:
-        raise utils.UserError(f"--percent must be between 0 and 1 (exclusive), got {args.percent}")
+    check_options(args.percent, args.scope, args.min_keep)
+    if args.img_size < MIN_IMG_SIZE:
+        raise utils.UserError(f"--img_size {args.img_size}: the FLOPs count needs at least {MIN_IMG_SIZE} px "
+                              f"(the models downsample by 32); the default is 224")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("pruned.pt")
     if out.resolve() == Path(args.checkpoint).resolve():
         raise utils.UserError(f"--out {out} would overwrite the checkpoint being pruned; choose another path")
     if not out.parent.is_dir():
         raise utils.UserError(f"--out {out}: the folder {out.parent} does not exist")
 
-    model, config = model_tools.load_checkpoint_model(args.checkpoint, args.weights)
+    model, config = model_tools.load_checkpoint_model(args.checkpoint, args.weights, model=args.model,
+                                                      model_flag="--model")
     name = config.setdefault("model", "twistnet18")
     config.setdefault("model_kwargs", {})
     if name not in PRUNABLE_MODELS:
@@ -186,18 +262,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     before = model_tools.channel_config(model)
     params0, flops0 = models.count_params(model), model_tools.count_flops(model, args.img_size).total
 
-    plan = plan_pruning(model, args.percent, args.scope)
+    graph, scored = score_channels(model)
+    report_sparsity(model, scored, args.percent)
+    if args.scope == "global" and not args.force:
+        refuse_unsparsified(scored, args.percent)
+    plan = plan_from_scores(graph, scored, args.percent, args.scope, args.min_keep)
     difference = prune_checked(model, plan)
     params1, flops1 = models.count_params(model), model_tools.count_flops(model, args.img_size).total
 
     print(channel_table(before, model_tools.channel_config(model)))
+    removed, total = sum(len(g[0].idxs) for g in plan), sum(len(s) for *_, s in scored)
     print(f"\n{name}: {args.scope} BN-scale pruning of {args.percent:.0%} of the prunable channels "
-          f"({sum(len(g[0].idxs) for g in plan)} removed in {len(plan)} groups)")
+          f"({removed} of {total} removed, {removed / total:.1%}, in {len(plan)} groups; every group keeps "
+          f">= {args.min_keep:.0%} of its channels)")
     print(f"params {params0 / 1e6:.3f}M -> {params1 / 1e6:.3f}M ({params1 / params0:.1%})")
     print(f"FLOPs  {flops0 / 1e9:.3f}G -> {flops1 / 1e9:.3f}G ({flops1 / flops0:.1%}) at {args.img_size} px")
     print(f"check: pruned logits = masked model's logits (max |difference| {difference:.2e})")
 
-    info = {"percent": args.percent, "scope": args.scope, "source": str(args.checkpoint), "weights": args.weights,
+    info = {"percent": args.percent, "scope": args.scope, "min_keep": args.min_keep, "forced": args.force,
+            "removed_channels": removed, "prunable_channels": total,
+            "source": str(args.checkpoint), "weights": args.weights,
             "num_classes": num_classes, "img_size": args.img_size, "params_before": params0,
             "params_after": params1, "flops_before": flops0, "flops_after": flops1}
     utils.atomic_save(pruned_checkpoint(model, fresh, config, info), out)

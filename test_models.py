@@ -503,7 +503,7 @@ def test_transfer_weights_counts(resnet_files, fmt, policy, num_classes, capsys)
 @pytest.mark.parametrize("fmt,policy", [("timm", "all"), ("torchvision", "stem+layer1+layer2")])
 def test_build_model_resnet_fallback(resnet_files, no_twistnet_weights, fmt, policy, capsys):
     path, source = resnet_files[fmt]
-    with pytest.warns(UserWarning, match="No TwistNet ImageNet or SparK weights"):
+    with pytest.warns(UserWarning, match="No TwistNet ImageNet weights"):
         model = models.build_model("twistnet18", 47, pretrained=True, resnet18_weights=path,
                                    transfer_policy=policy)
     out = capsys.readouterr().out

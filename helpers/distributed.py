@@ -58,6 +58,8 @@ RESUME_SAFE_KEYS = frozenset({
     "print_freq", "save_every_steps", "profile", "profile_warmup", "batch_size", "accum_steps",
     "dist_timeout_min", "resume", "stop_after_steps", "deterministic", "tensorboard", "loader",
 })
+# Where pretrain_imagenet.py copies its final weights: the folder models.py auto-detects them in.
+DEFAULT_WEIGHTS_DIR = str(Path(__file__).resolve().parents[1] / models.WEIGHTS_DIR_NAME)
 # Never inherited from the checkpoint: they describe this launch only.
 PER_LAUNCH_KEYS = frozenset({"resume", "stop_after_steps", "checkpoint_dir"})
 
@@ -224,11 +226,13 @@ def truncate_log(path: str | os.PathLike, completed_epochs: int) -> None:
 # Command line
 # --------------------------------------------------------------------------------------------
 def pretrain_parser(doc: str, base_lr: float, weights_file: str, checkpoint_dir: str, resume: str | None,
-                    resume_help: str, print_freq: int) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+                    resume_help: str, print_freq: int, weights_dir: str | None = DEFAULT_WEIGHTS_DIR,
+                    weights_help: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     """A pretraining script's parser and its groups ("data", "model", "recipe", "system",
     "checkpoints and logs"), holding the options both scripts share, with one meaning: the batch
     and learning rate, decoding, TwistNet hyper-parameters, devices and processes, checkpoints,
-    logs and profiling. The script adds its own options to the groups."""
+    logs and profiling. The script adds its own options to the groups. weights_dir / weights_help:
+    the default and help of --weights_dir (None: no copy unless given)."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = {name: p.add_argument_group(name) for name in ("data", "model", "recipe", "system", "checkpoints and logs")}
     groups["data"].add_argument(
@@ -262,8 +266,8 @@ def pretrain_parser(doc: str, base_lr: float, weights_file: str, checkpoint_dir:
     g = groups["checkpoints and logs"]
     g.add_argument("--checkpoint_dir", default=checkpoint_dir)
     g.add_argument("--resume", default=resume, help=resume_help)
-    g.add_argument("--weights_dir", default=str(Path(__file__).resolve().parents[1] / models.WEIGHTS_DIR_NAME),
-                   help=f"where the final {weights_file} is copied for downstream auto-detection")
+    g.add_argument("--weights_dir", default=weights_dir,
+                   help=weights_help or f"where the final {weights_file} is copied for downstream auto-detection")
     g.add_argument("--save_every_steps", type=int, default=1000, help="also save latest.pt every N steps (0: off)")
     g.add_argument("--print_freq", type=int, default=print_freq, help="progress line every N optimizer steps (0: off)")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to <checkpoint_dir>/tensorboard")
@@ -820,9 +824,10 @@ def resume_trainer(trainer: Pretrainer, ckpt: dict, path: Path, log_path: Path, 
 
 
 def export_weights(state: Mapping[str, torch.Tensor], filename: str, ckpt_dir: Path, weights_dir: str | None,
-                   console: Callable[[str], None], what: str = "Final weights") -> Path:
-    """Write <ckpt_dir>/<filename> and, unless weights_dir is None, a copy in weights_dir, where
-    models.py's auto-detection (train.py --pretrained) looks."""
+                   console: Callable[[str], None], what: str = "Final weights", auto_detected: bool = True) -> Path:
+    """Write <ckpt_dir>/<filename> and, unless weights_dir is None, a copy in weights_dir.
+    auto_detected: whether models.py's auto-detection (a bare train.py --pretrained) looks for
+    such a file there (ImageNet weights: yes; SparK weights: never, they are used only when named)."""
     final = ckpt_dir / filename
     utils.atomic_save(dict(state), final)
     if weights_dir is None:
@@ -831,6 +836,10 @@ def export_weights(state: Mapping[str, torch.Tensor], filename: str, ckpt_dir: P
     folder = Path(weights_dir)
     folder.mkdir(parents=True, exist_ok=True)
     utils.atomic_save(dict(state), folder / filename)
-    console(f"{what}: {final}\nCopied to {folder / filename}: `train.py --pretrained` finds weights/{filename} "
-            f"in the current directory or beside models.py (README, Weights: the search order).")
+    if auto_detected:
+        use = (f"`train.py --pretrained` finds weights/{filename} in the current directory or beside models.py "
+               f"(README, Weights: the search order).")
+    else:
+        use = f"use it by naming it: `train.py --pretrained {folder / filename}` (a bare --pretrained never picks it)."
+    console(f"{what}: {final}\nCopied to {folder / filename}: {use}")
     return final

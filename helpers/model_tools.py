@@ -212,13 +212,17 @@ def apply_channel_config(model: nn.Module, channels: Mapping[str, Mapping[str, i
 # --------------------------------------------------------------------------------------------
 # Trained checkpoints
 # --------------------------------------------------------------------------------------------
-def load_checkpoint_model(path: str | os.PathLike, weights: str = "auto") -> tuple[nn.Module, dict]:
+def load_checkpoint_model(path: str | os.PathLike, weights: str = "auto", model: str | None = None,
+                          model_flag: str | None = None) -> tuple[nn.Module, dict]:
     """(model in eval mode, its training config) from a train.py best.pt/last.pt or a plain state_dict.
 
     weights: 'auto' takes the EMA weights when the checkpoint has them (those are what train.py
-    selected and tested), 'model' or 'ema' force one. A plain state_dict is taken for twistnet18.
+    selected and tested), 'model' or 'ema' force one. A plain state_dict (no training config) is
+    taken for `model`, default twistnet18. model_flag: the caller's option that names the model
+    (e.g. '--model'), offered in the error when the weights fit another registry model.
     """
-    return model_from_checkpoint(models.load_checkpoint_file(path), weights, label=str(path))
+    return model_from_checkpoint(models.load_checkpoint_file(path), weights, label=str(path), model=model,
+                                 model_flag=model_flag)
 
 
 def model_kwargs_of(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -237,10 +241,16 @@ def model_kwargs_of(config: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkpoint") -> tuple[nn.Module, dict]:
+def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkpoint", model: str | None = None,
+                          model_flag: str | None = None) -> tuple[nn.Module, dict]:
     """load_checkpoint_model for an already loaded object; a pruned file (prune.py: its
     'pruned_channels') is rebuilt from the registry model resized to the stored widths."""
     config = dict(ckpt.get("config") or {}) if isinstance(ckpt, dict) else {}
+    if model is not None:
+        if config.get("model") not in (None, model):
+            raise ModelConfigError(f"{label} was trained as {config['model']} (its config says so), not {model}: "
+                                   f"drop {model_flag or 'the model name'} or name {config['model']}.")
+        config.setdefault("model", model)
     has_ema = isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and bool(ckpt["ema"])
     if weights == "ema" and not has_ema:
         raise ModelConfigError(f"{label} holds no EMA weights")
@@ -253,9 +263,42 @@ def model_from_checkpoint(ckpt: Any, weights: str = "auto", label: str = "checkp
         apply_channel_config(model, ckpt["pruned_channels"], state)
     try:
         model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ModelConfigError(f"{label} does not fit {name}: {str(error).splitlines()[0]}") from None
+    except RuntimeError:
+        raise ModelConfigError(mismatch_message(label, name, state, "model" in config, model_flag)) from None
     return model.eval(), config
+
+
+def mismatch_message(label: str, name: str, state: Mapping[str, Any], named: bool, model_flag: str | None) -> str:
+    """Why `state` does not load into `name`, and which registry model it fits, if any."""
+    assumed = "" if named else " (a plain state_dict, without a training config, is taken for twistnet18)"
+    fits = [n for n in matching_registry_models(state) if n != name]
+    if not fits:
+        return (f"{label} does not fit {name}{assumed}, nor any registry model built with default settings: "
+                f"its tensor names or shapes differ.")
+    # A name from the file's own config cannot be overridden by the flag: then only say what it is.
+    how = f"pass {model_flag} {fits[0]}" if model_flag and not named else f"load it as {fits[0]}"
+    return f"{label} does not fit {name}{assumed}: its weights are those of {' / '.join(fits)}; {how}."
+
+
+def matching_registry_models(state: Mapping[str, Any]) -> list[str]:
+    """Registry models whose state_dict has exactly the names and shapes of `state` (the class
+    count taken from its classifier), default settings; built on the meta device (no memory).
+    The timm baselines come first: a ResNet-18 file also fits twistnet18_first_order (no STCI)."""
+    try:
+        num_classes = classifier_size(state)
+    except ModelConfigError:
+        return []
+    shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    found = []
+    for name in sorted(models.MODEL_SPECS, key=lambda n: models.MODEL_SPECS[n].timm_name is None):
+        try:
+            with torch.device("meta"):
+                candidate = models.build_model(name, num_classes, verbose=False).state_dict()
+        except Exception:   # a model that cannot be built on the meta device is simply not offered
+            continue
+        if {k: tuple(v.shape) for k, v in candidate.items()} == shapes:
+            found.append(name)
+    return found
 
 
 def load_pruned(path: str | os.PathLike, config: Mapping[str, Any], num_classes: int) -> tuple[nn.Module, dict]:

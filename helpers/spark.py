@@ -39,6 +39,7 @@ encoder would replace its mask-aware BatchNorm with a plain one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
@@ -625,3 +626,98 @@ def build_spark_model(name: str, mask_ratio: float = DEFAULT_MASK_RATIO,
     verbose=..., TwistNet hyper-parameters); an unsupported name is a ModelConfigError."""
     check_spark_model(name)
     return SparkModel(models.build_model(name, num_classes, **build_kwargs), mask_ratio, decoder_width)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-image checks: BatchNorm statistics, feature rank, linear probe
+# --------------------------------------------------------------------------------------------
+# How many whole images pretrain_spark.py re-estimates the exported BatchNorm statistics on, and
+# measures the feature ranks on. A few hundred images give each channel's mean and variance from
+# millions of positions in the early layers and ~12k (256 x 7 x 7 at 224 px) in layer4.
+DEFAULT_BN_IMAGES = 256
+DEFAULT_RANK_IMAGES = 256
+RANK_STAGES = ("layer3", "layer4")
+# Images per forward pass of these checks (eval mode, no gradients), whatever the training batch:
+# BatchNorm re-estimation averages per-batch statistics, so larger batches are closer to the
+# statistics of the whole set.
+CHECK_BATCH = 64
+
+
+def effective_rank(features: torch.Tensor) -> float:
+    """The effective rank of [N, C] features (Roy & Vetterli, 2007): exp of the entropy of the
+    singular values of the centred features, normalised to sum 1. It lies between 1 (one
+    direction carries everything) and min(N - 1, C) (all directions equally); 0 for constant
+    features. Computed in float64."""
+    x = features.detach().to(torch.float64)
+    singular = torch.linalg.svdvals(x - x.mean(dim=0, keepdim=True))
+    total = singular.sum()
+    if not total > 0:
+        return 0.0
+    p = singular / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def pooled_stage_features(model: nn.Module, images: torch.Tensor, stages: Sequence[str] = RANK_STAGES,
+                          batch_size: int = CHECK_BATCH) -> dict[str, torch.Tensor]:
+    """{stage: [N, C] globally average-pooled output} of a registry model in eval mode, on the CPU
+    in float32. `images` may sit on the CPU; each batch is moved to the model's device."""
+    device = next(model.parameters()).device
+    modules = {name: getattr(model, name) for name in stages}
+    pooled: dict[str, list[torch.Tensor]] = {name: [] for name in stages}
+    with model_tools.evaluating(model):
+        for batch in images.split(batch_size):
+            with model_tools.capture(modules) as outputs:
+                model.forward_features(batch.to(device))
+            for name in stages:
+                pooled[name].append(outputs[name].float().mean(dim=(2, 3)).cpu())
+    return {name: torch.cat(parts) for name, parts in pooled.items()}
+
+
+@torch.no_grad()
+def reestimate_batch_norm(model: nn.Module, images: torch.Tensor, batch_size: int = CHECK_BATCH) -> None:
+    """Replace the running statistics of every BatchNorm of `model` by those of `images`, whole
+    (no mask): the cumulative average over batches of each batch's mean and unbiased variance
+    (torch.optim.swa_utils.update_bn's rule). Only the BatchNorms run in train mode, so
+    stochastic depth stays off. SparK's running statistics describe the visible islands of masked
+    images; a model fine-tuned or evaluated on whole images needs these instead."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    device = next(model.parameters()).device
+    with model_tools.evaluating(model):
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        try:
+            for batch in images.split(batch_size):
+                model.forward_features(batch.to(device))
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+
+
+def whole_image_copy(model: nn.Module, images: torch.Tensor, batch_size: int = CHECK_BATCH) -> nn.Module:
+    """A copy of `model` in eval mode whose BatchNorm statistics are re-estimated on `images`."""
+    duplicate = copy.deepcopy(model)
+    reestimate_batch_norm(duplicate, images, batch_size)
+    return duplicate.eval()
+
+
+def feature_ranks(model: nn.Module, images: torch.Tensor, batch_size: int = CHECK_BATCH) -> dict[str, float]:
+    """{stage: effective rank} of layer3's and layer4's pooled features on whole `images`, with
+    the BatchNorm statistics re-estimated on them (the model itself is left unchanged)."""
+    features = pooled_stage_features(whole_image_copy(model, images, batch_size), images, RANK_STAGES, batch_size)
+    return {name: effective_rank(f) for name, f in features.items()}
+
+
+def linear_probe_accuracy(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Validation accuracy (%) of scikit-learn's LogisticRegression (L2, C = 1) on standardised
+    frozen features: train and val are (features [N, C], labels [N])."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train[0].numpy())
+    classifier = LogisticRegression(max_iter=2000).fit(scaler.transform(train[0].numpy()), train[1].numpy())
+    return 100.0 * float(classifier.score(scaler.transform(val[0].numpy()), val[1].numpy()))

@@ -15,6 +15,7 @@ if after sparsity training, so the pruning plans and the pinned numbers are exac
 """
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -240,7 +241,7 @@ def test_never_a_layer_with_zero_channels(name, scope, kept):
     with torch.no_grad():  # a whole residual stream "switched off" by sparsity training
         for m in (model.layer2[0].bn2, model.layer2[0].downsample[1], model.layer2[1].bn2):
             m.weight.fill_(1e-4)
-    prune.prune_checked(model, prune.plan_pruning(model, 0.99, scope))
+    prune.prune_checked(model, prune.plan_pruning(model, 0.99, scope, min_keep=0.0))
     widths = conv_linear_widths(model)
     assert min(min(w) for w in widths.values()) >= 1
     assert widths["layer2.0.conv2"][1] == kept
@@ -271,19 +272,45 @@ def test_pruned_file_round_trips_with_weights_only(pruned, tmp_path):
         models.build_model("resnet18", NUM_CLASSES, pretrained=str(path), verbose=False)
 
 
-def train_checkpoint(path: Path, name: str = "twistnet18", **model_kwargs) -> Path:
-    """A dict shaped like train.py's best.pt."""
+def sparsify(model: nn.Module, share: float) -> nn.Module:
+    """As if after sparsity training: the first `share` of every slimming BatchNorm's channels
+    get |scale| 1e-3 (the same indices in every BatchNorm, so a residual stream's group score too),
+    the others at least 0.05."""
+    with torch.no_grad():
+        for bn in model_tools.slimming_bns(model).values():
+            bn.weight.clamp_(min=0.05)
+            bn.weight[:int(share * bn.num_features)] = 1e-3
+    return model
+
+
+def unsparsified(name: str = "resnet18") -> nn.Module:
+    """BN scales as after training without --sparsity_reg (none near 0), layer4's inner widths
+    the least important: the global threshold at 0.4 would take nearly all of them."""
+    model = slimmed_model(name)
+    with torch.no_grad():
+        for bn in model_tools.slimming_bns(model).values():
+            bn.weight.mul_(0.5).add_(0.5)                 # [0.5, 1)
+        for block in model.layer4:
+            block.bn1.weight.mul_(0.1)                     # [0.05, 0.1)
+    return model
+
+
+def train_checkpoint(path: Path, name: str = "twistnet18", sparse_share: float = 0.0, **model_kwargs) -> Path:
+    """A dict shaped like train.py's best.pt (sparse_share > 0: as after sparsity training)."""
     model = slimmed_model(name, **model_kwargs)
+    if sparse_share:
+        sparsify(model, sparse_share)
     torch.save({"model": model.state_dict(), "ema": None, "epoch": 3, "val_acc": 50.0,
                 "config": {"model": name, "model_kwargs": model_kwargs, "img_size": 64, "dataset": "dtd"}}, path)
     return path
 
 
 def test_prune_cli_prints_the_table_and_writes_a_loadable_file(tmp_path):
-    source = train_checkpoint(tmp_path / "best.pt", r=4, blurpool=True)
+    source = train_checkpoint(tmp_path / "best.pt", r=4, blurpool=True, sparse_share=0.35)
     proc = subprocess.run([sys.executable, str(ROOT / "prune.py"), "--checkpoint", str(source), "--percent", "0.3",
                            "--img_size", "64"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "BN scales below 0.01: " in proc.stdout and "--percent 0.3 cuts" in proc.stdout
     assert "before (in -> out)" in proc.stdout and "layer3.0.stci.reduce" in proc.stdout
     assert "params " in proc.stdout and "M -> " in proc.stdout and "FLOPs" in proc.stdout and "check: pruned logits" in proc.stdout
     model, config = model_tools.load_checkpoint_model(tmp_path / "pruned.pt")
@@ -300,9 +327,87 @@ def test_prune_cli_prints_the_table_and_writes_a_loadable_file(tmp_path):
     (["--checkpoint", "{tmp}/best.pt", "--percent", "0"], "--percent"),
     (["--checkpoint", "{tmp}/best.pt", "--out", "{tmp}/best.pt"], "overwrite"),
     (["--checkpoint", "{tmp}/best.pt", "--out", "{tmp}/no/such/dir/p.pt"], "does not exist"),
+    (["--checkpoint", "{tmp}/best.pt", "--img_size", "0"], "--img_size 0"),
+    (["--checkpoint", "{tmp}/best.pt", "--img_size", "16"], "at least 32 px"),
+    (["--checkpoint", "{tmp}/best.pt", "--min_keep", "1"], "--min_keep"),
+    (["--checkpoint", "{tmp}/best.pt", "--min_keep", "-0.1"], "--min_keep"),
 ])
 def test_prune_cli_user_errors(tmp_path, capsys, args, message):
     (tmp_path / "best.pt").write_bytes(b"")  # never read: every case fails before loading
     code = utils.run_main(prune.main, [a.format(tmp=tmp_path) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Guard rails: --min_keep, the refusal on unsparsified BN scales, plain state_dicts
+# --------------------------------------------------------------------------------------------
+def group_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every BatchNorm2d (one per pruned layer and residual stream member)."""
+    return {n: m.num_features for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def test_global_threshold_on_unsparsified_scales_would_empty_layer4_without_min_keep():
+    """Why the guard rails exist: without --min_keep the global threshold strips layer4's inner widths."""
+    fresh = group_widths(unsparsified())
+    bare = unsparsified()
+    prune.apply_plan(prune.plan_pruning(bare, 0.4, "global", min_keep=0.0))
+    assert group_widths(bare)["layer4.0.bn1"] == 1 and group_widths(bare)["layer4.1.bn1"] == 1
+    guarded = unsparsified()
+    prune.apply_plan(prune.plan_pruning(guarded, 0.4, "global"))
+    widths = group_widths(guarded)
+    assert widths["layer4.0.bn1"] == widths["layer4.1.bn1"] == 52                  # ceil(0.1 x 512)
+    assert all(widths[n] >= math.ceil(0.1 * fresh[n]) for n in fresh)
+
+
+def test_unsparsified_model_is_refused_then_forced_with_min_keep(tmp_path, capsys):
+    source = tmp_path / "best.pt"
+    torch.save({"model": unsparsified().state_dict(), "config": {"model": "resnet18", "model_kwargs": {}}}, source)
+    args = ["--checkpoint", str(source), "--percent", "0.4", "--img_size", "64"]
+    assert utils.run_main(prune.main, args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --percent 0.4 with --scope global would cut ")
+    assert "0 of 2880 (0.0%) have a BN scale below 0.01" in err[0]
+    assert "--sparsity_reg" in err[0] and "--scope layer" in err[0] and "--force" in err[0]
+    assert "BN scales below 0.01: 0.0% of the slimming BatchNorms' scales" in captured.out
+    assert not (tmp_path / "pruned.pt").exists()
+
+    assert utils.run_main(prune.main, [*args, "--force"]) == 0
+    out = capsys.readouterr().out
+    pruned_model, _ = model_tools.load_checkpoint_model(tmp_path / "pruned.pt")
+    fresh, widths = group_widths(models.build_model("resnet18", NUM_CLASSES, verbose=False)), group_widths(pruned_model)
+    assert all(widths[n] >= math.ceil(0.1 * fresh[n]) for n in fresh), widths
+    assert min(widths[n] / fresh[n] for n in fresh) < 0.11          # the floor did bind (layer4's bn1)
+    info = torch.load(tmp_path / "pruned.pt", weights_only=True)["pruning"]
+    assert info["forced"] and info["min_keep"] == 0.1 and info["removed_channels"] < 0.4 * info["prunable_channels"]
+    assert f"{info['removed_channels']} of 2880 removed" in out
+
+
+def test_sparsified_model_is_pruned_without_force(tmp_path, capsys):
+    source = tmp_path / "best.pt"
+    model = sparsify(slimmed_model("resnet18"), 0.5)
+    torch.save({"model": model.state_dict(), "config": {"model": "resnet18"}}, source)
+    assert utils.run_main(prune.main, ["--checkpoint", str(source), "--percent", "0.4", "--img_size", "64"]) == 0
+    assert "1440 of 2880 prunable channels (50.0%) by group score; --percent 0.4 cuts 1152" in capsys.readouterr().out
+    # Just over the sparse share is refused, and the error names the largest safe --percent.
+    assert utils.run_main(prune.main, ["--checkpoint", str(source), "--percent", "0.55", "--out",
+                                       str(tmp_path / "p2.pt")]) == 2
+    assert "or --percent 0.500 or less" in capsys.readouterr().err
+
+
+def test_plain_resnet18_state_dict_names_its_model(tmp_path, capsys):
+    source = tmp_path / "resnet18_plain.pt"
+    torch.save(sparsify(slimmed_model("resnet18"), 0.5).state_dict(), source)
+    assert utils.run_main(prune.main, ["--checkpoint", str(source), "--img_size", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "taken for twistnet18" in err[0], err
+    assert "its weights are those of resnet18 / twistnet18_first_order; pass --model resnet18" in err[0]
+    assert "Error(s) in loading state_dict" not in err[0]
+    assert utils.run_main(prune.main, ["--checkpoint", str(source), "--img_size", "64", "--model", "resnet18"]) == 0
+    model, config = model_tools.load_checkpoint_model(tmp_path / "pruned.pt")
+    assert config["model"] == "resnet18" and models.count_params(model) < 0.75 * PINNED["resnet18", 0.0][0]
+    # A file whose config names another model is not silently rebuilt as --model.
+    assert utils.run_main(prune.main, ["--checkpoint", str(tmp_path / "pruned.pt"), "--model", "twistnet18",
+                                       "--out", str(tmp_path / "again.pt")]) == 2
+    assert "was trained as resnet18" in capsys.readouterr().err

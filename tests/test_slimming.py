@@ -25,7 +25,7 @@ import plot_results  # noqa: E402
 import prune  # noqa: E402
 import summarize_runs  # noqa: E402
 import train  # noqa: E402
-from helpers import runrecords, utils  # noqa: E402
+from helpers import runrecords, train_cli, utils  # noqa: E402
 
 COMMON = ["--dataset", "synthtex", "--model", "twistnet18", "--img_size", "32", "--batch_size", "16",
           "--workers", "0", "--randaug_n", "0", "--mixup", "0", "--cutmix", "0", "--no_progress",
@@ -51,10 +51,14 @@ def slimmed(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                            "--run_dir", str(root)]) == 0
         for percent in PERCENTS:
             out = root / f"pruned{percent}.pt"
+            argv = ["--checkpoint", str(root / RUN / "best.pt"), "--percent", str(percent / 100), "--img_size", "32",
+                    "--out", str(out)]
+            refusal = io.StringIO()
+            with contextlib.redirect_stderr(refusal), contextlib.redirect_stdout(io.StringIO()):
+                outputs[f"refused{percent}"] = utils.run_main(prune.main, argv), refusal.getvalue()
             text = io.StringIO()
-            with contextlib.redirect_stdout(text):
-                assert utils.run_main(prune.main, ["--checkpoint", str(root / RUN / "best.pt"), "--percent",
-                                                   str(percent / 100), "--img_size", "32", "--out", str(out)]) == 0
+            with contextlib.redirect_stdout(text):   # 3 epochs leave no BN scale below 1e-2: --force
+                assert utils.run_main(prune.main, [*argv, "--force"]) == 0
             outputs[percent] = text.getvalue()
             assert utils.run_main(train.main, [*COMMON, "--epochs", "1", "--lr", "0.01", "--refine", str(out),
                                                "--tag", f"pruned{percent}", "--run_dir", str(root)]) == 0
@@ -85,8 +89,8 @@ def test_the_l1_term_shrinks_bn_scales_and_nothing_else() -> None:
     try:
         after = {}
         for reg in ("0", "0.1"):
-            args = train_cli.build_parser().parse_args([*COMMON, "--model", "resnet18", "--sparsity_reg", reg,
-                                                    "--warmup_epochs", "0", "--lr", "0.1"])
+            args = train_cli.parse_args([*COMMON, "--model", "resnet18", "--sparsity_reg", reg,
+                                          "--warmup_epochs", "0", "--lr", "0.1"])
             torch.manual_seed(0)
             trainer = train.Trainer(args, 4, 10, torch.device("cpu"), utils.Console(None, enabled=False))
             before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -105,6 +109,17 @@ def test_the_l1_term_shrinks_bn_scales_and_nothing_else() -> None:
         assert convs and all(torch.equal(after["0.1"][k], after["0"][k]) for k in convs)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("percent", PERCENTS)
+def test_a_short_sparsity_run_is_refused_without_force(slimmed: dict, percent: int) -> None:
+    """3 epochs of --sparsity_reg leave (nearly) no BN scale below 1e-2: the global threshold
+    would cut channels in use, so prune.py refuses with one line until --force."""
+    code, err = slimmed["prune_output"][f"refused{percent}"]
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: --percent {percent / 100:g} with --scope global")
+    assert "--sparsity_reg" in lines[0] and "--force" in lines[0]
+    assert "BN scales below 0.01: " in slimmed["prune_output"][percent]
 
 
 @pytest.mark.parametrize("percent", PERCENTS)

@@ -9,6 +9,7 @@ Usage:
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -122,6 +124,12 @@ def test_mask_errors_and_upsampling() -> None:
 @pytest.mark.parametrize("name", ["twistnet18", "resnet18", "seresnet18"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_no_leak_from_masked_pixels(name: str, mode: str) -> None:
+    check_no_leak(name, mode)
+
+
+def check_no_leak(name: str, mode: str = "train") -> None:
+    """Visible features bit-identical whatever the masked pixels hold, and exactly zero at masked
+    positions (a dense model fails the second: test_each_check_fails_on_a_broken_encoder)."""
     encoder = spark.SparkEncoder(build(name, torch.float64))
     active = mask(2, 3, 3)
     x = images(2, 96, 96, torch.float64)
@@ -153,6 +161,10 @@ def test_no_leak_from_masked_pixels(name: str, mode: str) -> None:
     ("resnet18", {}), ("seresnet18", {}),
 ])
 def test_every_layer_is_zero_at_masked_positions(name: str, kwargs: dict) -> None:
+    check_every_layer_zero(name, **kwargs)
+
+
+def check_every_layer_zero(name: str, **kwargs) -> None:
     """Each conv, norm, pool, STCI branch (twist conv included) and block output, not just the stages."""
     encoder = spark.SparkEncoder(build(name, **kwargs))
     active = mask(2, 2, 3)
@@ -209,6 +221,10 @@ def test_the_wrapped_model_is_unchanged_outside_encoder_calls() -> None:
 # Statistics over visible positions only
 # --------------------------------------------------------------------------------------------
 def test_batch_norm_statistics_over_visible_positions_only() -> None:
+    check_batch_norm_statistics()
+
+
+def check_batch_norm_statistics() -> None:
     encoder = spark.SparkEncoder(build("twistnet18", torch.float64))
     bn = encoder.model.layer2[0].bn1
     bn.momentum = 0.25
@@ -233,6 +249,10 @@ def test_batch_norm_statistics_over_visible_positions_only() -> None:
 
 
 def test_stci_group_norm_and_ais_pool_over_visible_positions_only() -> None:
+    check_stci_group_norm_and_ais_pool()
+
+
+def check_stci_group_norm_and_ais_pool() -> None:
     encoder = spark.SparkEncoder(build("twistnet18", torch.float64))
     stci = encoder.model.layer3[1].stci
     active = mask(3, 3, 3)
@@ -257,6 +277,10 @@ def test_stci_group_norm_and_ais_pool_over_visible_positions_only() -> None:
 
 
 def test_se_pools_over_visible_positions_only() -> None:
+    check_se_pool()
+
+
+def check_se_pool() -> None:
     encoder = spark.SparkEncoder(build("seresnet18", torch.float64))
     se = encoder.model.layer2[1].se
     active = mask(2, 3, 3)
@@ -267,6 +291,162 @@ def test_se_pools_over_visible_positions_only() -> None:
     expected = torch.stack([f[v].view(f.shape[0], -1).mean(1) for f, v in zip(x, visible)])
     torch.testing.assert_close(seen["fc1"][:, :, 0, 0], expected, rtol=1e-10, atol=1e-12)
     assert (x.mean(dim=(2, 3)) - expected).abs().max() > 1e-2      # a plain mean differs
+
+
+# --------------------------------------------------------------------------------------------
+# An independent reference: SparK's own formulation (gather the visible positions, BatchNorm1d
+# over them, scatter back), written here from the paper and its public code, not from spark.py
+# --------------------------------------------------------------------------------------------
+class ReferenceMask:
+    """The coarse mask of the reference forward in progress (True = visible)."""
+    active: torch.Tensor | None = None
+
+    @classmethod
+    def at(cls, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, W] bool at x's resolution: nearest-neighbour upsampling of the coarse grid."""
+        return F.interpolate(cls.active.to(x.dtype), size=x.shape[-2:], mode="nearest")[:, 0] > 0.5
+
+
+class ReferenceConv(nn.Conv2d):
+    """SparK's SparseConv2d: the dense conv, then the output multiplied by the mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out * ReferenceMask.at(out)[:, None]
+
+
+class ReferenceMaxPool(nn.MaxPool2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out * ReferenceMask.at(out)[:, None]
+
+
+class ReferenceBatchNorm(nn.BatchNorm2d):
+    """SparK's SparseBatchNorm2d: visible positions gathered into [N, C] rows, BatchNorm1d on the
+    rows (batch statistics and the running update from them), scattered back into zeros."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        visible = ReferenceMask.at(x)
+        rows = x.permute(0, 2, 3, 1)[visible]                                   # [N, C]
+        if self.training:
+            self.num_batches_tracked += 1
+        rows = F.batch_norm(rows, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+        out = torch.zeros_like(x.permute(0, 2, 3, 1))
+        out[visible] = rows
+        return out.permute(0, 3, 1, 2)
+
+
+class ReferenceGroupNorm(nn.GroupNorm):
+    """GroupNorm of each image over its gathered visible positions, scattered back into zeros."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        visible = ReferenceMask.at(x)
+        out = torch.zeros_like(x.permute(0, 2, 3, 1))
+        for b in range(x.shape[0]):
+            rows = x[b].permute(1, 2, 0)[visible[b]]                            # [N_b, C]
+            grouped = rows.reshape(len(rows), self.num_groups, -1)
+            mean = grouped.mean(dim=(0, 2), keepdim=True)
+            var = grouped.var(dim=(0, 2), unbiased=False, keepdim=True)
+            normed = ((grouped - mean) / torch.sqrt(var + self.eps)).reshape_as(rows)
+            out[b][visible[b]] = normed * self.weight + self.bias
+        return out.permute(0, 3, 1, 2)
+
+
+class ReferenceSTCI(models.MultiHeadSTCI):
+    """AIS pooling over each image's gathered visible positions."""
+
+    def ais_weights(self, feats: torch.Tensor) -> torch.Tensor | None:
+        if self.ais is None:
+            return None
+        visible = ReferenceMask.at(feats)
+        pooled = torch.stack([f.permute(1, 2, 0)[v].mean(dim=0) for f, v in zip(feats, visible)])
+        return self.ais(pooled)
+
+
+REFERENCE_CLASSES = {nn.Conv2d: ReferenceConv, nn.MaxPool2d: ReferenceMaxPool, nn.BatchNorm2d: ReferenceBatchNorm,
+                     nn.GroupNorm: ReferenceGroupNorm, models.MultiHeadSTCI: ReferenceSTCI}
+
+
+def reference_sparse_model(model: nn.Module) -> nn.Module:
+    """A copy of a dense registry model with every conv, pool and norm of the feature path swapped
+    for its reference class (AIS's Linear layers and the classifier see pooled vectors: unchanged)."""
+    reference = copy.deepcopy(model)
+    for name, module in reference.named_modules():
+        if name.split(".")[0] in spark.FEATURE_PATH and ".ais." not in f".{name}." and type(module) in REFERENCE_CLASSES:
+            module.__class__ = REFERENCE_CLASSES[type(module)]
+    return reference
+
+
+def reference_stages(reference: nn.Module, x: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
+    pixels = F.interpolate(active.to(x.dtype), size=x.shape[-2:], mode="nearest")
+    ReferenceMask.active = active
+    try:
+        with model_tools.capture({s: getattr(reference, s) for s in spark.STAGES}, clone=True) as out:
+            reference.forward_features(x * pixels)
+    finally:
+        ReferenceMask.active = None
+    return [out[s] for s in spark.STAGES]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "twistnet18"])
+def test_the_encoder_matches_sparks_gather_batchnorm1d_scatter_formulation(name: str) -> None:
+    check_against_reference(name)
+
+
+def check_against_reference(name: str) -> None:
+    """Several random masks in a row (train mode: the running statistics accumulate on both sides),
+    then eval mode: the same stage maps and the same running statistics as the reference."""
+    model = build(name, torch.float64)
+    reference = reference_sparse_model(model)
+    encoder = spark.SparkEncoder(model)
+    for seed in range(4):
+        ratio = (0.3, 0.6, 0.75, 0.5)[seed]
+        active, x = mask(3, 3, 2, seed=seed, ratio=ratio), images(3, 96, 64, torch.float64, seed=20 + seed)
+        for got, want in zip(encoder(x, active), reference_stages(reference, x, active)):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    state, expected = encoder.model.state_dict(), reference.state_dict()
+    for key in expected:
+        torch.testing.assert_close(state[key], expected[key], rtol=1e-9, atol=1e-12, msg=key)
+    encoder.eval(), reference.eval()
+    active, x = mask(2, 2, 2, seed=9), images(2, 64, 64, torch.float64, seed=30)
+    for got, want in zip(encoder(x, active), reference_stages(reference, x, active)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+# A broken mask-aware encoder, one defect at a time; "dense": the mask is never consulted (masked
+# pixels are still zeroed first), so every layer is the plain dense one, as in a dense TwistNet.
+BROKEN = {
+    "dense": lambda mp: mp.setattr(spark.MaskState, "at", lambda self, x: None),
+    "conv_not_remasked": lambda mp: mp.setattr(spark.MaskedConv2d, "forward", nn.Conv2d.forward),
+    "batchnorm_over_all_positions": lambda mp: mp.setattr(
+        spark, "batch_norm_visible", lambda x, active, norm: nn.BatchNorm2d.forward(norm, x) * active),
+    "groupnorm_over_all_positions": lambda mp: mp.setattr(
+        spark, "group_norm_visible", lambda x, active, norm: nn.GroupNorm.forward(norm, x) * active),
+    "pool_over_all_positions": lambda mp: mp.setattr(
+        spark, "visible_mean", lambda x, active, keepdim=False: x.mean(dim=(2, 3), keepdim=keepdim)),
+}
+# A conv that is not re-masked is caught by the per-layer check only: the BatchNorm after every conv
+# re-masks, so stage maps, statistics and the reference stay right (and so does SparK's output).
+CAUGHT_BY = [
+    (lambda: check_no_leak("resnet18"), ("dense",)),
+    (lambda: check_every_layer_zero("resnet18"), ("dense", "conv_not_remasked")),
+    (check_batch_norm_statistics, ("dense", "batchnorm_over_all_positions")),
+    (check_stci_group_norm_and_ais_pool, ("dense", "groupnorm_over_all_positions", "pool_over_all_positions")),
+    (check_se_pool, ("dense", "pool_over_all_positions")),
+    (lambda: check_against_reference("twistnet18"),
+     ("dense", "batchnorm_over_all_positions", "groupnorm_over_all_positions", "pool_over_all_positions")),
+]
+
+
+@pytest.mark.parametrize("check, broken", [(c, b) for c, names in CAUGHT_BY for b in names],
+                         ids=[f"{i}-{b}" for i, (_, names) in enumerate(CAUGHT_BY) for b in names])
+def test_each_check_fails_on_a_broken_encoder(check, broken: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The no-leak, zero, statistics and reference checks above are not vacuous: each fails on a
+    dense model and on the mask-aware layer it is about, broken."""
+    BROKEN[broken](monkeypatch)
+    with pytest.raises(AssertionError):
+        check()
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,7 +694,11 @@ def test_two_process_run_writes_every_output(straight: tuple[Path, list[str]]) -
     assert set(fresh) - set(weights) == {"fc.weight", "fc.bias"} and set(weights) <= set(fresh)
     latest = load(ckpt / "latest.pt")
     assert latest["kind"] == "spark" and latest["epoch"] == 2 and len(latest["rank_states"]) == 2
-    assert all(torch.equal(weights[k], latest["model"][f"encoder.model.{k}"]) for k in weights)
+    # The weights are the trained encoder's; the BatchNorm statistics are re-estimated on whole images.
+    statistics = {k for k in weights if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert all(torch.equal(weights[k], latest["model"][f"encoder.model.{k}"]) for k in set(weights) - statistics)
+    assert not any(torch.equal(weights[k], latest["model"][f"encoder.model.{k}"]) for k in statistics
+                   if k.endswith("running_var"))
 
     header, = records(ckpt, "header")
     assert header["world_size"] == 2 and header["backend"] == "gloo" and header["global_batch"] == 8
@@ -782,33 +966,167 @@ def test_train_py_pretrained_loads_every_backbone_and_stci_tensor(straight: tupl
             f"classifier left at init: not in the file)") in proc.stdout
 
 
-def test_auto_detection_prefers_imagenet_then_spark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture) -> None:
+def test_a_bare_pretrained_never_picks_spark_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """weights/twistnet18_spark.pt in the current directory and beside models.py: a bare
+    --pretrained takes the ImageNet file, else the ResNet-18 transfer; the SparK file only by path."""
+    import timm
     cwd, script = tmp_path.resolve() / "cwd", tmp_path.resolve() / "script"
     for folder in (cwd / "weights", script / "weights"):
         folder.mkdir(parents=True)
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(models, "__file__", str(script / "models.py"))
     state = build("twistnet18").state_dict()
-    files = {"imagenet": script / "weights" / "twistnet18_imagenet.pt", "spark": cwd / "weights" / "twistnet18_spark.pt"}
-    for value, (kind, path) in enumerate(files.items(), 1):
-        torch.save({k: torch.full_like(v, value) if k == "conv1.weight" else v
-                    for k, v in state.items() if not (kind == "spark" and k.startswith("fc."))}, path)
+    marked = {kind: {k: torch.full_like(v, value) if k == "conv1.weight" else v for k, v in state.items()
+                     if not k.startswith("fc.")} for kind, value in (("imagenet", 1.0), ("spark", 2.0))}
+    spark_files = [cwd / "weights" / "twistnet18_spark.pt", script / "weights" / "twistnet18_spark.pt"]
+    for path in spark_files:
+        torch.save(marked["spark"], path)
+    torch.manual_seed(3)
+    resnet = timm.create_model("resnet18").state_dict()
+    torch.save(resnet, tmp_path / "resnet18.pth")
 
-    def detect(name: str = "twistnet18") -> tuple[nn.Module, str]:
-        model = models.build_model(name, 47, pretrained=True)
-        return model, capsys.readouterr().out
+    with pytest.warns(UserWarning, match="No TwistNet ImageNet weights found"):
+        model = models.build_model("twistnet18", 47, pretrained=True, resnet18_weights=tmp_path / "resnet18.pth")
+    out = capsys.readouterr().out
+    assert torch.equal(model.conv1.weight, resnet["conv1.weight"]) and "ResNet-18 -> twistnet18" in out
+    assert "twistnet18_spark.pt" not in out.split("[WARNING]")[0]      # never "found"
+    with pytest.warns(UserWarning, match="No TwistNet ImageNet weights found for 'twistnet18_no_ais'"):
+        variant = models.build_model("twistnet18_no_ais", 47, pretrained=True,
+                                     resnet18_weights=tmp_path / "resnet18.pth")
+    assert torch.equal(variant.conv1.weight, resnet["conv1.weight"])   # no borrowing of SparK weights either
 
-    model, out = detect()     # supervised ImageNet first, even beside models.py against ./weights
-    assert f"Found TwistNet weights: {files['imagenet']} (also present, not used: {files['spark']})" in out
-    assert (model.conv1.weight == 1).all() and "classifier skipped" in out
-    files["imagenet"].unlink()
-    model, out = detect()
-    assert f"Found TwistNet weights: {files['spark']}\n" in out and "classifier left at init" in out
-    assert (model.conv1.weight == 2).all()
-    model, out = detect("twistnet18_no_ais")   # an ablation variant borrows twistnet18's SparK weights
-    assert f"loading TwistNet-18 weights {files['spark']} non-strictly" in out and (model.conv1.weight == 2).all()
-    files["spark"].unlink()
-    with pytest.warns(UserWarning, match="No TwistNet ImageNet or SparK weights found"):
-        with pytest.raises(models.CheckpointNotFoundError):   # the ResNet-18 fallback, from a file here
-            models.build_model("twistnet18", 47, pretrained=True, resnet18_weights=tmp_path / "absent.pth")
+    torch.save(marked["imagenet"], script / "weights" / "twistnet18_imagenet.pt")
+    model = models.build_model("twistnet18", 47, pretrained=True)
+    out = capsys.readouterr().out
+    assert (model.conv1.weight == 1).all()
+    assert f"Found TwistNet weights: {script / 'weights' / 'twistnet18_imagenet.pt'}\n" in out
+    named = models.build_model("twistnet18", 47, pretrained=spark_files[0])   # used when named
+    assert (named.conv1.weight == 2).all()
+    assert models.twistnet_weight_candidates() == [cwd / "weights" / "twistnet18_imagenet.pt",
+                                                   script / "weights" / "twistnet18_imagenet.pt"]
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-image checks: effective rank, collapse warning, linear probe, BatchNorm re-estimation
+# --------------------------------------------------------------------------------------------
+def test_effective_rank_of_known_spectra() -> None:
+    eye = torch.eye(8, dtype=torch.float64)
+    for k in (1, 3, 8):      # rows +-e_1 ... +-e_k: centred, k equal singular values
+        features = torch.cat([eye[:k], -eye[:k]])
+        assert spark.effective_rank(features) == pytest.approx(k, rel=1e-9)
+    rank_one = torch.randn(50, 1, dtype=torch.float64) @ torch.randn(1, 16, dtype=torch.float64)
+    assert spark.effective_rank(rank_one) == pytest.approx(1.0, abs=1e-6)
+    assert spark.effective_rank(torch.ones(10, 4)) == 0.0
+    # Two directions with singular values 3 : 1 -> exp(H(0.75, 0.25)).
+    skewed = torch.cat([3 * eye[:1], -3 * eye[:1], eye[1:2], -eye[1:2]])
+    assert spark.effective_rank(skewed) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    gaussian = torch.randn(400, 64, generator=torch.Generator().manual_seed(0))
+    assert 50 < spark.effective_rank(gaussian) < 64
+
+
+def test_collapse_check_warns_when_layer4_rank_halves(unlabelled: Path, one_torch_thread: None) -> None:
+    args = spark_script.build_parser().parse_args(["--img_size", "64", "--rank_images", "24"])
+    initial = build("resnet18")
+    lines: list[str] = []
+    checks = spark_script.WholeImageChecks(args, datasets.unlabelled_dataset(unlabelled, None), initial, lines.append)
+    assert checks.images.shape == (24, 3, 64, 64)
+    healthy = checks.ranks(initial)
+    assert healthy["feat_rank_layer4"] == healthy["feat_rank_layer4_init"] > 5 and not lines
+    assert set(healthy) == {"feat_rank_layer3", "feat_rank_layer4", "feat_rank_layer3_init", "feat_rank_layer4_init"}
+    collapsed = copy.deepcopy(initial)
+    with torch.no_grad():   # layer4's output carried by two channels whatever the image
+        for m in collapsed.layer4.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight[2:] = 0.0
+    ranks = checks.ranks(collapsed)
+    assert ranks["feat_rank_layer4"] < 2.01 and ranks["feat_rank_layer3"] == pytest.approx(healthy["feat_rank_layer3"])
+    warning, = lines
+    assert warning.startswith("warning: layer4 feature rank ") and "collapsing" in warning
+    assert torch.equal(initial.layer4[0].bn1.weight, build("resnet18").layer4[0].bn1.weight)   # untouched
+
+
+def statistics_misfits(model: nn.Module, x: torch.Tensor, stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                       ) -> list[str]:
+    """BatchNorms whose running statistics (or `stats`: name -> (mean, var)) are not those of
+    their inputs in an eval pass over x: mean off by more than 0.1 std, or variance by 12%.
+    With one batch, re-estimated statistics are off by the unbiased variance's n / (n - 1)
+    compounding through the layers: measured at most 0.05 std and 6.5% (layer4, n = 64)."""
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    with model_tools.capture(norms, inputs=True) as seen, model_tools.evaluating(model), torch.no_grad():
+        model.forward_features(x)
+    misfits = []
+    for name, m in norms.items():
+        values = seen[name].double()
+        mean, var = values.mean(dim=(0, 2, 3)), values.var(dim=(0, 2, 3))
+        have_mean, have_var = (m.running_mean, m.running_var) if stats is None else stats[name]
+        if ((have_mean.double() - mean).abs() > 0.1 * var.sqrt()).any() or ((have_var.double() / var - 1).abs() > 0.12).any():
+            misfits.append(name)
+    return misfits
+
+
+def test_batch_norm_reestimation_gives_whole_image_statistics() -> None:
+    model = build("twistnet18")
+    x = images(16, 64, 64, seed=4)
+    assert len(statistics_misfits(model, x)) > 20          # build()'s random running statistics (28 BatchNorms)
+    spark.reestimate_batch_norm(model, x, batch_size=16)
+    assert model.training                                   # mode restored
+    assert statistics_misfits(model, x) == []
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(m.momentum == 0.1 and int(m.num_batches_tracked) == 1 for m in norms)
+
+
+def test_spark_run_logs_ranks_and_probe_and_exports_whole_image_statistics(
+        probe_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread: None,
+        capsys: pytest.CaptureFixture) -> None:
+    """A one-process run without --weights_dir: no copy anywhere but the checkpoint directory (the
+    run happens in an empty current directory whose weights/ must stay absent)."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    assert spark_script.build_parser().parse_args([]).weights_dir is None
+    assert spark_script.main([*TINY, "--data_dir", str(probe_folder / "train"), "--checkpoint_dir", str(ckpt),
+                              "--vis_every", "0", "--rank_images", "24", "--bn_images", "24",
+                              "--probe_dir", str(probe_folder)]) == 0
+    out = capsys.readouterr().out
+    assert "Copied to" not in out and not (tmp_path / "weights").exists()
+    epochs = records(ckpt, "epoch")
+    for r in epochs:
+        assert 5 < r["feat_rank_layer4"] <= 23 and 5 < r["feat_rank_layer4_init"] <= 23
+        assert 5 < r["feat_rank_layer3"] <= 23 and r["feat_rank_layer3_init"] > 5
+    assert len({r["feat_rank_layer4_init"] for r in epochs}) == 1
+    assert "feature rank layer3 " in out and "(init " in out
+    final, = records(ckpt, "final")
+    assert 0 <= final["probe_acc"] <= 100 and 0 <= final["probe_acc_init"] <= 100 and final["bn_images"] == 24
+    assert "feat_rank_layer4" in final and "linear probe on " in out
+
+    # The exported BatchNorm statistics are those of the 24 whole images (centre crops), not the
+    # masked islands of pretraining (what latest.pt holds).
+    exported = load(ckpt / "twistnet18_spark.pt")
+    model = models.build_model("twistnet18", 10, verbose=False)
+    model.load_state_dict(exported, strict=False)
+    eval_tf = transforms.build_eval_transform(64)
+    whole = torch.stack([eval_tf(Image.open(p).convert("RGB")) for p in sorted((probe_folder / "train").rglob("*.JPEG"))])
+    assert statistics_misfits(model, whole) == []
+    islands = load(ckpt / "latest.pt")["model"]
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    pretraining = {n: (islands[f"encoder.model.{n}.running_mean"], islands[f"encoder.model.{n}.running_var"])
+                   for n in norms}
+    assert len(statistics_misfits(model, whole, pretraining)) > len(norms) // 2   # what export would hold without
+
+
+@pytest.fixture(scope="module")
+def probe_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An imagefolder (train/ 3 x 8, val/ 3 x 4), 72 px."""
+    return fixtures.make_imagenet_folder(tmp_path_factory.mktemp("probe"), classes=3, train_per_class=8,
+                                         val_per_class=4, size=72)
+
+
+def test_check_flags_are_validated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = [*TINY, "--data_dir", str(tmp_path), "--checkpoint_dir", str(tmp_path / "c")]
+    for flags, message in ((["--rank_images", "-1"], "--rank_images must be >= 0"),
+                           (["--rank_images", "1"], "at least 2 images"),
+                           (["--bn_images", "-5"], "--bn_images must be >= 0"),
+                           (["--probe_dir", str(tmp_path / "absent")], "absent")):
+        assert utils.run_main(spark_script.main, [*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
