@@ -32,7 +32,7 @@ writes them):
                                            | reconstruction with the visible patches pasted back
     <weights_dir>/<model>_spark.pt         copy of the encoder weights: train.py --pretrained finds it
 
-Recipe defaults (SparK's, PRETRAIN_GUIDE.md "Without labels: SparK"): LAMB (betas 0.9, 0.95), lr 2e-4
+Recipe defaults (SparK's, docs/SPARK.md "Defaults"): LAMB (betas 0.9, 0.95), lr 2e-4
 per 256 images scaled by the global batch, 20 warm-up epochs then cosine, weight decay 0.04 -> 0.2
 (cosine) on conv and linear weights only, gradient norm clipped at 5, mask ratio 0.6,
 RandomResizedCrop (scale 0.67-1) and flip, 800 epochs.

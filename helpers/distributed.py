@@ -16,7 +16,7 @@ Usage:
 A plain `python` launch is rank 0 of a world of 1, so the same code runs on a laptop. NCCL joins
 GPUs, gloo CPUs.
 
-Resuming a pretraining run (README "Resuming"): the run takes days and moves between machines, so
+Resuming a pretraining run (docs/TRAINING.md "Resuming"): the run takes days and moves between machines, so
 its recipe comes from the checkpoint, and the new command may change only where things are and
 how fast they run (device, workers, the per-process batch with the same global batch). The
 images must be the same ones (latest.pt records which: image_set), wherever they now are.
@@ -832,5 +832,5 @@ def export_weights(state: Mapping[str, torch.Tensor], filename: str, ckpt_dir: P
     folder.mkdir(parents=True, exist_ok=True)
     utils.atomic_save(dict(state), folder / filename)
     console(f"{what}: {final}\nCopied to {folder / filename}: `train.py --pretrained` finds weights/{filename} "
-            f"in the current directory or beside models.py (README, Weights: the search order).")
+            f"in the current directory or beside models.py (docs/MODEL.md#weights: the search order).")
     return final

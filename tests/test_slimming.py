@@ -1,4 +1,4 @@
-"""Network slimming end to end on synthtex at 32 px, in CPU minutes (README "Network slimming"):
+"""Network slimming end to end on synthtex at 32 px, in CPU minutes (docs/SLIMMING.md):
 train.py --sparsity_reg, prune.py 30% and 50%, train.py --refine; compute_flops.py --checkpoint,
 summarize_runs.py and plot_results.py --plot prune on the result. One tiny sweep, shared by every
 test of this module. The surgery itself (masked model == pruned model) is tested in test_prune.py.
