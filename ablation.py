@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="42", help="e.g. 42,43,44")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the recipe's, 100 for paper)")
     p.add_argument("--recipe", default=None, choices=tuple(recipes.PRESETS),
-                   help="train.py --recipe preset of every run (README \"Recipes\")")
+                   help="train.py --recipe preset of every run (docs/TRAINING.md \"Recipes\")")
     p.add_argument("--run_dir", default="runs/ablation", help="folder of the ablation runs")
     p.add_argument("--sweeps", default=",".join(SWEEP_DEFAULTS),
                    help=f"STCI sweep families ({', '.join(SWEEP_DEFAULTS)}), or 'none'")

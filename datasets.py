@@ -917,7 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold", type=int, default=1)
     parser.add_argument("--split_protocol", default="default", choices=SPLIT_PROTOCOLS,
                         help="default: ours, a function of (dataset, fold); paper_code: the splits the paper's "
-                             "code makes (FMD, KTH-TIPS2-b, CUB: seeded by --seed too; README \"Datasets\")")
+                             "code makes (FMD, KTH-TIPS2-b, CUB: seeded by --seed too; "
+                             "docs/DATASETS.md \"The paper code's splits\")")
     parser.add_argument("--seed", type=int, default=42, help="training seed: only paper_code splits depend on it")
     parser.add_argument("--no_open_check", action="store_true", help="only check the layout, open no image")
     parser.add_argument("--workers", type=int, default=8, help="threads that open images")

@@ -331,7 +331,7 @@ def prune_points(runs: Sequence[RunResult], cost: Callable[[RunResult], float | 
             grouped[group_key(run, group_by), run.model, "unpruned", run.label].append((x, run.test_acc))
     if not refined_models:
         raise UserError("--plot prune found no refined run (train.py --refine pruned.pt ... results); "
-                        "see README \"Network slimming\"")
+                        "see docs/SLIMMING.md")
     points: dict[tuple[str, str], list[tuple[str, float, Stats, str]]] = defaultdict(list)
     for (group, model, stage, label), values in sorted(grouped.items()):
         if model in refined_models:

@@ -47,7 +47,7 @@ have collapsed the deep layers that way (rank 45 against 396) and made fine-tuni
 --probe_dir DIR (an imagefolder, train/ and val/) adds a linear probe at the end: logistic
 regression on frozen pooled layer4 features, of the SparK encoder and of the initial one.
 
-Recipe defaults (SparK's, PRETRAIN_GUIDE.md "Without labels: SparK"): LAMB (betas 0.9, 0.95), lr 2e-4
+Recipe defaults (SparK's, docs/SPARK.md "Defaults"): LAMB (betas 0.9, 0.95), lr 2e-4
 per 256 images scaled by the global batch, 20 warm-up epochs then cosine, weight decay 0.04 -> 0.2
 (cosine) on conv and linear weights only, gradient norm clipped at 5, mask ratio 0.6,
 RandomResizedCrop (scale 0.67-1) and flip, 800 epochs.

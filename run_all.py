@@ -13,7 +13,7 @@ Usage:
     python run_all.py --dataset fmd ... --folds 1-5 --split_protocol paper_code   # the paper code's splits
 
 Every run is its own `train.py` process writing <run_dir>/<dataset>_fold<k>_<model>[-<tag>]_seed<s>[_n<N>|_frac<F>]/
-(README "The run directory"). Its stdout and stderr go to run_all.log in that directory. A run whose
+(docs/TRAINING.md "The run directory"). Its stdout and stderr go to run_all.log in that directory. A run whose
 results.json exists is skipped without starting a process (unless it was made with another recipe
 or on other data: then the sweep refuses to start, listing the differences); one with only last.pt
 is resumed by train.py; a run that fails is reported and the sweep goes on. Running the same

@@ -9,7 +9,7 @@ Usage:
     python summarize_runs.py --run_dir runs/main --ref twistnet18       # paired tests vs a reference
     python summarize_runs.py --run_dir runs/main --runs                 # every run: protocol, weights
 
-Each --run_dir is a folder of run directories written by train.py (README "The run directory"). A run
+Each --run_dir is a folder of run directories written by train.py (docs/TRAINING.md "The run directory"). A run
 counts when its results.json exists; run directories without one are counted as incomplete and
 left out, and so, with a note naming the file and why, is a malformed results.json (not a JSON
 object, a field of the wrong type) or one whose test accuracy is no percentage in [0, 100] (NaN, a

@@ -1,5 +1,5 @@
 """Tests for models.py: TwistNet-18, its MH-STCI module, the registry, weight loading/transfer
-and introspection (the architecture as README "What STCI computes" describes it).
+and introspection (the architecture as docs/MODEL.md "What STCI computes" describes it).
 
 Covered: every registry model builds offline and gives [B, num_classes] at 224 and 64 px;
 exact parameter counts (and the STCI formula 210*C + 16,445); gate initialisation; the batched
@@ -34,7 +34,7 @@ from helpers import model_tools
 torch.set_num_threads(2)
 
 TWIST_BLOCKS = ("layer3.0", "layer3.1", "layer4.0", "layer4.1")
-# README "What STCI computes": the head directions 0, 45, 90, 135 degrees give these (dx, dy) offsets
+# docs/MODEL.md "What STCI computes": the head directions 0, 45, 90, 135 degrees give these (dx, dy) offsets
 # (round cos, round sin); written out by hand so the test does not reuse models.head_offset.
 EXPECTED_OFFSETS = [(1, 0), (1, 1), (0, 1), (-1, 1)]
 R, HEADS, HEAD_CH = 8, 4, 8 + 36          # r, heads, r + r(r+1)/2 channels per head
@@ -228,8 +228,8 @@ def _unit(v, eps=1e-6):
 
 @torch.no_grad()
 def _stci_reference(m: models.MultiHeadSTCI, x: torch.Tensor, spiral: bool, ais: bool) -> torch.Tensor:
-    """Per-head definition of STCI (README "What STCI computes"), one head and one pair at a time, using slices of
-    the same module's weights. No batching tricks: loops over heads d and pairs i <= j."""
+    """Per-head definition of STCI (docs/MODEL.md "What STCI computes"), one head and one pair at a time, using
+    slices of the same module's weights. No batching tricks: loops over heads d and pairs i <= j."""
     r = m.r
     head_outputs = []
     for d in range(m.heads):

@@ -1,11 +1,11 @@
-"""Train one model on one fold of one dataset, resumably; writes a run directory (README "The run directory").
+"""Train one model on one fold of one dataset, resumably; writes a run directory (docs/TRAINING.md "The run directory").
 
 Usage:
     python train.py --dataset synthtex --model twistnet18 --epochs 3 --img_size 64 --run_dir runs/demo
     python train.py --data_dir data/dtd --dataset dtd --model twistnet18 --fold 1 --seed 42 \\
         --epochs 100 --pretrained --run_dir runs/main
     python train.py ... --pretrained path/to/checkpoint.pt      # start from a TwistNet checkpoint
-    python train.py ... --recipe upstream_scratch               # the paper code's published recipe (README "Recipes")
+    python train.py ... --recipe upstream_scratch               # the paper code's published recipe (docs/TRAINING.md)
     python train.py ... --recipe upstream_ed4ee00 --resnet18_weights r18.pth   # seed-era code: ResNet-18 transfer, 5x lr
     python train.py ... --split_protocol paper_code             # the paper code's splits (seeded by --seed too)
 

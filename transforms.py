@@ -1,4 +1,4 @@
-"""Image transforms and batch mixing of the TwistNet-2D recipe (README "Training one run").
+"""Image transforms and batch mixing of the TwistNet-2D recipe (docs/TRAINING.md "Flags and defaults").
 
 Usage:
     from transforms import build_train_transform, build_eval_transform, build_mixup, eval_resize_size

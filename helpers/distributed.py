@@ -16,7 +16,7 @@ Usage:
 A plain `python` launch is rank 0 of a world of 1, so the same code runs on a laptop. NCCL joins
 GPUs, gloo CPUs.
 
-Resuming a pretraining run (README "Resuming"): the run takes days and moves between machines, so
+Resuming a pretraining run (docs/TRAINING.md "Resuming"): the run takes days and moves between machines, so
 its recipe comes from the checkpoint, and the new command may change only where things are and
 how fast they run (device, workers, the per-process batch with the same global batch). The
 images must be the same ones (latest.pt records which: image_set), wherever they now are.
@@ -838,7 +838,7 @@ def export_weights(state: Mapping[str, torch.Tensor], filename: str, ckpt_dir: P
     utils.atomic_save(dict(state), folder / filename)
     if auto_detected:
         use = (f"`train.py --pretrained` finds weights/{filename} in the current directory or beside models.py "
-               f"(README, Weights: the search order).")
+               f"(docs/MODEL.md#weights: the search order).")
     else:
         use = f"use it by naming it: `train.py --pretrained {folder / filename}` (a bare --pretrained never picks it)."
     console(f"{what}: {final}\nCopied to {folder / filename}: {use}")

@@ -1,6 +1,6 @@
 """Sweeps on a SLURM cluster through submitit: one job per run, requeued when pre-empted.
 
-Usage (through run_all.py; see README "Experiments"):
+Usage (through run_all.py; see docs/SWEEPS.md "On a SLURM cluster"):
     python run_all.py ... --launcher slurm --slurm_partition gpu --slurm_time 240 --slurm_gpus 1
     python run_all.py ... --launcher slurm --slurm_array_parallelism 8   # one job array, 8 at a time
     python run_all.py ... --launcher slurm --dry_run     # print the sbatch script(s), submit nothing

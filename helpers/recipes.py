@@ -383,7 +383,7 @@ STCI_INIT_CHOICES = ("default", *models.STCI_INITS)
 def add_preset_arguments(group: argparse._ActionsContainer) -> None:
     """train.py's --recipe, and the two settings only presets and that trainer use."""
     group.add_argument("--recipe", default="paper", choices=tuple(PRESETS),
-                       help="preset of recipe defaults (README \"Recipes\"); any flag given explicitly wins")
+                       help="preset of recipe defaults (docs/TRAINING.md \"Recipes\"); any flag given explicitly wins")
     group.add_argument("--stci_init", default="default", choices=STCI_INIT_CHOICES,
                        help="STCI initialisation: the model's default (paper), or upstream (the paper code's "
                             "kaiming fan-out)")
@@ -391,7 +391,8 @@ def add_preset_arguments(group: argparse._ActionsContainer) -> None:
                        help="evaluate under autocast (--amp); default fp32, so near-ties do not flip with the GPU")
     group.add_argument("--split_protocol", default="default", choices=datasets.SPLIT_PROTOCOLS,
                        help="default: our splits, a function of (dataset, fold); paper_code: the paper code's "
-                            "(FMD 5 folds of 60/20/20, KTH-TIPS2-b, CUB val), seeded by --seed too (README \"Datasets\")")
+                            "(FMD 5 folds of 60/20/20, KTH-TIPS2-b, CUB val), seeded by --seed too "
+                            "(docs/DATASETS.md \"The paper code's splits\")")
     group.add_argument("--exif", default="on", choices=("on", "off"),
                        help="apply EXIF orientation on decode (off: as stored, as the paper code decodes)")
 

@@ -8,7 +8,7 @@ Usage:
 
 The built-in dataset (`--dataset synthtex` in the scripts) that makes the repository runnable
 with no download. Each image is a function of its sample id alone; datasets.py assigns the ids of
-each fold and split. See the README section "synthtex" for what the classes are.
+each fold and split. See docs/DATASETS.md "synthtex" for what the classes are.
 """
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ import models
 from helpers import dali, loading, model_tools, recipes, utils
 from helpers.utils import UserError
 
-DESCRIPTION = "Train one model on one fold of one dataset, resumably; writes a run directory (README \"The run directory\")."
+DESCRIPTION = ("Train one model on one fold of one dataset, resumably; writes a run directory "
+               "(docs/TRAINING.md \"The run directory\").")
 
 # Options that may change between an interrupted run and its resumption without changing the
 # trajectory (where data lives, how fast it is loaded, how much is printed). A moved dataset is
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=DESCRIPTION,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--dataset", default="synthtex", choices=datasets.DATASET_NAMES, help="dataset protocol (README \"Datasets\")")
+    g.add_argument("--dataset", default="synthtex", choices=datasets.DATASET_NAMES,
+                   help="dataset protocol (docs/DATASETS.md \"The protocols\")")
     g.add_argument("--data_dir", default=None, help="dataset root as its authors ship it (unused for synthtex)")
     g.add_argument("--model", default="twistnet18", help=f"one of: {', '.join(models.model_names())}")
     g.add_argument("--model_kwargs", default="{}", type=json.loads,
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anti-aliased downsampling (timm's BlurPool2d); same weight names and shapes")
     g.add_argument("--tag", default="", help="suffix for the run name, to tell variants of one model apart "
                                              "(letters, digits and . _ + - only)")
-    g.add_argument("--fold", type=int, default=1, help="split: DTD and FMD 1-10, KTH-TIPS2 1-4; CUB, Flowers and synthtex any k >= 1 (README)")
+    g.add_argument("--fold", type=int, default=1,
+                   help="split: DTD and FMD 1-10, KTH-TIPS2 1-4; CUB, Flowers and synthtex any k >= 1 (docs/DATASETS.md)")
     g.add_argument("--seed", type=int, default=42, help="seed of weights init, data order and augmentation (never of the split)")
     g.add_argument("--train_per_class", type=int, default=None,
                    help="train on N images per class of the training split (a fixed, nested subset; low-data curves)")

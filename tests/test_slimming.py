@@ -1,4 +1,4 @@
-"""Network slimming end to end on synthtex at 32 px, in CPU minutes (README "Network slimming"):
+"""Network slimming end to end on synthtex at 32 px, in CPU minutes (docs/SLIMMING.md):
 train.py --sparsity_reg, prune.py 30% and 50%, train.py --refine; compute_flops.py --checkpoint,
 summarize_runs.py and plot_results.py --plot prune on the result. One tiny sweep, shared by every
 test of this module. The surgery itself (masked model == pruned model) is tested in test_prune.py.
@@ -20,12 +20,11 @@ sys.path.insert(0, str(ROOT))
 
 import compute_flops  # noqa: E402
 import models  # noqa: E402
-from helpers import model_tools, train_cli  # noqa: E402
 import plot_results  # noqa: E402
 import prune  # noqa: E402
 import summarize_runs  # noqa: E402
 import train  # noqa: E402
-from helpers import runrecords, train_cli, utils  # noqa: E402
+from helpers import model_tools, runrecords, train_cli, utils  # noqa: E402
 
 COMMON = ["--dataset", "synthtex", "--model", "twistnet18", "--img_size", "32", "--batch_size", "16",
           "--workers", "0", "--randaug_n", "0", "--mixup", "0", "--cutmix", "0", "--no_progress",
