@@ -7,8 +7,9 @@ Usage:
                            pretrained=True)              # weights/ as train.py --pretrained finds them
 
 Every entry point is models.build_model(name, num_classes, pretrained=..., **kwargs): pretrained=True
-looks for weights/<name>_imagenet.pt, then weights/<name>_spark.pt (under the current directory, then
-beside models.py; see models.build_model for the fallbacks); a path loads that checkpoint; the other
+looks for weights/<name>_imagenet.pt only (under the current directory, then beside models.py; see
+models.build_model for the fallbacks), never for SparK weights, which are used only when named by path;
+a path loads that checkpoint; the other
 keywords are TwistNet's (r, heads, stages, ...: models.twistnet_hyperparameters()).
 """
 from typing import Any as _Any, Callable as _Callable
