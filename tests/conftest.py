@@ -36,12 +36,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch sees none)")
+    no_cuda = pytest.mark.skip(reason="needs a CUDA GPU (torch sees none)")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        # A module names its fixtures that train or start processes (SLOW_FIXTURES): every test
+        # using one is slow too, or `make test-fast` would pay for the fixture anyway.
+        if set(getattr(item.module, "SLOW_FIXTURES", ())) & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
 
 
 @pytest.fixture

@@ -88,6 +88,7 @@ def test_breakdown_text_states_stci_share(twistnet18, twist_report):
     assert "STCI modules: 388,340 params (3.35% of total)" in text
 
 
+@pytest.mark.slow
 def test_cli_unknown_model_exits_2_with_known_names():
     proc = run_cli("--model", "nosuch")
     assert proc.returncode == 2
@@ -128,6 +129,7 @@ def test_table_survives_a_model_fvcore_cannot_trace(monkeypatch, capsys):
     assert "twistnet18_no_spiral" in captured.err
 
 
+@pytest.mark.slow
 def test_cli_tiny_speed_run_adds_resnet18():
     # One thread: on a 2-vCPU VM, two OpenMP threads on a batch this small mostly wait on each other.
     proc = run_cli("--speed", "--models", "twistnet18", "--device", "cpu", "--batch_size", "2",

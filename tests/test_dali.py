@@ -56,6 +56,7 @@ def test_auto_takes_pil_on_the_cpu_and_dali_is_available_when_asked() -> None:
         dali.resolve_loader("fast", CPU)
 
 
+@pytest.mark.slow
 def test_dali_asked_for_but_missing_is_one_error_line(tmp_path: Path) -> None:
     # A Python whose nvidia.dali cannot be imported (as on a machine without it).
     code = ("import os, sys, runpy; sys.modules['nvidia.dali'] = None; sys.argv = sys.argv[1:]; "
@@ -287,6 +288,7 @@ def test_synthtex_is_fed_from_memory() -> None:
 # --------------------------------------------------------------------------------------------
 # The scripts
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_py_with_dali_trains_and_writes_results(tmp_path: Path) -> None:
     """One epoch with the default RandAugment(2, 9); an unreadable training image is skipped and logged."""
     import train
@@ -321,6 +323,7 @@ def test_pretrain_imagenet_with_dali_runs_its_steps(tmp_path: Path) -> None:
     assert epoch["train_images"] == 8 and epoch["val_images"] == 4
 
 
+@pytest.mark.slow
 def test_pretrain_spark_with_dali_runs_its_steps(tmp_path: Path) -> None:
     import pretrain_spark
 

@@ -130,6 +130,7 @@ def test_imagenet_folder_fixture_reads_as_imagefolder(imagenet_root: Path) -> No
     assert all(key.endswith(".JPEG") for key, _ in splits.train)
 
 
+@pytest.mark.slow
 def test_official_sizes_from_full_size_indexes(tmp_path: Path) -> None:
     """Real-size index files with empty image files: load_splits must not open any image."""
     dtd = fixtures.full_size_dtd_index(tmp_path / "dtd")
@@ -316,6 +317,7 @@ def test_large_jpeg_is_decoded_at_reduced_size(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # describe CLI
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_describe_prints_sizes_and_flags_corrupt_files(tmp_path: Path, capsys) -> None:
     root = fixtures.make_dtd(tmp_path / "dtd", folds=1)
     args = ["--dataset", "dtd", "--data_dir", str(root), "--fold", "1", "--no_progress"]

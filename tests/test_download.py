@@ -218,6 +218,7 @@ def test_mismatch_is_a_clear_error_and_leaves_nothing(server: ReleaseServer, rel
     assert not (tmp_path / "dtd.download" / "dtd-r1.0.1.tar.gz").exists()   # deleted: the next run refetches
 
 
+@pytest.mark.slow
 def test_cli_exit_status_against_the_official_table(server: ReleaseServer, tmp_path: Path) -> None:
     """The real table (no pinning): a fixture is not the official DTD, so its size is wrong."""
     env = {**os.environ, download.DOWNLOAD_BASE_URL_ENV: server.url}

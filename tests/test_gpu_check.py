@@ -15,6 +15,7 @@ from helpers import gpu_check
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: gpu-check would run")
 def test_without_cuda_it_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "helpers.gpu_check", "--out", str(tmp_path)], cwd=ROOT,

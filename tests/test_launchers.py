@@ -22,6 +22,9 @@ from fixtures import one_error_line  # noqa: E402
 from helpers import launchers, rundirs  # noqa: E402
 from test_run_all import ENV, run_path, sweep_args  # noqa: E402
 
+# Fixtures that take seconds (they train, prune or start processes): their tests are `slow` (tests/conftest.py).
+SLOW_FIXTURES = ('cluster_sweep',)
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds job processes through /proc")
 LOCAL = ["--launcher", "submitit_local", "--slurm_gpus", "0", "--wait"]
 
@@ -65,6 +68,7 @@ def cluster_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
     return run_dir, outputs
 
 
+@pytest.mark.slow
 def test_two_concurrent_sweeps_submit_and_train_each_run_once(cluster_sweep) -> None:
     run_dir, outputs = cluster_sweep
     submitted = [int(re.search(r"submitted (\d+) job", out).group(1)) for out in outputs]
@@ -78,6 +82,7 @@ def test_two_concurrent_sweeps_submit_and_train_each_run_once(cluster_sweep) -> 
             assert json.loads((run / "job.json").read_text())["launcher"] == "submitit_local"
 
 
+@pytest.mark.slow
 def test_summarize_reads_the_cluster_sweep(cluster_sweep) -> None:
     run_dir, _ = cluster_sweep
     proc = subprocess.run([sys.executable, str(ROOT / "summarize_runs.py"), "--run_dir", str(run_dir), "--csv"],
@@ -87,6 +92,7 @@ def test_summarize_reads_the_cluster_sweep(cluster_sweep) -> None:
     assert len(rows) == 2 and all(",2," in row for row in rows), proc.stdout   # 2 runs per cell
 
 
+@pytest.mark.slow
 def test_status_and_a_second_sweep_submit_nothing(cluster_sweep) -> None:
     run_dir, _ = cluster_sweep
     status = run_all(*sweep_args(run_dir), "--status")
@@ -95,6 +101,7 @@ def test_status_and_a_second_sweep_submit_nothing(cluster_sweep) -> None:
     assert again.returncode == 0 and "submitted 0 job(s)" in again.stdout, again.stdout
 
 
+@pytest.mark.slow
 def test_a_fresh_job_of_unknown_state_is_not_submitted_again(tmp_path: Path) -> None:
     """A job.json of a SLURM job that sacct cannot answer for (no SLURM here) holds its run, as
     "unknown", while the run shows signs of life; not after."""
@@ -127,6 +134,7 @@ def run_all_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess
                           env=env, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sacct", ['echo "JobID|State|NodeList"', 'printf "JobID|State|NodeList\\n4242|UNKNOWN|\\n"', ""])
 def test_a_job_whose_state_cannot_be_read_is_reported_expires_and_is_submitted_again(tmp_path: Path,
                                                                                     sacct: str) -> None:
@@ -162,6 +170,7 @@ def test_a_job_whose_state_cannot_be_read_is_reported_expires_and_is_submitted_a
     assert folders == ["5000"]   # the job's folder, no literal '%j'
 
 
+@pytest.mark.slow
 def test_an_sbatch_rejection_is_one_error_line_quoting_sbatch(tmp_path: Path) -> None:
     env = fake_slurm(tmp_path, 'echo "sbatch: error: invalid partition specified: nope" >&2; exit 1')
     proc = run_all_with(env, *sweep_args(tmp_path / "runs", "resnet18", "1"), "--launcher", "slurm",
@@ -173,6 +182,7 @@ def test_an_sbatch_rejection_is_one_error_line_quoting_sbatch(tmp_path: Path) ->
     assert not (run_path(tmp_path / "runs", "resnet18") / "job.json").exists()   # the claim is given back
 
 
+@pytest.mark.slow
 def test_local_jobs_leave_no_literal_job_id_folder(tmp_path: Path) -> None:
     """submitit's local controller would create '<folder>/%j' (empty) beside the jobs' own folders."""
     import run_all as run_all_module
@@ -184,6 +194,7 @@ def test_local_jobs_leave_no_literal_job_id_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "submitit" / "%j").exists(), sorted(os.listdir(tmp_path / "submitit"))
 
 
+@pytest.mark.slow
 def test_zero_array_parallelism_is_refused(tmp_path: Path) -> None:
     proc = run_all(*sweep_args(tmp_path), *LOCAL, "--slurm_array_parallelism", "0", "--dry_run")
     assert proc.returncode == 2 and "--slurm_array_parallelism must be at least 1" in proc.stderr, proc.stderr
@@ -194,6 +205,7 @@ def test_zero_array_parallelism_is_refused(tmp_path: Path) -> None:
     ("--slurm_partition", "gpu\ntouch owned", "--slurm_partition holds a control character"),
     ("--slurm_extra", "comment=a\ntouch owned", "--slurm_extra comment holds a control character"),
 ])
+@pytest.mark.slow
 def test_a_newline_cannot_reach_the_sbatch_script(tmp_path: Path, option: str, value: str, message: str) -> None:
     proc = run_all(*sweep_args(tmp_path, "resnet18", "1"), "--launcher", "slurm", option, value, "--dry_run")
     assert proc.returncode == 2 and message in proc.stderr and "#!/bin/bash" not in proc.stdout, proc.stderr
@@ -210,6 +222,7 @@ def test_comment_lines_of_the_script_escape_control_characters() -> None:
 # --------------------------------------------------------------------------------------------
 # Pre-emption: SIGUSR2 -> last.pt -> requeued job -> exact resume
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_signalled_job_saves_is_requeued_and_resumes_exactly(cluster_sweep, tmp_path: Path) -> None:
     sweep = start_run_all(*sweep_args(tmp_path, "resnet18", "1"), *LOCAL)
     run = run_path(tmp_path, "resnet18")
@@ -237,6 +250,7 @@ def sweep_job_id(out: str) -> int:
     return int(re.search(r"\(submitit_local\): (\d+)", out).group(1))
 
 
+@pytest.mark.slow
 def test_a_killed_job_is_resumed_by_the_next_sweep(tmp_path: Path) -> None:
     args = sweep_args(tmp_path, "resnet18", "1")
     args[args.index("--epochs") + 1] = "2"
@@ -266,6 +280,7 @@ SLURM = ["--launcher", "slurm", "--slurm_partition", "gpu", "--slurm_time", "90"
          "--slurm_constraint", "a100", "--slurm_extra", "mail-type=END"]
 
 
+@pytest.mark.slow
 def test_slurm_dry_run_prints_sbatch_scripts_with_resources_and_commands(tmp_path: Path) -> None:
     local = run_all(*sweep_args(tmp_path), "--dry_run")
     commands = [line.strip() for line in local.stdout.splitlines() if "train.py" in line]
@@ -286,6 +301,7 @@ def test_slurm_dry_run_prints_sbatch_scripts_with_resources_and_commands(tmp_pat
     assert all(command in array.stdout for command in commands)
 
 
+@pytest.mark.slow
 def test_slurm_without_sbatch_is_a_clear_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "run_all.py"), *sweep_args(tmp_path), *SLURM],
                           capture_output=True, text=True, env={**ENV, "PATH": os.path.dirname(sys.executable)})
@@ -344,6 +360,7 @@ def test_slurm_world_layout() -> None:
     assert launchers.slurm_world({**env, "SLURM_NTASKS": "1"}) is None   # one task: a plain launch
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_join_from_slurm_variables() -> None:
     code = ("from helpers import distributed; ctx = distributed.init_distributed('cpu', 1); "
             "total = distributed.all_reduce_sum([ctx.rank + 1.0], ctx)[0]; "

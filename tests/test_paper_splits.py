@@ -109,6 +109,7 @@ def test_checker_cli_takes_the_protocol(trees, capsys):
     assert "paper_code" in out and "seed 43" in out
 
 
+@pytest.mark.slow
 def test_an_fmd_run_on_the_paper_code_splits_trains_on_60_per_class(trees, tmp_path):
     """train.py --split_protocol paper_code on FMD's official layout (10 classes x 100 tiny images)."""
     import train

@@ -250,6 +250,7 @@ def test_gate_with_a_results_json_that_is_no_record_is_one_error_line(content: s
     assert code == 2 and str(gate_run / "results.json") in line, line
 
 
+@pytest.mark.slow
 def test_an_unknown_plot_kind_is_one_error_line_listing_the_kinds(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "plot_results.py", "--plot", "nosuch", "--run_dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -299,6 +300,7 @@ def test_confusion_thins_labels_for_many_classes() -> None:
     assert image[0, 0] == pytest.approx(100 * 6 / (6 + n - 1))  # rows are % of the true class
 
 
+@pytest.mark.slow
 def test_interaction_plot(checkpoint: Path, image: Path, tmp_path: Path) -> None:
     written = plot_results.make_plots(["--plot", "interaction", "--checkpoint", str(checkpoint), "--image", str(image),
                                  "--save_dir", str(tmp_path), "--name", "interaction"])
@@ -333,6 +335,7 @@ def reference_input(image: Path, img_size: int) -> torch.Tensor:
         return transforms.build_eval_transform(img_size)(img.convert("RGB")).unsqueeze(0)
 
 
+@pytest.mark.slow
 def test_visualize_json_equals_model_introspection(checkpoint: Path, image: Path, tmp_path: Path) -> None:
     visualize.explain(["--checkpoint", str(checkpoint), "--image", str(image), "--out_dir", str(tmp_path),
                        "--blocks", "all", "--name", "vis"])
@@ -426,6 +429,7 @@ def test_efficiency_puts_each_model_at_its_measured_speed(run_dir: Path, tmp_pat
                                  str(tmp_path / "missing.json"), "--save_dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_tsne_embeds_every_image_of_the_split(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = models.build_model("twistnet18", 8, verbose=False)

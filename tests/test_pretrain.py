@@ -30,6 +30,9 @@ import plot_results
 import pretrain_imagenet as pretrain
 from helpers import recipes, rundirs, utils
 
+# Fixtures that take seconds (they train, prune or start processes): their tests are `slow` (tests/conftest.py).
+SLOW_FIXTURES = ('straight', 'interrupted')
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "pretrain_imagenet.py")
 # One thread per process keeps the CPU kernels bitwise repeatable, so resumed runs can be compared
@@ -100,6 +103,7 @@ def interrupted(imagenet: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 # --------------------------------------------------------------------------------------------
 # Distributed run
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_process_run_writes_every_file(straight: tuple[Path, Path]) -> None:
     ckpt, weights = straight
     for name in ("latest.pt", "best.pt", "twistnet18_imagenet.pt", "log.jsonl", "train.log"):
@@ -135,6 +139,7 @@ def test_two_process_run_writes_every_file(straight: tuple[Path, Path]) -> None:
     model.load_state_dict(final)   # strict: every tensor, plain names
 
 
+@pytest.mark.slow
 def test_tensorboard_events_of_rank_0_hold_the_epoch_records(straight: tuple[Path, Path]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ckpt, _ = straight
@@ -150,6 +155,7 @@ def test_tensorboard_events_of_rank_0_hold_the_epoch_records(straight: tuple[Pat
                                                          rel=1e-6), key
 
 
+@pytest.mark.slow
 def test_curves_plot_reads_a_pretraining_log(straight: tuple[Path, Path], tmp_path: Path) -> None:
     """One log vocabulary: the accuracy panel of --plot curves shows the pretraining val accuracy."""
     ckpt, _ = straight
@@ -166,6 +172,7 @@ def test_curves_plot_reads_a_pretraining_log(straight: tuple[Path, Path], tmp_pa
     assert sorted(p.suffix for p in written) == [".pdf", ".png"]
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(
         straight: tuple[Path, Path], interrupted: tuple[Path, str], tmp_path: Path, imagenet: Path) -> None:
     stopped, output = interrupted
@@ -189,6 +196,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_resume_on_one_process_keeps_the_global_batch(interrupted: tuple[Path, str], tmp_path: Path,
                                                       imagenet: Path, capsys: pytest.CaptureFixture) -> None:
     ckpt = tmp_path / "ckpt"
@@ -204,6 +212,7 @@ def test_resume_on_one_process_keeps_the_global_batch(interrupted: tuple[Path, s
     assert records(ckpt, "epoch")[-1]["val_images"] == 9
 
 
+@pytest.mark.slow
 def test_ema_and_accumulation_resume_exactly(tmp_path: Path) -> None:
     """One process, synthetic data: EMA, 2 accumulation steps, stopped mid-epoch and resumed."""
     args = ["--data", "synthetic", "--synthetic_images", "48", "--synthetic_val_images", "5", "--num_classes", "4",
@@ -222,6 +231,7 @@ def test_ema_and_accumulation_resume_exactly(tmp_path: Path) -> None:
     assert all(torch.equal(wa[k], ema[f"module.{k}"]) for k in wa)   # the export is the EMA
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_resumable_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ckpt = tmp_path / "ckpt"
     args = ["--data", "synthetic", "--synthetic_images", "96", "--synthetic_val_images", "7",
@@ -251,6 +261,7 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "weights").exists()   # weights of random tensors are never auto-detected
 
 
+@pytest.mark.slow
 def test_train_py_pretrained_finds_and_loads_the_weights(straight: tuple[Path, Path], tmp_path: Path) -> None:
     (tmp_path / "weights").mkdir()
     shutil.copy(straight[0] / "twistnet18_imagenet.pt", tmp_path / "weights" / "twistnet18_imagenet.pt")

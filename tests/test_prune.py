@@ -31,6 +31,9 @@ from helpers import model_tools
 import prune
 from helpers import utils
 
+# Fixtures that take seconds (they train, prune or start processes): their tests are `slow` (tests/conftest.py).
+SLOW_FIXTURES = ('pruned',)
+
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 47
@@ -187,6 +190,7 @@ def pruned() -> dict:
     return records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["twistnet18", "resnet18"])
 @pytest.mark.parametrize("percent", [0.3, 0.5])
 def test_pruning_gives_the_masked_models_logits(pruned, name, percent):
@@ -195,6 +199,7 @@ def test_pruning_gives_the_masked_models_logits(pruned, name, percent):
     assert (r["masked"] - r["unmasked"]).abs().max() > 1e-3  # the mask did remove something
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["twistnet18", "resnet18"])
 @pytest.mark.parametrize("percent", [0.3, 0.5])
 def test_pruned_params_and_flops_are_pinned(pruned, name, percent):
@@ -205,6 +210,7 @@ def test_pruned_params_and_flops_are_pinned(pruned, name, percent):
     assert r["params"] < r["params0"] and r["flops"] < r["flops0"]
 
 
+@pytest.mark.slow
 def test_stci_keeps_its_width_and_follows_h_and_the_residual_stream(pruned):
     model, before = pruned["twistnet18", 0.5]["model"], pruned["twistnet18", 0.5]["widths0"]
     for name in models.twist_blocks(model):
@@ -305,6 +311,7 @@ def train_checkpoint(path: Path, name: str = "twistnet18", sparse_share: float =
     return path
 
 
+@pytest.mark.slow
 def test_prune_cli_prints_the_table_and_writes_a_loadable_file(tmp_path):
     source = train_checkpoint(tmp_path / "best.pt", r=4, blurpool=True, sparse_share=0.35)
     proc = subprocess.run([sys.executable, str(ROOT / "prune.py"), "--checkpoint", str(source), "--percent", "0.3",
@@ -396,6 +403,7 @@ def test_sparsified_model_is_pruned_without_force(tmp_path, capsys):
     assert "or --percent 0.500 or less" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_plain_resnet18_state_dict_names_its_model(tmp_path, capsys):
     source = tmp_path / "resnet18_plain.pt"
     torch.save(sparsify(slimmed_model("resnet18"), 0.5).state_dict(), source)

@@ -172,6 +172,7 @@ def test_timm_style_training_lowers_the_loss(one_torch_thread) -> None:
     assert losses[-1] < 0.4 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_registration_is_lazy_and_idempotent_on_reimport() -> None:
     """In a fresh process: importing models does not import timm; importing timm registers the
     TwistNets; reloading models.py re-registers them quietly, building the reloaded class; a star

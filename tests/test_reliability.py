@@ -121,6 +121,7 @@ def test_heartbeat_refreshes_the_lock_and_notices_a_takeover(tmp_path: Path) -> 
     assert rundirs.read_lock(path).host == "node-b"                          # never deletes another's lock
 
 
+@pytest.mark.slow
 def test_two_writers_of_one_file_never_share_a_temp_file(tmp_path: Path) -> None:
     """The old fixed temp name (.best.pt.tmp) let one writer rename the other's half-written file."""
     script = textwrap.dedent("""
@@ -142,6 +143,7 @@ def test_two_writers_of_one_file_never_share_a_temp_file(tmp_path: Path) -> None
 # --------------------------------------------------------------------------------------------
 # Two sweeps on one run directory
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_sweeps_on_one_run_dir_train_every_run_once(tmp_path: Path) -> None:
     sweeps = [subprocess.Popen(sweep_command(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=ENV) for _ in range(2)]
@@ -191,6 +193,7 @@ def wait_until_gone(pids: list[int], seconds: float = 60) -> None:
     assert not any(alive(pid) for pid in pids), "train.py outlived its sweep"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pids are checked through /proc")
 def test_killed_or_hung_up_sweeps_leave_no_train_py_and_resume(tmp_path: Path) -> None:
     # SIGKILL (also what the OOM killer sends): run_all cannot react, its children must still stop.
@@ -221,6 +224,7 @@ def test_killed_or_hung_up_sweeps_leave_no_train_py_and_resume(tmp_path: Path) -
         assert (run / "results.json").is_file()
 
 
+@pytest.mark.slow
 def test_sighup_stops_train_py_like_sigterm() -> None:
     script = textwrap.dedent("""
         import os, signal
@@ -259,6 +263,7 @@ FULL_DISK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_names_the_folder_and_leaves_no_temp_file(tmp_path: Path) -> None:
     if user_namespaces_work():   # a real full disk: an 8 MB tmpfs
         command = ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=8m tmpfs "$1" && exec "$2" -c "$3" "$1"',
@@ -281,6 +286,7 @@ def test_a_failed_checkpoint_write_names_the_folder_and_leaves_no_temp_file(tmp_
         assert lines["error"].startswith(f"no space left on {tmp_path} (needs ~10 MB for last.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not user_namespaces_work(), reason="needs unprivileged user namespaces for a small tmpfs")
 def test_train_py_on_a_full_disk_says_so_and_a_retry_after_freeing_space_trains(tmp_path: Path) -> None:
     """best.pt (46 MB) fits on a 110 MB disk, last.pt (93 MB) does not; then the disk grows."""
@@ -370,6 +376,7 @@ def start_stuck_writer(target: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_temp_files_of_killed_writers_are_removed_at_start_and_live_ones_kept(tmp_path: Path,
                                                                              one_torch_thread: None) -> None:
     """kill -9 during a checkpoint write left .last.pt.<pid>.<hex>.tmp for good; train.py and the
@@ -438,6 +445,7 @@ def test_an_unusable_tensorboard_folder_is_a_user_error(tmp_path: Path) -> None:
     assert taken.read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_train_py_with_a_file_where_tensorboard_goes_says_so_in_one_line(tmp_path: Path) -> None:
     from fixtures import one_error_line
     run = tmp_path / "synthtex_fold1_resnet18_seed42"

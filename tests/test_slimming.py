@@ -26,6 +26,9 @@ import summarize_runs  # noqa: E402
 import train  # noqa: E402
 from helpers import model_tools, runrecords, train_cli, utils  # noqa: E402
 
+# Fixtures that take seconds (they train, prune or start processes): their tests are `slow` (tests/conftest.py).
+SLOW_FIXTURES = ('slimmed',)
+
 COMMON = ["--dataset", "synthtex", "--model", "twistnet18", "--img_size", "32", "--batch_size", "16",
           "--workers", "0", "--randaug_n", "0", "--mixup", "0", "--cutmix", "0", "--no_progress",
           "--train_per_class", "16", "--warmup_epochs", "0"]
@@ -71,6 +74,7 @@ def results(root: Path, tag: str = "") -> dict:
     return json.loads((root / name / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_sparsity_training_logs_the_share_of_small_bn_scales(slimmed: dict) -> None:
     log = utils.read_jsonl(slimmed["root"] / RUN / "log.jsonl")
     shares = [r["bn_sparsity"] for r in log]
@@ -110,6 +114,7 @@ def test_the_l1_term_shrinks_bn_scales_and_nothing_else() -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("percent", PERCENTS)
 def test_a_short_sparsity_run_is_refused_without_force(slimmed: dict, percent: int) -> None:
     """3 epochs of --sparsity_reg leave (nearly) no BN scale below 1e-2: the global threshold
@@ -121,6 +126,7 @@ def test_a_short_sparsity_run_is_refused_without_force(slimmed: dict, percent: i
     assert "BN scales below 0.01: " in slimmed["prune_output"][percent]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("percent", PERCENTS)
 def test_pruned_models_are_smaller_and_their_surgery_exact(slimmed: dict, percent: int) -> None:
     text = slimmed["prune_output"][percent]

@@ -39,6 +39,9 @@ import transforms
 from helpers import spark, utils
 from helpers.synthtex import render_synthtex
 
+# Fixtures that take seconds (they train, prune or start processes): their tests are `slow` (tests/conftest.py).
+SLOW_FIXTURES = ('straight', 'interrupted')
+
 ROOT = Path(__file__).resolve().parents[1]
 
 R = spark.DOWNSAMPLE_RATIO
@@ -682,6 +685,7 @@ def interrupted(unlabelled: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     return ckpt, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_two_process_run_writes_every_output(straight: tuple[Path, list[str]]) -> None:
     ckpt, _ = straight
     for name in ("latest.pt", "twistnet18_spark.pt", "log.jsonl", "train.log", "stdout.txt", "stderr.txt",
@@ -726,6 +730,7 @@ def test_two_process_run_writes_every_output(straight: tuple[Path, list[str]]) -
         assert png.size == (4 * 64 + 5 * 2, spark.TITLE_HEIGHT + 3 * 64 + 4 * 2)
 
 
+@pytest.mark.slow
 def test_plots_read_the_log(straight: tuple[Path, list[str]], tmp_path: Path) -> None:
     """plot_results' curves (the loss alone: no accuracy panel) and gates read a SparK log."""
     log = straight[0] / "log.jsonl"
@@ -741,6 +746,7 @@ def test_plots_read_the_log(straight: tuple[Path, list[str]], tmp_path: Path) ->
     assert sorted(p.suffix for p in written) == [".pdf", ".png"]
 
 
+@pytest.mark.slow
 def test_resume_from_the_middle_of_epoch_2_matches_the_uninterrupted_run(
         straight: tuple[Path, list[str]], interrupted: tuple[Path, str], tmp_path: Path) -> None:
     stopped, output = interrupted
@@ -766,6 +772,7 @@ def test_resume_from_the_middle_of_epoch_2_matches_the_uninterrupted_run(
     assert all(torch.equal(la["model"][k], lb["model"][k]) for k in la["model"])    # decoder too
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_and_refusals(straight: tuple[Path, list[str]], interrupted: tuple[Path, str],
                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     finished = tmp_path / "finished"
@@ -798,6 +805,7 @@ def start_and_kill_when_saved(command: list[str], latest: Path, seconds: float =
     assert latest.exists(), err
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_images_and_follows_a_moved_folder(unlabelled: Path, tmp_path: Path,
                                                                 one_torch_thread: None,
                                                                 capsys: pytest.CaptureFixture) -> None:
@@ -867,6 +875,7 @@ def test_resume_fingerprint_lets_each_data_dir_folder_move_on_its_own(unlabelled
         f"the split sizes differ (train {2 * IMAGES} -> {2 * IMAGES - 1})")
 
 
+@pytest.mark.slow
 def test_loss_falls_and_unreadable_images_are_skipped(unlabelled: Path, tmp_path: Path, one_torch_thread: None,
                                                      capsys: pytest.CaptureFixture) -> None:
     data = tmp_path / "data"
@@ -952,6 +961,7 @@ def test_schedules_masks_and_parameter_groups() -> None:
 # --------------------------------------------------------------------------------------------
 # Downstream: the SparK weights in train.py and build_model
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_py_pretrained_loads_every_backbone_and_stci_tensor(straight: tuple[Path, list[str]],
                                                                  tmp_path: Path) -> None:
     weights = straight[0] / "twistnet18_spark.pt"
@@ -1076,6 +1086,7 @@ def test_batch_norm_reestimation_gives_whole_image_statistics() -> None:
     assert all(m.momentum == 0.1 and int(m.num_batches_tracked) == 1 for m in norms)
 
 
+@pytest.mark.slow
 def test_spark_run_logs_ranks_and_probe_and_exports_whole_image_statistics(
         probe_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread: None,
         capsys: pytest.CaptureFixture) -> None:

@@ -22,6 +22,9 @@ import fixtures
 import train
 from helpers import utils
 
+# Fixtures that take seconds (they train, prune or start processes): their tests are `slow` (tests/conftest.py).
+SLOW_FIXTURES = ('finished_run',)
+
 ROOT = Path(__file__).resolve().parents[1]
 # Small, fast, deterministic: 32 px crops, no workers, one thread so CPU kernels are repeatable.
 BASE = ["--dataset", "synthtex", "--model", "twistnet18", "--img_size", "32", "--batch_size", "16",
@@ -56,6 +59,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_path(run_dir)
 
 
+@pytest.mark.slow
 def test_run_directory_has_every_file_and_field(finished_run: Path) -> None:
     for name in ("log.jsonl", "last.pt", "best.pt", "results.json", "train.log"):
         assert (finished_run / name).is_file(), name
@@ -101,6 +105,7 @@ def test_run_directory_has_every_file_and_field(finished_run: Path) -> None:
     assert "epoch   1/2" in text and "epoch   2/2" in text and "done:" in text
 
 
+@pytest.mark.slow
 def test_finished_run_exits_at_once(finished_run: Path) -> None:
     before = (finished_run / "results.json").stat().st_mtime_ns
     start = time.perf_counter()
@@ -110,6 +115,7 @@ def test_finished_run_exits_at_once(finished_run: Path) -> None:
     assert time.perf_counter() - start < 60
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
     run_train(tmp_path, "--epochs", "1")
     path = run_path(tmp_path)
@@ -137,6 +143,7 @@ def interrupt_during_training(run_dir: Path, *extra: str) -> dict:
     return torch.load(run_path(run_dir) / "last.pt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_numbers(tmp_path: Path) -> None:
     extra = ("--epochs", "3", "--batch_size", "8")
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
@@ -159,6 +166,7 @@ def test_interrupted_run_resumes_to_identical_numbers(tmp_path: Path) -> None:
         assert res_a[key] == res_b[key], key
 
 
+@pytest.mark.slow
 def test_synthtex_is_learnable_in_cpu_minutes(tmp_path: Path) -> None:
     """TwistNet-18 from scratch at 32 px, 8 epochs (about 90 s on 2 cores): far above chance.
 
@@ -211,6 +219,7 @@ def test_an_epoch_that_trained_no_image_is_an_error_not_a_result(tmp_path: Path,
     assert not (run / "results.json").exists() and not (run / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_refuses_a_changed_recipe(finished_run: Path, capsys) -> None:
     before = (finished_run / "results.json").stat().st_mtime_ns
     code, out, err = run_inline(capsys, "--run_dir", str(finished_run.parent), "--epochs", "3", "--lr", "0.1")
@@ -221,6 +230,7 @@ def test_a_finished_run_refuses_a_changed_recipe(finished_run: Path, capsys) -> 
     assert (finished_run / "results.json").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_force_says_that_it_removes_a_finished_run(finished_run: Path, tmp_path: Path, capsys) -> None:
     copy = tmp_path / finished_run.name
     shutil.copytree(finished_run, copy)
@@ -233,6 +243,7 @@ def test_force_says_that_it_removes_a_finished_run(finished_run: Path, tmp_path:
     assert [r["epoch"] for r in read_log(copy)] == [1]
 
 
+@pytest.mark.slow
 def test_a_start_killed_before_its_first_last_pt_does_not_log_epochs_twice(finished_run: Path,
                                                                            tmp_path: Path, capsys) -> None:
     """A kill between the epoch's log record and its last.pt leaves a log without a checkpoint."""
@@ -329,6 +340,7 @@ def test_a_diverging_loss_is_one_error_line(tmp_path: Path, capsys) -> None:
     assert code == 2 and "the training loss is" in line and "lower --lr" in line
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_logged_scalars_and_the_confusion_image(finished_run: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from PIL import Image

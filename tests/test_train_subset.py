@@ -78,6 +78,7 @@ def test_bad_subsets_are_one_error_line(extra: list[str], message: str, tmp_path
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_subset_run_records_it_and_a_sweep_keeps_it_apart(tmp_path: Path) -> None:
     """One epoch on 2 images per class: results.json says so, and run_all (which reads finished runs
     to check they belong to its command) names, finds and skips it, beside the full-data name.

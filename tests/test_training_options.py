@@ -65,6 +65,7 @@ def test_pretraining_takes_drop_path() -> None:
 # --------------------------------------------------------------------------------------------
 # --progressive
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_progressive_trains_early_epochs_at_the_smaller_size_and_logs_it(tmp_path: Path, capsys) -> None:
     argv = ["--dataset", "synthtex", "--model", "resnet18", "--img_size", "32", "--epochs", "3", "--batch_size", "8",
             "--workers", "1", "--train_per_class", "2", "--randaug_n", "0", "--mixup", "0", "--cutmix", "0",
@@ -87,6 +88,7 @@ def test_bad_progressive_is_one_error_line(spec: str, message: str, tmp_path: Pa
 # --------------------------------------------------------------------------------------------
 # --lr_find
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lr_find_writes_the_curve_and_a_suggestion_and_no_checkpoint(tmp_path: Path, capsys) -> None:
     argv = ["--dataset", "synthtex", "--model", "resnet18", "--img_size", "32", "--batch_size", "8",
             "--workers", "0", "--train_per_class", "4", "--randaug_n", "0", "--lr_find", "--lr_find_steps", "20",

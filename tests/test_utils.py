@@ -53,6 +53,7 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in line, (fragment, line)
 
 
+@pytest.mark.slow
 def test_train_py_user_errors_are_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "nonexistent"
     assert_one_error_line(run_script("train.py", "--dataset", "dtd", "--data_dir", str(missing),
@@ -70,6 +71,7 @@ def test_train_py_user_errors_are_one_line(tmp_path: Path) -> None:
                           str(foreign), "incompatible")
 
 
+@pytest.mark.slow
 def test_other_scripts_report_user_errors_the_same_way(tmp_path: Path) -> None:
     assert_one_error_line(run_script("compute_flops.py", "--model", "nosuch"), "Unknown model 'nosuch'")
     assert_one_error_line(run_script("summarize_runs.py", "--run_dir", str(tmp_path / "none")), "is not a directory")
@@ -194,6 +196,7 @@ print(json.dumps(said))
 """
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_named_as_such(tmp_path: Path) -> None:
     """ulimit -f (RLIMIT_FSIZE) with SIGXFSZ ignored, as batch systems set it: torch.save's zip writer
     reported 'unexpected pos ...'; the limit is named, with the size needed, and nothing is lost."""
