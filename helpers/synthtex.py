@@ -4,7 +4,7 @@ Usage:
     from helpers.synthtex import render_synthtex, SYNTHTEX_CLASSES
     render_synthtex(0, 128).save("synthtex_0.png")      # sample id 0 (class 0) at 128 x 128
 
-    python synthtex.py --out synthtex_grid.png          # one image of every class
+    python -m helpers.synthtex --out synthtex_grid.png  # one image of every class (from the repo root)
 
 The built-in dataset (`--dataset synthtex` in the scripts) that makes the repository runnable
 with no download. Each image is a function of its sample id alone; datasets.py assigns the ids of
