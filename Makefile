@@ -1,7 +1,7 @@
 # make setup : create .venv and install the exact versions of requirements-lock.txt
 # make test  : set up if needed, then run the whole test suite on CPU (what CI runs)
 # make test-fast : the quick tier for the edit loop: no test that starts a process or trains
-#                  more than a few steps (pytest -m 'not slow'), ~3 minutes on 2 cores
+#                  more than a few steps (pytest -m "not slow"), ~2 minutes on 2 cores
 # make demo  : set up if needed, then a short CPU training run of TwistNet-18 on synthtex
 PYTHON ?= python3
 VENV := .venv
