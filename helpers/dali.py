@@ -139,6 +139,7 @@ class EncodedImages:
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
+        self.exif = getattr(dataset, "exif", True)   # --exif: apply EXIF orientation (the PIL path's flag)
 
     def __call__(self, index: int) -> tuple[np.ndarray, int, int] | None:
         if not isinstance(self.dataset, loading.ImageListDataset):
@@ -151,8 +152,7 @@ class EncodedImages:
             self.dataset.warn_unreadable(path, error)
             return None
 
-    @staticmethod
-    def _from_file(path: str) -> tuple[np.ndarray, int, int]:
+    def _from_file(self, path: str) -> tuple[np.ndarray, int, int]:
         with open(path, "rb") as f:
             data = f.read()
         with Image.open(io.BytesIO(data)) as probe:   # reads the header only
@@ -160,15 +160,18 @@ class EncodedImages:
             orientation = _orientation(probe)
         if not _ends_complete(data, image_format or ""):
             raise OSError(f"the {image_format} file ends early (truncated)")
+        if not self.exif:
+            orientation = 1
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        # DALI turns JPEGs upright by their EXIF orientation; other formats that carry one go through PIL.
+        # DALI turns JPEGs upright by their EXIF orientation (when --exif is on); other formats that
+        # carry one go through PIL.
         native = (image_format in NATIVE_FORMATS and mode in NATIVE_MODES
                   and (image_format == "JPEG" or orientation == 1)
                   and max(width, height) <= loading.MAX_ASPECT_RATIO * min(width, height))
         if native:
             return np.frombuffer(data, dtype=np.uint8), height, width
-        image = loading.decode_image(path)
+        image = loading.decode_image(path, exif=self.exif)
         return _png_bytes(image), image.height, image.width
 
 
@@ -213,14 +216,14 @@ class BatchFeeder:
 # --------------------------------------------------------------------------------------------
 # Pipelines
 # --------------------------------------------------------------------------------------------
-def _train_images(encoded: Any, augment: TrainAugment, decoder: str) -> Any:
+def _train_images(encoded: Any, augment: TrainAugment, decoder: str, exif: bool) -> Any:
     from nvidia.dali import fn, types
     from nvidia.dali.auto_aug import rand_augment
 
     size = augment.img_size
     images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                            random_area=list(augment.scale), random_aspect_ratio=list(augment.ratio),
-                                           num_attempts=10)
+                                           num_attempts=10, adjust_orientation=exif)
     images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
     if augment.hflip > 0:
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=augment.hflip))
@@ -232,10 +235,10 @@ def _train_images(encoded: Any, augment: TrainAugment, decoder: str) -> Any:
     return images
 
 
-def _eval_images(encoded: Any, sizes: Any, anchors: Any, img_size: int, decoder: str) -> Any:
+def _eval_images(encoded: Any, sizes: Any, anchors: Any, img_size: int, decoder: str, exif: bool) -> Any:
     from nvidia.dali import fn, types
 
-    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=exif)
     images = fn.resize(images, resize_y=sizes[0], resize_x=sizes[1], interp_type=types.INTERP_CUBIC, antialias=True)
     crop = np.array([img_size, img_size], dtype=np.int32)
     return fn.slice(images, anchors, types.Constant(crop), axes=[0, 1])
@@ -253,11 +256,11 @@ def build_pipeline(feeder: BatchFeeder, batch_size: int, device: torch.device, t
         if augment is not None:
             encoded, labels = fn.external_source(source=feeder, num_outputs=2, batch=True,
                                                  dtype=[types.UINT8, types.INT64])
-            images = _train_images(encoded, augment, decoder)
+            images = _train_images(encoded, augment, decoder, feeder.encoded.exif)
         else:
             encoded, labels, sizes, anchors = fn.external_source(
                 source=feeder, num_outputs=4, batch=True, dtype=[types.UINT8, types.INT64, types.FLOAT, types.INT32])
-            images = _eval_images(encoded, sizes, anchors, feeder.img_size, decoder)
+            images = _eval_images(encoded, sizes, anchors, feeder.img_size, decoder, feeder.encoded.exif)
         return fn.transpose(images, perm=[2, 0, 1]), labels
 
     # RandAugment picks its ops with DALI's conditionals.

@@ -101,17 +101,21 @@ def test_eval_matches_the_pil_eval_transform(eval_images: list[tuple[str, int]])
         assert levels[rows].mean() <= 0.5, (name, levels[rows].mean())
 
 
-def test_exif_orientation_is_applied_as_pil_does(tmp_path: Path) -> None:
-    """A phone photo stored sideways (EXIF orientation 6): both loaders turn it upright."""
+@pytest.mark.parametrize("suffix", ["jpg", "png"])
+@pytest.mark.parametrize("exif_on", [True, False])
+def test_exif_orientation_follows_the_exif_flag_as_pil_does(suffix: str, exif_on: bool, tmp_path: Path) -> None:
+    """A phone photo stored sideways (EXIF orientation 6): both loaders turn it upright with --exif
+    on (JPEG: DALI's decoder; PNG: through PIL) and both leave it as stored with --exif off (the
+    upstream presets)."""
     exif = Image.Exif()
     exif[dali.EXIF_ORIENTATION] = 6
-    path = tmp_path / "turned.jpg"
-    class_image(1, 0, 64).resize((64, 40)).save(path, quality=95, exif=exif)
-    dataset = loading.ImageListDataset([(str(path), 0)], transforms.build_eval_transform(32))
+    path = tmp_path / f"turned.{suffix}"
+    class_image(1, 0, 64).resize((64, 40)).save(path, exif=exif, **({"quality": 95} if suffix == "jpg" else {}))
+    dataset = loading.ImageListDataset([(str(path), 0)], transforms.build_eval_transform(32), exif=exif_on)
     [(images, _, _)] = list(dali.DaliLoader(dataset, 1, CPU, 1, 32))
-    upright, got = dataset[0][0], utils.normalise_uint8(images[0])
-    sideways = got.transpose(1, 2)
-    assert (got - upright).abs().mean() < 0.02 < (sideways - upright).abs().mean()
+    expected, got = dataset[0][0], utils.normalise_uint8(images[0])
+    transposed = got.transpose(1, 2)
+    assert (got - expected).abs().mean() < 0.02 < (transposed - expected).abs().mean()
 
 
 def test_unreadable_images_are_skipped_and_counted(eval_images: list[tuple[str, int]], tmp_path: Path) -> None:
