@@ -662,7 +662,7 @@ def build_model_with_init(
     if pretrained is True:
         found = find_twistnet_weights(name, log)
         if found is not None:
-            report = load_twistnet_report(model, found, log=log)
+            report = load_twistnet_checkpoint(model, found, log=log)
             return model, init_record("twistnet_file", report, path=found)
         base = find_twistnet_weights("twistnet18", log) if name != "twistnet18" else None
         if base is not None:
@@ -676,7 +676,7 @@ def build_model_with_init(
         report = transfer_weights(model, source, policy=transfer_policy)
         log(report.summary(f"ResNet-18 -> {name} (policy '{transfer_policy}')"))
         return model, init_record("resnet18_transfer", report, policy=transfer_policy, **origin)
-    report = load_twistnet_report(model, pretrained, log=log)
+    report = load_twistnet_checkpoint(model, pretrained, log=log)
     return model, init_record("checkpoint", report, path=pretrained)
 
 
@@ -891,19 +891,14 @@ def _pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return extract_state_dict(raw)
 
 
-def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike,
-                             log: Callable = print) -> int:
+def load_twistnet_checkpoint(model: nn.Module, path: str | os.PathLike, log: Callable = print) -> "TransferReport":
     """Load a TwistNet checkpoint into `model`; the classifier is skipped when its shape differs and
-    left at init when the file has none (SparK's encoder weights). Returns the tensors loaded.
+    left at init when the file has none (SparK's encoder weights). Returns what was loaded, skipped
+    and left at init, by tensor name.
 
     Any other missing, unexpected or mis-shaped tensor makes the checkpoint incompatible: a
     ModelConfigError says which, because a half-loaded model would silently train from a wrong start.
     """
-    return len(load_twistnet_report(model, path, log).mapped)
-
-
-def load_twistnet_report(model: nn.Module, path: str | os.PathLike, log: Callable = print) -> "TransferReport":
-    """load_twistnet_checkpoint, returning what it loaded, skipped and left at init by tensor name."""
     state = _pretrained_state(path)
     own = model.state_dict()
     classifier = ("fc.weight", "fc.bias")

@@ -69,8 +69,8 @@ TRACE_SIZE = 64
 DEFAULT_MIN_KEEP = 0.1
 SPARSE_SCALE = 1e-2     # a BN scale below this counts as switched off by sparsity training
 MIN_IMG_SIZE = 32       # the FLOPs count needs at least one position after the /32 downsampling
-# TwistNet variants (every registry model that is not a timm baseline) and the timm ResNets.
-PRUNABLE_MODELS = tuple([n for n, s in models.MODEL_SPECS.items() if s.timm_name is None] + ["resnet18", "seresnet18"])
+# Every TwistNet variant of the registry and the timm ResNets.
+PRUNABLE_MODELS = tuple(models.twistnet_variants() + ["resnet18", "seresnet18"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ def matching_registry_models(state: Mapping[str, Any]) -> list[str]:
         return []
     shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     found = []
-    for name in sorted(models.MODEL_SPECS, key=lambda n: models.MODEL_SPECS[n].timm_name is None):
+    for name in sorted(models.MODEL_SPECS, key=lambda n: models.MODEL_SPECS[n].is_twistnet):
         try:
             with torch.device("meta"):
                 candidate = models.build_model(name, num_classes, verbose=False).state_dict()
