@@ -223,21 +223,27 @@ def normalise_uint8(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     """uint8 images [..., 3, H, W] -> float32 (x / 255 - mean) / std, where they are (the GPU).
 
     The operations of torchvision's ToDtype(float32, scale=True) + Normalize, in their order, so a
-    uint8 batch normalised here equals the float pipeline's output up to float rounding."""
-    shape = (3, 1, 1)
+    uint8 batch normalised here equals the float pipeline's output up to float rounding.
+    The mean and std are filled in on the device, one 0-dim tensor per channel: a tensor built from
+    the Python values is a host-to-device copy that waits for the GPU, on every batch; a Python
+    scalar divisor is turned into a multiplication by its reciprocal on CUDA (other rounding)."""
     images = images.to(torch.float32).mul_(1.0 / 255)
-    images.sub_(torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(shape))
-    return images.div_(torch.as_tensor(std, dtype=torch.float32, device=images.device).view(shape))
+    for channel, (channel_mean, channel_std) in enumerate(zip(mean, std)):
+        on_device = [torch.full((), value, dtype=torch.float32, device=images.device)
+                     for value in (channel_mean, channel_std)]
+        images[..., channel, :, :].sub_(on_device[0]).div_(on_device[1])
+    return images
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch on `device`; uint8 images (the loaders' batches) are normalised there, after the copy."""
+    """A batch on `device`; uint8 images (the loaders' batches) are normalised there, after the copy
+    (and after the layout change, which then moves a quarter of the bytes; normalising keeps it)."""
     images = images.to(device, non_blocking=True)
-    if images.dtype == torch.uint8:
-        images = normalise_uint8(images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    if images.dtype == torch.uint8:
+        images = normalise_uint8(images)
     return images, labels.to(device, non_blocking=True)
 
 
