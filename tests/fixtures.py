@@ -12,6 +12,7 @@ files at their real sizes with empty image files: enough for load_splits, which 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -239,3 +240,15 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+def refused(main: Callable, argv: Sequence[str], out_dir: Path, capsys) -> str:
+    """Run a script's main on argv and check the user-error contract: exit status 2, one `error:`
+    line on stderr, nothing written under out_dir. Returns the line."""
+    from helpers import utils
+    code = utils.run_main(main, list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = one_error_line(err)
+    assert not any(out_dir.iterdir()), sorted(out_dir.iterdir())
+    return line

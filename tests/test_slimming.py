@@ -18,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import fixtures  # noqa: E402
 import compute_flops  # noqa: E402
 import models  # noqa: E402
 import plot_results  # noqa: E402
@@ -197,8 +198,5 @@ def test_compute_flops_summary_and_plot_show_pruned_beside_unpruned(slimmed: dic
 def test_refine_refuses_what_does_not_fit(slimmed: dict, tmp_path: Path, capsys, source: str, extra: list[str],
                                           message: str) -> None:
     path = slimmed["root"] / (f"{RUN}/best.pt" if source == "best" else source)
-    code = utils.run_main(train.main, [*COMMON, "--epochs", "1", "--refine", str(path), *extra,
-                                       "--run_dir", str(tmp_path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and message in err[0], err
-    assert not any(tmp_path.iterdir())
+    argv = [*COMMON, "--epochs", "1", "--refine", str(path), *extra, "--run_dir", str(tmp_path)]
+    assert message in fixtures.refused(train.main, argv, tmp_path, capsys)
