@@ -463,8 +463,8 @@ class Sweep:
         # Look again: the plan may be hours old, and another sweep on this --run_dir may have
         # taken the run (or finished it) since.
         status = run_status(run.path, self.force, self.unknown_expiry_min)
-        if status in ("elsewhere", "skip", "unknown"):
-            return Outcome(run, {"skip": "skipped"}.get(status, status))
+        if status in NOT_STARTED_HERE:
+            return Outcome(run, NOT_STARTED_HERE[status])
         try:
             run.path.mkdir(parents=True, exist_ok=True)
             log = open(run.log_path, "a", buffering=1)
