@@ -547,7 +547,7 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
         record = {"type": "final", "train_loss": last.get("train_loss"), "weights": str(final),
                   "bn_images": min(args.bn_images, len(images))}
         if checks is not None:
-            record.update(final_checks(checks, trainer.backbone, args, console))
+            record.update(final_checks(checks, trainer.backbone, last, args, console))
         utils.append_jsonl(ckpt_dir / "log.jsonl", record)
     console("done")
     if ctx.distributed:
@@ -555,12 +555,14 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
     return 0
 
 
-def final_checks(checks: WholeImageChecks, backbone: nn.Module, args: argparse.Namespace,
+def final_checks(checks: WholeImageChecks, backbone: nn.Module, last_epoch: dict, args: argparse.Namespace,
                  console: Callable[[str], None]) -> dict[str, float]:
-    """The final record's feature ranks and, with --probe_dir, the linear probes (also printed)."""
+    """The final record's feature ranks (the last epoch record's: the weights have not changed since
+    it was measured) and, with --probe_dir, the linear probes (also printed)."""
     record: dict[str, float] = {}
     if args.rank_images:
-        record.update(checks.ranks(backbone))
+        ranks = {key: value for key, value in last_epoch.items() if key.startswith("feat_rank_")}
+        record.update(ranks or checks.ranks(backbone))
     if args.probe_dir:
         record.update(checks.probe(backbone))
         console(f"linear probe on {args.probe_dir} (val accuracy, logistic regression on frozen pooled layer4 "

@@ -1109,6 +1109,9 @@ def test_spark_run_logs_ranks_and_probe_and_exports_whole_image_statistics(
     final, = records(ckpt, "final")
     assert 0 <= final["probe_acc"] <= 100 and 0 <= final["probe_acc_init"] <= 100 and final["bn_images"] == 24
     assert "feat_rank_layer4" in final and "linear probe on " in out
+    # The final ranks are those of the last epoch: the weights have not changed since.
+    assert {k: v for k, v in final.items() if k.startswith("feat_rank_")} == \
+        {k: v for k, v in epochs[-1].items() if k.startswith("feat_rank_")}
 
     # The exported BatchNorm statistics are those of the 24 whole images (centre crops), not the
     # masked islands of pretraining (what latest.pt holds).
