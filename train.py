@@ -388,7 +388,7 @@ def train_run(args: argparse.Namespace, run_path: Path, config: dict, device: to
                                      f"this run from scratch; {run_path} holds nothing else to resume from.")
         check_resume(ckpt, config, data, last_path)
     console = utils.Console(run_path / "train.log", timestamps=True)
-    stale = utils.remove_stale_temp_files(run_path)   # we hold the lock: their writers are gone
+    stale = utils.remove_stale_temp_files(run_path, rundirs.WRITTEN_UNLOCKED)   # we hold the lock
     if stale:
         console(stale)
     utils.configure_kernels(args.deterministic, device)

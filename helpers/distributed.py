@@ -356,7 +356,7 @@ def checkpoint_dir_lock(ckpt_dir: Path, ctx: DistContext) -> Iterator[rundirs.Ru
             lock = rundirs.RunLock(ckpt_dir).acquire()
         except rundirs.RunLockedError as locked:
             error = locked
-        stale = utils.remove_stale_temp_files(ckpt_dir) if lock is not None else None
+        stale = utils.remove_stale_temp_files(ckpt_dir, rundirs.WRITTEN_UNLOCKED) if lock is not None else None
         if stale:
             print(stale, flush=True)
     if all_agree_to_stop(error is not None, ctx):

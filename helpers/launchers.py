@@ -46,7 +46,7 @@ from submitit.slurm import slurm as submitit_slurm
 from helpers import rundirs, utils
 
 LAUNCHERS = ("local", "slurm", "submitit_local")
-JOB_RECORD = "job.json"
+JOB_RECORD = rundirs.JOB_RECORD
 REPO = Path(__file__).resolve().parents[1]
 # How often a run may hit its time limit and be requeued before submitit gives up on it.
 MAX_REQUEUES = 50

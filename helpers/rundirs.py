@@ -50,6 +50,10 @@ class RunLockedError(UserError):
 # Locks
 # --------------------------------------------------------------------------------------------
 LOCK_NAME = "run.lock"
+JOB_RECORD = "job.json"   # launchers' record of a run's cluster job
+# The files of a run folder written by processes that do not hold its lock (a contender for the
+# lock; run_all on the login node): utils.remove_stale_temp_files must spare their temp files.
+WRITTEN_UNLOCKED = (LOCK_NAME, JOB_RECORD)
 LOCK_HEARTBEAT_S = 30.0
 # A lock whose holder cannot be checked (another host) is stale once its heartbeat is this old;
 # generous, because network filesystems may show a file's mtime a minute late.

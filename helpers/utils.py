@@ -257,23 +257,24 @@ def temp_beside(path: Path) -> Path:
 
 
 TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")   # temp_beside's names
-LOCK_TEMP_PREFIX = ".run.lock."   # rundirs.RunLock's: written before the lock is held, see below
 
 
-def remove_stale_temp_files(folder: str | os.PathLike) -> str | None:
+def remove_stale_temp_files(folder: str | os.PathLike, written_unlocked: Sequence[str] = ()) -> str | None:
     """Delete the temp files (temp_beside) in `folder` whose writer process is gone, and say so
     (None if there were none). A writer killed mid-write (kill -9, the OOM killer) leaves one for
     good, as large as the file it was writing (~90 MB for a last.pt); a live writer's is kept.
 
     Call it holding the folder's lock (rundirs.RunLock): every other writer of the folder is then
-    gone, whatever its host. A contender for the lock writes its temp file before it holds the lock,
-    possibly from another host where its pid means nothing here, so those are never touched."""
+    gone, whatever its host, except the writers of the files named in `written_unlocked`
+    (rundirs.WRITTEN_UNLOCKED: the lock file, written by a contender before it holds the lock; a
+    sweep's job record, written from the login node): they may run on another host, where their pid
+    means nothing here, so their temp files are never touched."""
     if os.name != "posix":   # os.kill(pid, 0) would end the process elsewhere
         return None
     removed: list[tuple[str, int]] = []
     for path in Path(folder).glob(".*.tmp"):
         match = TEMP_NAME.match(path.name)
-        if match is None or path.name.startswith(LOCK_TEMP_PREFIX) or process_alive(int(match["pid"])):
+        if match is None or match["target"] in written_unlocked or process_alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
             size = path.stat().st_size

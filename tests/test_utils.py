@@ -217,3 +217,20 @@ def test_a_file_size_limit_is_named_as_such(tmp_path: Path) -> None:
                                           f"(needs ~9 MB, the limit is 8 MB); blob.bin was not written")
     assert "ulimit -f unlimited" in said["torch.save"] and "unexpected pos" not in said["torch.save"]
     assert said["files"] == ["last.pt"] and said["kept"] == 1_000_000
+
+
+def test_stale_temp_files_of_files_written_without_the_lock_are_spared(tmp_path: Path) -> None:
+    """A dead writer's temp file is removed, except for the files written without the run lock (the
+    lock itself, a sweep's job.json from the login node): their pid may be of another host."""
+    from helpers import rundirs
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(gone.stdout)   # that process has ended: on this host its pid is dead
+    assert not utils.process_alive(pid)
+    temps = {target: tmp_path / f".{target}.{pid}.0123abcd.tmp" for target in ("last.pt", *rundirs.WRITTEN_UNLOCKED)}
+    for temp in temps.values():
+        temp.write_bytes(b"x")
+        assert utils.TEMP_NAME.match(temp.name)
+    note = utils.remove_stale_temp_files(tmp_path, rundirs.WRITTEN_UNLOCKED)
+    assert note is not None and "removed 1 temp file(s)" in note
+    assert {target for target, temp in temps.items() if temp.exists()} == {"run.lock", "job.json"}
