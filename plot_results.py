@@ -71,7 +71,7 @@ LOG_SCALE_RATIO = 30.0     # loss curves spanning more than this factor get a lo
 
 
 # --------------------------------------------------------------------------------------------
-# Selecting runs (read by summarize_runs.load_results, so tables and figures count the same runs)
+# Selecting runs (loaded by helpers.runrecords.load_results, as summarize_runs' tables are)
 # --------------------------------------------------------------------------------------------
 def group_key(run: RunResult, group_by: str) -> str:
     """The axis a run belongs to: its dataset, or its dataset and fold."""

@@ -61,7 +61,8 @@ from scipy import stats
 import datasets
 import models
 from helpers import utils
-from helpers.runrecords import (RunCollection, RunResult, Stats, load_runs, refuse_mixed_recipes, split_recipes)
+from helpers.runrecords import (LEGACY_DEFAULTS, RunCollection, RunResult, Stats, load_runs, refuse_mixed_recipes,
+                                split_recipes)
 
 DAGGER = "†"
 STD_NOTE = "mean ± std over all fold x seed runs (sample std, ddof=1)"
@@ -295,7 +296,8 @@ def format_run_listing(runs: Sequence[RunResult]) -> str:
     """One line per run: where it is, its test accuracy, its split protocol and its init."""
     lines = ["Runs (test accuracy | split protocol | init):"]
     for run in sorted(runs, key=lambda r: (datasets.dataset_sort_key(r.dataset), r.label, r.fold, r.seed)):
-        protocol = json.loads(dict(run.recipe).get("split_protocol", '"default"'))
+        protocol = json.loads(dict(run.recipe).get("split_protocol",
+                                                    json.dumps(LEGACY_DEFAULTS["split_protocol"])))
         init = run.init or "init not recorded"
         lines.append(f"  {run.path.name}: {run.test_acc:.2f}% | {protocol} | {init}")
     return "\n".join(lines)
