@@ -68,7 +68,6 @@ def cluster_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
     return run_dir, outputs
 
 
-@pytest.mark.slow
 def test_two_concurrent_sweeps_submit_and_train_each_run_once(cluster_sweep) -> None:
     run_dir, outputs = cluster_sweep
     submitted = [int(re.search(r"submitted (\d+) job", out).group(1)) for out in outputs]
@@ -82,7 +81,6 @@ def test_two_concurrent_sweeps_submit_and_train_each_run_once(cluster_sweep) -> 
             assert json.loads((run / "job.json").read_text())["launcher"] == "submitit_local"
 
 
-@pytest.mark.slow
 def test_summarize_reads_the_cluster_sweep(cluster_sweep) -> None:
     run_dir, _ = cluster_sweep
     proc = subprocess.run([sys.executable, str(ROOT / "summarize_runs.py"), "--run_dir", str(run_dir), "--csv"],
@@ -92,7 +90,6 @@ def test_summarize_reads_the_cluster_sweep(cluster_sweep) -> None:
     assert len(rows) == 2 and all(",2," in row for row in rows), proc.stdout   # 2 runs per cell
 
 
-@pytest.mark.slow
 def test_status_and_a_second_sweep_submit_nothing(cluster_sweep) -> None:
     run_dir, _ = cluster_sweep
     status = run_all(*sweep_args(run_dir), "--status")
@@ -222,7 +219,6 @@ def test_comment_lines_of_the_script_escape_control_characters() -> None:
 # --------------------------------------------------------------------------------------------
 # Pre-emption: SIGUSR2 -> last.pt -> requeued job -> exact resume
 # --------------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_a_signalled_job_saves_is_requeued_and_resumes_exactly(cluster_sweep, tmp_path: Path) -> None:
     sweep = start_run_all(*sweep_args(tmp_path, "resnet18", "1"), *LOCAL)
     run = run_path(tmp_path, "resnet18")

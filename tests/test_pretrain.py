@@ -103,7 +103,6 @@ def interrupted(imagenet: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 # --------------------------------------------------------------------------------------------
 # Distributed run
 # --------------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_two_process_run_writes_every_file(straight: tuple[Path, Path]) -> None:
     ckpt, weights = straight
     for name in ("latest.pt", "best.pt", "twistnet18_imagenet.pt", "log.jsonl", "train.log"):
@@ -139,7 +138,6 @@ def test_two_process_run_writes_every_file(straight: tuple[Path, Path]) -> None:
     model.load_state_dict(final)   # strict: every tensor, plain names
 
 
-@pytest.mark.slow
 def test_tensorboard_events_of_rank_0_hold_the_epoch_records(straight: tuple[Path, Path]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ckpt, _ = straight
@@ -155,7 +153,6 @@ def test_tensorboard_events_of_rank_0_hold_the_epoch_records(straight: tuple[Pat
                                                          rel=1e-6), key
 
 
-@pytest.mark.slow
 def test_curves_plot_reads_a_pretraining_log(straight: tuple[Path, Path], tmp_path: Path) -> None:
     """One log vocabulary: the accuracy panel of --plot curves shows the pretraining val accuracy."""
     ckpt, _ = straight
@@ -172,7 +169,6 @@ def test_curves_plot_reads_a_pretraining_log(straight: tuple[Path, Path], tmp_pa
     assert sorted(p.suffix for p in written) == [".pdf", ".png"]
 
 
-@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(
         straight: tuple[Path, Path], interrupted: tuple[Path, str], tmp_path: Path, imagenet: Path) -> None:
     stopped, output = interrupted
@@ -196,7 +192,6 @@ def test_resume_after_interruption_matches_uninterrupted_run(
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.slow
 def test_resume_on_one_process_keeps_the_global_batch(interrupted: tuple[Path, str], tmp_path: Path,
                                                       imagenet: Path, capsys: pytest.CaptureFixture) -> None:
     ckpt = tmp_path / "ckpt"
@@ -261,7 +256,6 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "weights").exists()   # weights of random tensors are never auto-detected
 
 
-@pytest.mark.slow
 def test_train_py_pretrained_finds_and_loads_the_weights(straight: tuple[Path, Path], tmp_path: Path) -> None:
     (tmp_path / "weights").mkdir()
     shutil.copy(straight[0] / "twistnet18_imagenet.pt", tmp_path / "weights" / "twistnet18_imagenet.pt")

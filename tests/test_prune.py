@@ -190,7 +190,6 @@ def pruned() -> dict:
     return records
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["twistnet18", "resnet18"])
 @pytest.mark.parametrize("percent", [0.3, 0.5])
 def test_pruning_gives_the_masked_models_logits(pruned, name, percent):
@@ -199,7 +198,6 @@ def test_pruning_gives_the_masked_models_logits(pruned, name, percent):
     assert (r["masked"] - r["unmasked"]).abs().max() > 1e-3  # the mask did remove something
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["twistnet18", "resnet18"])
 @pytest.mark.parametrize("percent", [0.3, 0.5])
 def test_pruned_params_and_flops_are_pinned(pruned, name, percent):
@@ -210,7 +208,6 @@ def test_pruned_params_and_flops_are_pinned(pruned, name, percent):
     assert r["params"] < r["params0"] and r["flops"] < r["flops0"]
 
 
-@pytest.mark.slow
 def test_stci_keeps_its_width_and_follows_h_and_the_residual_stream(pruned):
     model, before = pruned["twistnet18", 0.5]["model"], pruned["twistnet18", 0.5]["widths0"]
     for name in models.twist_blocks(model):

@@ -182,7 +182,6 @@ def ed4ee00_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "runs" / "synthtex_fold1_twistnet18_seed42_n2", weights
 
 
-@pytest.mark.slow
 def test_an_ed4ee00_run_records_the_transfer_the_5x_group_and_fp16(ed4ee00_run: tuple[Path, Path]) -> None:
     path, weights = ed4ee00_run
     results = json.loads((path / "results.json").read_text())
@@ -293,7 +292,6 @@ def scratch_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-@pytest.mark.slow
 def test_a_scratch_run_records_every_resolved_value(scratch_run: Path) -> None:
     path = scratch_run / "synthtex_fold1_twistnet18_seed42"
     results = json.loads((path / "results.json").read_text())
@@ -314,7 +312,6 @@ def test_a_scratch_run_records_every_resolved_value(scratch_run: Path) -> None:
     assert first["lr"] == pytest.approx(0.005)
 
 
-@pytest.mark.slow
 def test_run_all_passes_the_recipe_and_compares_finished_runs_with_it(scratch_run: Path, capsys) -> None:
     common = ["--dataset", "synthtex", "--models", "twistnet18", "--epochs", "1", "--run_dir", str(scratch_run),
               "--dry_run", "--img_size", "32", "--batch_size", "16", "--workers", "0", "--deterministic"]

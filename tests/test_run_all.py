@@ -66,7 +66,6 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Co
     return run_dir, run_sweep(run_dir, "--jobs", "2")
 
 
-@pytest.mark.slow
 def test_sweep_runs_every_model_fold_and_seed(sweep) -> None:
     run_dir, proc = sweep
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -82,7 +81,6 @@ def test_sweep_runs_every_model_fold_and_seed(sweep) -> None:
     assert "sweep: 100%" in proc.stderr and "4/4" in proc.stderr  # progress over runs
 
 
-@pytest.mark.slow
 def test_finished_runs_are_skipped_without_a_process(sweep, monkeypatch, capsys) -> None:
     run_dir, _ = sweep
     before = snapshot(run_dir)
@@ -100,7 +98,6 @@ def test_finished_runs_are_skipped_without_a_process(sweep, monkeypatch, capsys)
     assert snapshot(run_dir) == before
 
 
-@pytest.mark.slow
 def test_a_sweep_with_another_recipe_refuses_its_finished_runs(sweep, capsys) -> None:
     """Re-running a sweep with a new recipe must not keep the old numbers as "skipped"."""
     run_dir, _ = sweep
@@ -191,7 +188,6 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, st
     return run_dir, proc.returncode, out
 
 
-@pytest.mark.slow
 def test_ctrl_c_lets_runs_save_and_exits_130(interrupted) -> None:
     run_dir, returncode, out = interrupted
     assert returncode == 130, out
@@ -202,7 +198,6 @@ def test_ctrl_c_lets_runs_save_and_exits_130(interrupted) -> None:
     assert "Interrupted at epoch" in log and "===== exit code 130" in log
 
 
-@pytest.mark.slow
 def test_dry_run_shows_the_interrupted_run_as_resume(interrupted, capsys) -> None:
     run_dir, _, _ = interrupted
     assert run_all.main(sweep_args(run_dir, "resnet18", "1", "--dry_run")) == 0
@@ -219,7 +214,6 @@ def resumed_with_a_failure(interrupted) -> tuple[Path, subprocess.CompletedProce
     return run_dir, run_sweep(run_dir, "--jobs", "1", models="twistnet18,resnet18", folds="1")
 
 
-@pytest.mark.slow
 def test_interrupted_run_resumes(resumed_with_a_failure) -> None:
     run_dir, proc = resumed_with_a_failure
     path = run_path(run_dir, "resnet18")
@@ -228,7 +222,6 @@ def test_interrupted_run_resumes(resumed_with_a_failure) -> None:
     assert [json.loads(line)["epoch"] for line in (path / "log.jsonl").read_text().splitlines()] == [1]
 
 
-@pytest.mark.slow
 def test_failed_run_is_reported_and_the_others_finish(resumed_with_a_failure) -> None:
     run_dir, proc = resumed_with_a_failure
     assert proc.returncode == 1

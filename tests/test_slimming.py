@@ -75,7 +75,6 @@ def results(root: Path, tag: str = "") -> dict:
     return json.loads((root / name / "results.json").read_text())
 
 
-@pytest.mark.slow
 def test_sparsity_training_logs_the_share_of_small_bn_scales(slimmed: dict) -> None:
     log = utils.read_jsonl(slimmed["root"] / RUN / "log.jsonl")
     shares = [r["bn_sparsity"] for r in log]
@@ -115,7 +114,6 @@ def test_the_l1_term_shrinks_bn_scales_and_nothing_else() -> None:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("percent", PERCENTS)
 def test_a_short_sparsity_run_is_refused_without_force(slimmed: dict, percent: int) -> None:
     """3 epochs of --sparsity_reg leave (nearly) no BN scale below 1e-2: the global threshold
@@ -127,7 +125,6 @@ def test_a_short_sparsity_run_is_refused_without_force(slimmed: dict, percent: i
     assert "BN scales below 0.01: " in slimmed["prune_output"][percent]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("percent", PERCENTS)
 def test_pruned_models_are_smaller_and_their_surgery_exact(slimmed: dict, percent: int) -> None:
     text = slimmed["prune_output"][percent]

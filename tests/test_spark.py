@@ -685,7 +685,6 @@ def interrupted(unlabelled: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     return ckpt, proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
 def test_two_process_run_writes_every_output(straight: tuple[Path, list[str]]) -> None:
     ckpt, _ = straight
     for name in ("latest.pt", "twistnet18_spark.pt", "log.jsonl", "train.log", "stdout.txt", "stderr.txt",
@@ -730,7 +729,6 @@ def test_two_process_run_writes_every_output(straight: tuple[Path, list[str]]) -
         assert png.size == (4 * 64 + 5 * 2, spark.TITLE_HEIGHT + 3 * 64 + 4 * 2)
 
 
-@pytest.mark.slow
 def test_plots_read_the_log(straight: tuple[Path, list[str]], tmp_path: Path) -> None:
     """plot_results' curves (the loss alone: no accuracy panel) and gates read a SparK log."""
     log = straight[0] / "log.jsonl"
@@ -746,7 +744,6 @@ def test_plots_read_the_log(straight: tuple[Path, list[str]], tmp_path: Path) ->
     assert sorted(p.suffix for p in written) == [".pdf", ".png"]
 
 
-@pytest.mark.slow
 def test_resume_from_the_middle_of_epoch_2_matches_the_uninterrupted_run(
         straight: tuple[Path, list[str]], interrupted: tuple[Path, str], tmp_path: Path) -> None:
     stopped, output = interrupted
@@ -772,7 +769,6 @@ def test_resume_from_the_middle_of_epoch_2_matches_the_uninterrupted_run(
     assert all(torch.equal(la["model"][k], lb["model"][k]) for k in la["model"])    # decoder too
 
 
-@pytest.mark.slow
 def test_rerun_of_a_finished_run_and_refusals(straight: tuple[Path, list[str]], interrupted: tuple[Path, str],
                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     finished = tmp_path / "finished"
@@ -961,7 +957,6 @@ def test_schedules_masks_and_parameter_groups() -> None:
 # --------------------------------------------------------------------------------------------
 # Downstream: the SparK weights in train.py and build_model
 # --------------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_train_py_pretrained_loads_every_backbone_and_stci_tensor(straight: tuple[Path, list[str]],
                                                                  tmp_path: Path) -> None:
     weights = straight[0] / "twistnet18_spark.pt"

@@ -59,7 +59,6 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_path(run_dir)
 
 
-@pytest.mark.slow
 def test_run_directory_has_every_file_and_field(finished_run: Path) -> None:
     for name in ("log.jsonl", "last.pt", "best.pt", "results.json", "train.log"):
         assert (finished_run / name).is_file(), name
@@ -105,7 +104,6 @@ def test_run_directory_has_every_file_and_field(finished_run: Path) -> None:
     assert "epoch   1/2" in text and "epoch   2/2" in text and "done:" in text
 
 
-@pytest.mark.slow
 def test_finished_run_exits_at_once(finished_run: Path) -> None:
     before = (finished_run / "results.json").stat().st_mtime_ns
     start = time.perf_counter()
@@ -218,7 +216,6 @@ def test_an_epoch_that_trained_no_image_is_an_error_not_a_result(tmp_path: Path,
     assert not (run / "results.json").exists() and not (run / "last.pt").exists()
 
 
-@pytest.mark.slow
 def test_a_finished_run_refuses_a_changed_recipe(finished_run: Path, capsys) -> None:
     before = (finished_run / "results.json").stat().st_mtime_ns
     code, out, err = run_inline(capsys, "--run_dir", str(finished_run.parent), "--epochs", "3", "--lr", "0.1")
@@ -229,7 +226,6 @@ def test_a_finished_run_refuses_a_changed_recipe(finished_run: Path, capsys) -> 
     assert (finished_run / "results.json").stat().st_mtime_ns == before
 
 
-@pytest.mark.slow
 def test_force_says_that_it_removes_a_finished_run(finished_run: Path, tmp_path: Path, capsys) -> None:
     copy = tmp_path / finished_run.name
     shutil.copytree(finished_run, copy)
@@ -242,7 +238,6 @@ def test_force_says_that_it_removes_a_finished_run(finished_run: Path, tmp_path:
     assert [r["epoch"] for r in read_log(copy)] == [1]
 
 
-@pytest.mark.slow
 def test_a_start_killed_before_its_first_last_pt_does_not_log_epochs_twice(finished_run: Path,
                                                                            tmp_path: Path, capsys) -> None:
     """A kill between the epoch's log record and its last.pt leaves a log without a checkpoint."""
@@ -338,7 +333,6 @@ def test_a_diverging_loss_is_one_error_line(tmp_path: Path, capsys) -> None:
     assert code == 2 and "the training loss is" in line and "lower --lr" in line
 
 
-@pytest.mark.slow
 def test_tensorboard_events_hold_the_logged_scalars_and_the_confusion_image(finished_run: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from PIL import Image
