@@ -167,17 +167,21 @@ def check_imagenet_layout(data_dir: str | None) -> Path:
     return root
 
 
+def train_augment(args: argparse.Namespace, size: int) -> dali.TrainAugment:
+    """The training augmentation at a crop size, for either loader (.torchvision() for PIL)."""
+    return dali.TrainAugment(size, hflip=args.hflip, randaug_n=args.randaug_n, randaug_m=args.randaug_m)
+
+
 def dali_augment(args: argparse.Namespace, ctx: DistContext) -> Callable[[int], dali.TrainAugment] | None:
-    """The training augmentation at a crop size for DALI (--loader dali), or None for the PIL loaders."""
+    """train_augment for DALI (--loader dali), or None for the PIL loaders."""
     if dali.resolve_loader(args.loader, ctx.device) != "dali":
         return None
-    return lambda size: dali.TrainAugment(size, hflip=args.hflip, randaug_n=args.randaug_n, randaug_m=args.randaug_m)
+    return lambda size: train_augment(args, size)
 
 
 def load_folder_splits(args: argparse.Namespace, train_size: int) -> tuple[Any, Any, list[str]]:
     """(train set at train_size, val set at --img_size, classes) through datasets.py; uint8 items."""
-    train_tf = transforms.build_train_transform(train_size, hflip=args.hflip, randaug_n=args.randaug_n,
-                                                randaug_m=args.randaug_m, uint8=True)
+    train_tf = train_augment(args, train_size).torchvision()
     eval_tf = transforms.build_eval_transform(args.img_size, uint8=True)
     decode = transforms.eval_resize_size(args.img_size) if args.decode_size is None else args.decode_size
     try:

@@ -192,8 +192,7 @@ def validate_args(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan) -
 def unlabelled_images(args: argparse.Namespace, size: int) -> Any:
     """The training images at crop size `size`, through SparK's light augmentation; items are
     (image, label) with labels never used."""
-    train_tf = transforms.build_train_transform(size, hflip=args.hflip, randaug_n=0, scale=(args.crop_scale, 1.0),
-                                                uint8=True)
+    train_tf = train_augment(args, size).torchvision()
     if args.data == "synthtex":
         sets, _ = datasets.build_datasets("synthtex", None, args.fold, train_tf, None,
                                           synthtex_size=transforms.eval_resize_size(args.img_size))
@@ -202,9 +201,9 @@ def unlabelled_images(args: argparse.Namespace, size: int) -> Any:
     return datasets.unlabelled_dataset(args.data_dir, train_tf, decode_size=decode or None)
 
 
-def dali_augment(args: argparse.Namespace) -> Callable[[int], dali.TrainAugment]:
-    """unlabelled_images' augmentation at a crop size, for DALI (--loader dali): no RandAugment."""
-    return lambda size: dali.TrainAugment(size, hflip=args.hflip, randaug_n=0, scale=(args.crop_scale, 1.0))
+def train_augment(args: argparse.Namespace, size: int) -> dali.TrainAugment:
+    """SparK's light augmentation at a crop size, for either loader (.torchvision() for PIL): no RandAugment."""
+    return dali.TrainAugment(size, hflip=args.hflip, randaug_n=0, scale=(args.crop_scale, 1.0))
 
 
 def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phases: list[tuple[float, int]],
@@ -213,7 +212,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, plan: BatchPlan, phase
     size = recipes.train_size_for_epoch(start_epoch, args.epochs, phases, args.img_size)
     first = unlabelled_images(args, size)
     where = "synthtex" if args.data == "synthtex" else " ".join(args.data_dir)
-    augment = dali_augment(args) if dali.resolve_loader(args.loader, ctx.device) == "dali" else None
+    augment = (lambda s: train_augment(args, s)) if dali.resolve_loader(args.loader, ctx.device) == "dali" else None
     data = distributed.EpochBatches(lambda s: unlabelled_images(args, s), len(first), plan, ctx, args.seed,
                                     args.workers, args.prefetch, where, first_set=(size, first), dali_augment=augment)
     return data, first

@@ -62,13 +62,8 @@ class Data:
     loader: str = "pil"      # --loader resolved: "pil" or "dali"
 
 
-def train_transform(args: argparse.Namespace, size: int) -> Callable:
-    return transforms.build_train_transform(size, hflip=args.hflip, randaug_n=args.randaug_n,
-                                            randaug_m=args.randaug_m, scale=(args.crop_scale, 1.0), uint8=True)
-
-
-def dali_augment(args: argparse.Namespace, size: int) -> dali.TrainAugment:
-    """train_transform's augmentation for DALI (--loader dali)."""
+def train_augment(args: argparse.Namespace, size: int) -> dali.TrainAugment:
+    """The run's training augmentation at a crop size, for either loader (.torchvision() for PIL)."""
     return dali.TrainAugment(size, hflip=args.hflip, randaug_n=args.randaug_n, randaug_m=args.randaug_m,
                              scale=(args.crop_scale, 1.0))
 
@@ -77,7 +72,7 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
     """The train/val/test loaders of the run; their batches hold uint8 images (utils.to_device
     normalises them on the device), from PIL in DataLoader workers or from DALI (--loader)."""
     kind = dali.resolve_loader(args.loader, device)
-    train_tf = train_transform(args, args.img_size)
+    train_tf = train_augment(args, args.img_size).torchvision()
     eval_tf = transforms.build_eval_transform(args.img_size, uint8=True)
     resize = transforms.eval_resize_size(args.img_size)
     sets, classes = datasets.build_datasets(
@@ -94,9 +89,9 @@ def build_loaders(args: argparse.Namespace, device: torch.device) -> Data:
     def train_loader_at(size: int) -> DataLoader | dali.DaliLoader:
         if kind == "dali":
             return dali.DaliLoader(sets["train"], args.batch_size, device, args.workers, size,
-                                   augment=dali_augment(args, size), sampler=sampler, drop_last=drop_last)
+                                   augment=train_augment(args, size), sampler=sampler, drop_last=drop_last)
         # New workers: persistent ones would keep the old transform.
-        sets["train"].transform = train_transform(args, size)
+        sets["train"].transform = train_augment(args, size).torchvision()
         return DataLoader(loading.SeededSamples(sets["train"]), batch_size=args.batch_size,
                           sampler=sampler, drop_last=drop_last, **common)
 

@@ -86,13 +86,19 @@ def add_loader_argument(group: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainAugment:
-    """The training augmentation of transforms.build_train_transform, as DALI does it."""
+    """A script's training augmentation, one description for both loaders: the DALI pipeline reads
+    it, torchvision() builds the PIL loaders' transforms.build_train_transform from it."""
     img_size: int
     hflip: float = 0.5
     randaug_n: int = 2
     randaug_m: int = 9
     scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)   # RandomResizedCrop's default, which torchvision() keeps
+
+    def torchvision(self) -> Any:
+        """The same augmentation for the PIL loaders (uint8 output: normalised on the device)."""
+        return transforms.build_train_transform(self.img_size, hflip=self.hflip, randaug_n=self.randaug_n,
+                                                randaug_m=self.randaug_m, scale=self.scale, uint8=True)
 
 
 # --------------------------------------------------------------------------------------------
