@@ -141,11 +141,14 @@ class EncodedImages:
     """Dataset index -> (encoded bytes, upright height, width), or None for an unreadable image.
 
     Files DALI decodes as PIL would are passed as they are; the rest are decoded by PIL and
-    re-encoded as PNG (lossless). In-memory datasets (synthtex) are encoded as PNG too."""
+    re-encoded as PNG (lossless). In-memory datasets (synthtex) are encoded as PNG too. A file's
+    header is read once (its format, mode, size and orientation are kept by index): a loader feeds
+    the same files every epoch, from the training thread."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
         self.exif = getattr(dataset, "exif", True)   # --exif: apply EXIF orientation (the PIL path's flag)
+        self.headers: dict[int, tuple[str | None, str, int, int, int]] = {}
 
     def __call__(self, index: int) -> tuple[np.ndarray, int, int] | None:
         if not isinstance(self.dataset, loading.ImageListDataset):
@@ -153,17 +156,18 @@ class EncodedImages:
             return _png_bytes(image.convert("RGB")), image.height, image.width
         path = self.dataset.samples[index][0]
         try:
-            return self._from_file(path)
+            return self._from_file(index, path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             self.dataset.warn_unreadable(path, error)
             return None
 
-    def _from_file(self, path: str) -> tuple[np.ndarray, int, int]:
+    def _from_file(self, index: int, path: str) -> tuple[np.ndarray, int, int]:
         with open(path, "rb") as f:
             data = f.read()
-        with Image.open(io.BytesIO(data)) as probe:   # reads the header only
-            image_format, mode, (width, height) = probe.format, probe.mode, probe.size
-            orientation = _orientation(probe)
+        if index not in self.headers:
+            with Image.open(io.BytesIO(data)) as probe:   # reads the header only
+                self.headers[index] = (probe.format, probe.mode, *probe.size, _orientation(probe))
+        image_format, mode, width, height, orientation = self.headers[index]
         if not _ends_complete(data, image_format or ""):
             raise OSError(f"the {image_format} file ends early (truncated)")
         if not self.exif:
@@ -196,9 +200,9 @@ class BatchFeeder:
     """The external source of a pipeline: the epoch's batches of indices as encoded images and
     labels (-1: a placeholder for an unreadable image), plus the eval geometry when evaluating."""
 
-    def __init__(self, dataset: Any, batches: Sequence[Sequence[int]], img_size: int, evaluation: bool,
+    def __init__(self, encoded: EncodedImages, batches: Sequence[Sequence[int]], img_size: int, evaluation: bool,
                  unreadable: set[int] | None = None) -> None:
-        self.encoded, self.targets = EncodedImages(dataset), dataset.targets
+        self.encoded, self.targets = encoded, encoded.dataset.targets
         self.batches, self.img_size, self.evaluation = iter(batches), img_size, evaluation
         self.unreadable = unreadable if unreadable is not None else set()
         self.fed = 0   # batches handed to the pipeline (it runs ahead of the ones it has returned)
@@ -325,6 +329,7 @@ class DaliLoader:
         self.dataset, self.batch_size, self.device, self.threads = dataset, batch_size, device, threads
         self.img_size, self.augment, self.sampler, self.drop_last = img_size, augment, sampler, drop_last
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        self.encoded = EncodedImages(dataset)   # kept across epochs: each file's header is read once
 
     def epoch_order(self) -> tuple[list[int], int]:
         """(this epoch's dataset indices, the pipeline seed)."""
@@ -344,7 +349,7 @@ class DaliLoader:
             batches.pop()
         done, unreadable = 0, set()
         while done < len(batches):
-            feeder = BatchFeeder(self.dataset, batches[done:], self.img_size, self.augment is None, unreadable)
+            feeder = BatchFeeder(self.encoded, batches[done:], self.img_size, self.augment is None, unreadable)
             pipe = build_pipeline(feeder, self.batch_size, self.device, self.threads, seed + done, self.augment)
             try:
                 while True:

@@ -118,6 +118,22 @@ def test_exif_orientation_follows_the_exif_flag_as_pil_does(suffix: str, exif_on
     assert (got - expected).abs().mean() < 0.02 < (transposed - expected).abs().mean()
 
 
+def test_a_loader_reads_each_file_header_once(eval_images: list[tuple[str, int]],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second epoch feeds the same bytes without opening a header again (the training thread
+    probes each file once per run, not once per epoch)."""
+    dataset = loading.ImageListDataset(eval_images, transforms.build_eval_transform(32, uint8=True))
+    loader = dali.DaliLoader(dataset, 4, CPU, 1, 32)
+    first = [images for images, _, _ in loader]
+    assert len(loader.encoded.headers) == len(eval_images)
+
+    def no_header(*args, **kwargs):
+        raise AssertionError("a header was read again")
+    monkeypatch.setattr(dali.Image, "open", no_header)   # every file is a JPEG or PNG: no PIL decode
+    second = [images for images, _, _ in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 def test_unreadable_images_are_skipped_and_counted(eval_images: list[tuple[str, int]], tmp_path: Path) -> None:
     garbage = corrupt(tmp_path / "garbage.jpg")
     truncated = tmp_path / "truncated.jpg"
