@@ -56,8 +56,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from helpers import download, utils
-from helpers.loading import (CACHE_MAX_SHORT, IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, ImageListDataset, SynthTexDataset,
-                     is_image_file)
+from helpers.loading import (CACHE_MAX_SHORT, IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, UNREADABLE_ERRORS, ImageListDataset,
+                             SynthTexDataset, is_image_file)
 
 from helpers.synthtex import SYNTHTEX_CLASSES, SYNTHTEX_PER_CLASS, render_synthtex, synthtex_label, synthtex_samples_per_fold
 
@@ -885,7 +885,7 @@ def check_image(key: Any) -> tuple[str | None, tuple[int, int] | None]:
             image.draft("RGB", (64, 64))
             image.load()
         return None, size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except UNREADABLE_ERRORS as error:
         return f"{type(error).__name__}: {error}", None
 
 

@@ -157,7 +157,7 @@ class EncodedImages:
         path = self.dataset.samples[index][0]
         try:
             return self._from_file(index, path)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except loading.UNREADABLE_ERRORS as error:
             self.dataset.warn_unreadable(path, error)
             return None
 
@@ -377,7 +377,7 @@ class DaliLoader:
             path = self.dataset.samples[index][0]
             try:
                 loading.decode_image(path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            except loading.UNREADABLE_ERRORS as error:
                 self.dataset.warn_unreadable(path, error)
                 found.add(index)
         if not found:

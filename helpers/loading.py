@@ -94,6 +94,10 @@ def cap_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) ->
     return image.crop(box)
 
 
+# What PIL raises for a file it cannot decode (corrupt, truncated, not an image, too many pixels).
+UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def decode_image(path: str, decode_size: int | None = None, exif: bool = True) -> Image.Image:
     """Decode to RGB, upright (EXIF orientation applied; exif=False: as stored, as the paper code
     decodes), with the aspect ratio capped at MAX_ASPECT_RATIO, at native resolution or resized so
@@ -158,7 +162,7 @@ class ImageListDataset(Dataset):
         path = self.samples[index][0]
         try:
             image = decode_image(path, self.decode_size, self.exif)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except UNREADABLE_ERRORS as error:
             self.warn_unreadable(path, error)
             return None
         if self.cache is not None:
