@@ -189,10 +189,7 @@ def eval_geometry(height: int, width: int, img_size: int) -> tuple[int, int, int
     """(resized height, width, crop top, left) of transforms.build_eval_transform on an image:
     the shorter side to eval_resize_size(img_size) with torchvision's rounding of the long side,
     then torchvision's CenterCrop offsets (Python's round)."""
-    size = transforms.eval_resize_size(img_size)
-    short, long = min(height, width), max(height, width)
-    new_long = int(size * long / short)
-    new_h, new_w = (new_long, size) if width <= height else (size, new_long)
+    new_w, new_h = loading.shorter_side_size(width, height, transforms.eval_resize_size(img_size))
     return new_h, new_w, int(round((new_h - img_size) / 2.0)), int(round((new_w - img_size) / 2.0))
 
 

@@ -60,13 +60,16 @@ def resized_shorter_side(image: Image.Image, size: int) -> Image.Image:
     Matching torchvision's rounding makes the eval Resize a no-op on an image decoded at the eval
     resize size (decode_size), so it is not resampled twice.
     """
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if short == size:
+    if min(image.size) == size:
         return image
+    return image.resize(shorter_side_size(*image.size, size), Image.Resampling.BICUBIC)
+
+
+def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `size` and the long side rounded as torchvision's Resize."""
+    short, long = min(width, height), max(width, height)
     new_long = int(size * long / short)
-    new_size = (size, new_long) if width <= height else (new_long, size)
-    return image.resize(new_size, Image.Resampling.BICUBIC)
+    return (size, new_long) if width <= height else (new_long, size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
