@@ -509,7 +509,9 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
     utils.seed_everything(args.seed)
     data, images = load_data(args, ctx, start.plan, phases, start.ckpt["epoch"] if start.ckpt else 0)
     model = distributed.build_model(args, 1000, ctx, console, warm_start=start.ckpt is None)
-    initial = initial_encoder(args, ctx, model, resumed=start.ckpt is not None) if ctx.is_main else None
+    # The starting encoder, for the checks that compare against it (rank 0; none without them).
+    wanted = ctx.is_main and bool(args.rank_images or args.probe_dir)
+    initial = initial_encoder(args, ctx, model, resumed=start.ckpt is not None) if wanted else None
     net = spark.SparkModel(model, args.mask_ratio, args.decoder_width)
     trainer = SparkTrainer(args, ctx, start.plan, net, data.steps_per_epoch, console)
     if ctx.is_main:   # which images (one stat each): rank 0 records them, and on a resume compares
@@ -527,8 +529,7 @@ def train(args: argparse.Namespace, ctx: DistContext, start: distributed.RunStar
     console(start_line(trainer, data))
     figures = (ReconstructionFigures(args, net, images, ctx.device, ckpt_dir / FIGURES_DIR)
                if ctx.is_main and args.vis_every > 0 else None)
-    checks = (WholeImageChecks(args, images, initial, console)
-              if initial is not None and (args.rank_images or args.probe_dir) else None)
+    checks = WholeImageChecks(args, images, initial, console) if initial is not None else None
 
     # A terminal Ctrl-C reaches each torchrun worker twice: a second signal within 2 s is that echo.
     with utils.StopFlag(grace_s=2.0) as stop:
